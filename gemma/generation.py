@@ -1,0 +1,107 @@
+"""`generate`: static-batch, KV-cached decoding for `GemmaForCausalLM` (transformers' `generate` semantics).
+
+One prefill over the (left-padded) prompts, then one new token per row per step. A row stops at an eos
+token and is padded with `pad_token_id` afterwards; the loop ends when every row has stopped or after
+`max_new_tokens`. For many concurrent requests use the continuous-batching engine instead.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from gemma.cache import KVCache
+
+if TYPE_CHECKING:
+    from gemma.model import GemmaForCausalLM
+
+
+def process_logits(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus) filtering of (B, V) logits; filtered entries become -inf."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens ranked above it already reach top_p (the best token always stays)
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def generate(
+    model: GemmaForCausalLM,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 20,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = 50,
+    top_p: float | None = 1.0,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+) -> torch.LongTensor:
+    """Return (B, T + new) token ids: the prompts followed by the generated tokens.
+
+    `input_ids` (B, T) are left-padded when rows differ in length, with `attention_mask` marking real tokens.
+    `eos_token_id` defaults to the config's (several are allowed); `do_sample=False` is greedy decoding,
+    `seed` makes sampling reproducible.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if do_sample and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    config = model.config
+    if eos_token_id is None:
+        eos = config.eos_token_ids
+    else:
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else config.pad_token_id
+    if pad is None:
+        pad = eos[0] if eos else 0
+    device = model.device
+    input_ids = input_ids.to(device)
+    B = input_ids.shape[0]
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
+    # positions count real tokens only, so a left-padded row starts at 0 like an unpadded one
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    eos_t = torch.tensor(eos, device=device)
+
+    cache = KVCache(config.num_hidden_layers)
+    sequences = input_ids
+    unfinished = torch.ones(B, dtype=torch.bool, device=device)
+    step_ids, step_pos = input_ids, positions
+    for _ in range(max_new_tokens):
+        out = model(
+            input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
+            past_key_values=cache, use_cache=True, logits_to_keep=1,
+        )
+        logits = out.logits[:, -1]  # (B, V)
+        if do_sample:
+            probs = process_logits(logits, temperature, top_k, top_p).softmax(-1)
+            next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        else:
+            next_ids = logits.argmax(-1)
+        next_ids = torch.where(unfinished, next_ids, torch.full_like(next_ids, pad))
+        sequences = torch.cat([sequences, next_ids[:, None]], dim=-1)
+        unfinished &= ~torch.isin(next_ids, eos_t)
+        if not unfinished.any():
+            break
+        step_ids = next_ids[:, None]
+        step_pos = step_pos[:, -1:] + 1
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=-1)
+    return sequences

@@ -1,0 +1,341 @@
+"""Gemma decoder models: `GemmaModel`, `GemmaForCausalLM`, `GemmaForSequenceClassification`.
+
+Numerically the same as transformers' Gemma on the same weights (checked by tests/test_model_parity.py).
+The forward signatures are transformers' (`input_ids`/`inputs_embeds`, `attention_mask`, `position_ids`,
+`past_key_values`, `labels`, `use_cache`, `output_attentions`, `output_hidden_states`, `return_dict`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemma.cache import KVCache
+from gemma.config import GemmaConfig
+from gemma.layers import GemmaMLP, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from gemma.outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutputWithPast
+from gemma.weights import PretrainedMixin
+
+
+class GemmaAttention(nn.Module):
+    def __init__(self, config: GemmaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scaling = config.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        cache: KVCache | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D)
+        dropout = self.dropout if self.training else 0.0
+        groups = self.num_heads // self.num_kv_heads
+        probs = None
+        if output_attentions:  # eager: the only way to get the weights out
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, D)
+            scores = q @ k.transpose(-1, -2) * self.scaling + mask  # (B, H, T, S)
+            probs = F.dropout(scores.softmax(-1, dtype=torch.float32).to(q.dtype), dropout, self.training)
+            out = probs @ v
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scaling, enable_gqa=groups > 1
+            )
+        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
+        return self.o_proj(out), probs
+
+
+class GemmaDecoderLayer(nn.Module):
+    def __init__(self, config: GemmaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = GemmaAttention(config, layer_idx)
+        self.mlp = GemmaMLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        cache: KVCache | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h, probs = self.self_attn(self.input_layernorm(x), rope, mask, cache, output_attentions)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, probs
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Token embedding multiplied by `sqrt(hidden_size)`.
+
+    The normalizer is cast to the weight dtype before the multiply, so in bf16 sqrt(3072)=55.4256 becomes 55.5,
+    as in the original implementation (transformers PR #29402).
+    """
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        normalizer = torch.tensor(self.embedding_dim**0.5, dtype=self.weight.dtype, device=self.weight.device)
+        return super().forward(input_ids) * normalizer
+
+
+def attention_mask_bias(
+    attention_mask: torch.Tensor | None,
+    batch: int,
+    q_len: int,
+    past_len: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Additive mask (B, 1, T, S): 0 where a query may attend, the dtype's minimum elsewhere.
+
+    Queries are the cache slots `past_len .. past_len + q_len - 1`, keys are slots `0 .. S - 1`; a slot is masked
+    when `attention_mask` (B, S) is 0 (padding) or, if causal, when it lies after the query. A row with every key
+    masked (a padding query) gets uniform weights instead of NaN, as transformers' eager path does.
+    """
+    kv_len = past_len + q_len
+    q_idx = torch.arange(past_len, kv_len, device=device)[:, None]
+    k_idx = torch.arange(kv_len, device=device)[None, :]
+    allowed = (k_idx <= q_idx) if causal else torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
+    allowed = allowed[None, None].expand(batch, 1, q_len, kv_len)
+    if attention_mask is not None:
+        if attention_mask.shape != (batch, kv_len):
+            raise ValueError(
+                f"attention_mask must have shape (batch, past + new tokens) = {(batch, kv_len)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        allowed = allowed & attention_mask.bool()[:, None, None, :]
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+class GemmaPreTrainedModel(PretrainedMixin, nn.Module):
+    """Shared init and helpers; `from_pretrained`/`save_pretrained` come from `PretrainedMixin`."""
+
+    def __init__(self, config: GemmaConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Random init as transformers does: normal(0, initializer_range), zero biases and norms, zero pad row."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, std)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, std)
+                if module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.zero_()
+
+
+class GemmaModel(GemmaPreTrainedModel):
+    """The decoder stack without a head; `last_hidden_state` is after the final norm."""
+
+    def __init__(self, config: GemmaConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = ScaledEmbedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(GemmaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if not self.embed_tokens.weight.is_meta:
+            self.init_weights()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: KVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPast | tuple[Any, ...]:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        B, T, _ = x.shape
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = KVCache(self.config.num_hidden_layers)
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + T, device=x.device)[None].expand(B, T)
+        mask = attention_mask_bias(
+            attention_mask, B, T, past_len, x.dtype, x.device, causal=not self.config.use_bidirectional_attention
+        )
+        rope = rope_cos_sin(position_ids, rope_inv_freq(self.config.head_dim, self.config.rope_theta, x.device), x.dtype)
+
+        hidden_states: list[torch.Tensor] = []
+        attentions: list[torch.Tensor] = []
+        for layer in self.layers:
+            hidden_states.append(x)
+            x, probs = layer(x, rope, mask, past_key_values, bool(output_attentions))
+            if probs is not None:
+                attentions.append(probs)
+        x = self.norm(x)
+        hidden_states.append(x)  # transformers' convention: the last entry is after the final norm
+
+        out = BaseModelOutputWithPast(
+            last_hidden_state=x,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+
+class GemmaForCausalLM(GemmaPreTrainedModel):
+    """Decoder plus LM head; the head is the embedding matrix when `tie_word_embeddings` (all released Gemmas)."""
+
+    def __init__(self, config: GemmaConfig) -> None:
+        super().__init__(config)
+        self.model = GemmaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if not self.lm_head.weight.is_meta:
+            self.init_weights()
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: KVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutputWithPast | tuple[Any, ...]:
+        """`labels` (B, T) give the shifted next-token loss, ignoring -100; `logits_to_keep=k` keeps the last k."""
+        out = self.model(
+            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
+            use_cache, output_attentions, output_hidden_states, return_dict=True,
+        )
+        h = out.last_hidden_state
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)  # (B, T, V)
+        loss = None
+        if labels is not None:
+            # token t predicts label t+1; the last position has nothing to predict
+            shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+            loss = F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten().to(logits.device), ignore_index=-100)
+        result = CausalLMOutputWithPast(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
+        return result if return_dict is not False else result.to_tuple()
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.LongTensor, **kwargs: Any) -> torch.LongTensor:
+        """KV-cached decoding; see `gemma.generation.generate` for the arguments."""
+        from gemma.generation import generate
+
+        return generate(self, input_ids, **kwargs)
+
+
+class GemmaForSequenceClassification(GemmaPreTrainedModel):
+    """Decoder plus a bias-free `score` head read at each row's last non-padding token."""
+
+    def __init__(self, config: GemmaConfig) -> None:
+        super().__init__(config)
+        self.model = GemmaModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        if not self.score.weight.is_meta:
+            self.init_weights()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: KVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> SequenceClassifierOutputWithPast | tuple[Any, ...]:
+        out = self.model(
+            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
+            use_cache, output_attentions, output_hidden_states, return_dict=True,
+        )
+        logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
+        B, T = logits.shape[:2]
+        pad = self.config.pad_token_id
+        if pad is None and B != 1:
+            raise ValueError("batch size > 1 needs config.pad_token_id to find each row's last token")
+        if input_ids is not None and pad is not None:
+            # rightmost non-pad token, so left and right padding both work; a row with no padding -> last token
+            positions = torch.arange(T, device=logits.device)
+            last = (positions * (input_ids != pad).to(logits.device)).argmax(-1)
+        else:
+            last = torch.full((B,), T - 1, device=logits.device)  # inputs_embeds: padding can't be seen
+        pooled = logits[torch.arange(B, device=logits.device), last]  # (B, num_labels)
+        loss = None if labels is None else self._loss(pooled, labels.to(pooled.device))
+        result = SequenceClassifierOutputWithPast(loss, pooled, out.past_key_values, out.hidden_states, out.attentions)
+        return result if return_dict is not False else result.to_tuple()
+
+    def _loss(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        problem = self.config.problem_type
+        n = self.config.num_labels
+        if problem is None:  # transformers' inference of the problem from the labels
+            if n == 1:
+                problem = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+        if problem == "regression":
+            return F.mse_loss(pooled.squeeze(), labels.squeeze()) if n == 1 else F.mse_loss(pooled, labels)
+        if problem == "single_label_classification":
+            return F.cross_entropy(pooled.view(-1, n), labels.view(-1), ignore_index=-100)
+        return F.binary_cross_entropy_with_logits(pooled, labels)

@@ -1,0 +1,216 @@
+"""Reading and writing HF-layout checkpoints: `config.json` plus safetensors, single or sharded.
+
+Loading builds the model on the meta device, then assigns the checkpoint's tensors into it (`assign=True`):
+safetensors hands out memory-mapped tensors, so when the checkpoint's dtype is the one asked for no tensor is
+copied at all, and otherwise each tensor is converted on its own. Peak RSS stays near the size of the weights
+(benchmarks/load_memory.py measures it). Every tensor is checked: missing, unexpected and misshaped tensors
+are errors that name them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from gemma.config import GemmaConfig
+
+if TYPE_CHECKING:
+    from torch import nn
+
+logger = logging.getLogger(__name__)
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+HEAD_PREFIXES = ("lm_head.", "score.")  # task heads: the only tensors a base model may skip
+
+M = TypeVar("M", bound="PretrainedMixin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the model: missing, unexpected or misshaped tensors (all named)."""
+
+
+def checkpoint_files(directory: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint directory, from its index when it is sharded."""
+    directory = Path(directory)
+    index = directory / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return [directory / name for name in sorted(set(weight_map.values()))]
+    single = directory / SAFE_WEIGHTS_NAME
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} in {directory}")
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def iter_safetensors(files: list[Path], dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of the files, floating tensors cast to `dtype` (if given).
+
+    A tensor already in `dtype` is a memory-mapped view, not a copy. One that needs a cast is read through a
+    mapping of its own that is closed right after the cast: the pages of the source dtype leave the process
+    at once instead of piling up in a mapping shared by the whole file (peak ~1.1x instead of ~3x the weights
+    for an fp32 file loaded as bf16).
+    """
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                stored = SAFETENSORS_DTYPES.get(f.get_slice(name).get_dtype())
+                if dtype is None or stored == dtype or stored is None or not stored.is_floating_point:
+                    yield name, f.get_tensor(name)
+                    continue
+                with safe_open(file, framework="pt") as own:
+                    converted = own.get_tensor(name).to(dtype)
+                yield name, converted
+
+
+def _target_name(name: str, has_base_prefix: bool) -> str:
+    """Map a checkpoint name onto the model: a base model drops `model.`, a head model adds it if absent."""
+    if has_base_prefix:
+        return name if name.startswith(("model.", *HEAD_PREFIXES)) else f"model.{name}"
+    return name.removeprefix("model.")
+
+
+def load_checkpoint(
+    model: nn.Module,
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    total: int | None = None,
+) -> None:
+    """Assign `tensors` into `model` (built on the meta device), casting floating tensors to `dtype`."""
+    config: GemmaConfig = model.config
+    has_base_prefix = hasattr(model, "model")
+    tied = config.tie_word_embeddings and hasattr(model, "lm_head")
+    expected = {k: v.shape for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    state: dict[str, torch.Tensor] = {}
+    unexpected, misshaped = [], []
+    tied_head: torch.Tensor | None = None
+    for name, tensor in tqdm(tensors, total=total, desc="loading weights", unit="tensor", disable=None):
+        target = _target_name(name, has_base_prefix)
+        if tied and target == "lm_head.weight":
+            tied_head = tensor  # accepted only if it equals the embedding, checked below
+            continue
+        if target not in expected:
+            if not has_base_prefix and target.startswith(HEAD_PREFIXES):
+                logger.info("base model: ignoring head tensor %s", name)
+            else:
+                unexpected.append(name)
+            continue
+        if tuple(tensor.shape) != tuple(expected[target]):
+            misshaped.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected[target])}")
+            continue
+        state[target] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+    missing = sorted(set(expected) - set(state))
+    problems = [
+        f"{label}: {', '.join(names)}"
+        for label, names in (("missing tensors", missing), ("unexpected tensors", unexpected), ("misshaped tensors", misshaped))
+        if names
+    ]
+    if problems:
+        raise CheckpointError(f"checkpoint does not fit {type(model).__name__}: " + "; ".join(problems))
+    if tied_head is not None:
+        embed = state["model.embed_tokens.weight"]
+        if tied_head.shape != embed.shape or not torch.equal(tied_head.to(device=device, dtype=dtype), embed):
+            raise CheckpointError(
+                "lm_head.weight differs from model.embed_tokens.weight but config.tie_word_embeddings is true"
+            )
+    model.load_state_dict(state, strict=not tied, assign=True)
+    if tied:
+        model.tie_weights()
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    s = size.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * factor)
+    return int(s)
+
+
+def save_safetensors(
+    state: dict[str, torch.Tensor], directory: str | os.PathLike, max_shard_size: int | str = "5GB"
+) -> list[Path]:
+    """Write `state` as `model.safetensors`, or as numbered shards plus an index when larger than a shard."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.detach().contiguous().cpu()
+        size += nbytes
+    metadata = {"format": "pt"}  # transformers refuses safetensors files without it
+    if len(shards) == 1:
+        path = directory / SAFE_WEIGHTS_NAME
+        save_file(shards[0], path, metadata=metadata)
+        return [path]
+    paths, weight_map = [], {}
+    for i, shard in enumerate(shards, start=1):
+        path = directory / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, path, metadata=metadata)
+        weight_map.update({name: path.name for name in shard})
+        paths.append(path)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return paths
+
+
+class PretrainedMixin:
+    """`from_pretrained` / `save_pretrained` for the model classes (which take a `GemmaConfig`)."""
+
+    config: GemmaConfig
+
+    @classmethod
+    def from_pretrained(
+        cls: type[M],
+        path: str | os.PathLike,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        **config_overrides: Any,
+    ) -> M:
+        """Load an HF checkpoint directory (config.json + safetensors, single or sharded) in eval mode."""
+        start = time.perf_counter()
+        config = GemmaConfig.from_pretrained(path, **config_overrides)
+        files = checkpoint_files(path)
+        with torch.device("meta"):
+            model = cls(config)
+        total = 0
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                total += len(f.keys())
+        load_checkpoint(model, iter_safetensors(files, dtype), dtype, device, total=total)
+        logger.info("loaded %s from %s in %.1f s", cls.__name__, path, time.perf_counter() - start)
+        return model.eval()
+
+    def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+        """Write config.json and safetensors in HF layout (a tied LM head is not stored twice)."""
+        state = self.state_dict()
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        self.config.save_pretrained(directory)
+        save_safetensors(state, directory, max_shard_size)

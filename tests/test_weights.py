@@ -1,0 +1,107 @@
+"""Checkpoint loading and saving: layouts, dtypes, strictness, and round trips through transformers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import SHAPES, load_hf, write_hf_checkpoint
+from gemma import GemmaForCausalLM, GemmaForSequenceClassification
+from gemma.weights import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_hf_checkpoint(tmp_path_factory.mktemp("ckpt"), **SHAPES["gqa"])
+
+
+def ids(shape=(2, 11)):
+    return torch.randint(4, 211, shape, generator=torch.Generator().manual_seed(7))
+
+
+def rewrite(src, dst, edit) -> None:
+    """Copy a single-file checkpoint to `dst` with `edit(state)` applied to its tensors."""
+    dst.mkdir(exist_ok=True)
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    state = load_file(src / "model.safetensors")
+    edit(state)
+    save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("shard", [None, "30KB"])
+def test_save_pretrained_loads_in_transformers(checkpoint, tmp_path, shard):
+    ours = GemmaForCausalLM.from_pretrained(checkpoint)
+    ours.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
+    if shard:
+        index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) > 1
+        assert "lm_head.weight" not in index["weight_map"]  # tied: stored once
+    ref = load_hf(tmp_path)
+    x = ids()
+    assert torch.equal(ours(x).logits, GemmaForCausalLM.from_pretrained(tmp_path)(x).logits)
+    assert (ours(x).logits - ref(x).logits).abs().max() < 1e-4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_load(checkpoint, dtype):
+    half = GemmaForCausalLM.from_pretrained(checkpoint, dtype=dtype)
+    assert {p.dtype for p in half.parameters()} == {dtype}
+    ref = load_hf(checkpoint)
+    x = ids()
+    ref_half = type(ref).from_pretrained(checkpoint, dtype=dtype).eval()
+    # same rounding as transformers in half precision, not just close to fp32
+    assert (half(x).logits.float() - ref_half(x).logits.float()).abs().max() < 2e-2
+    assert (half(x).logits.float() - ref(x).logits).abs().max() < 0.1
+
+
+@torch.no_grad()
+def test_untied_head(tmp_path):
+    path = write_hf_checkpoint(tmp_path, tie_word_embeddings=False, **SHAPES["mha"])
+    ours, ref = GemmaForCausalLM.from_pretrained(path), load_hf(path)
+    assert ours.lm_head.weight.data_ptr() != ours.model.embed_tokens.weight.data_ptr()
+    assert (ours(ids()).logits - ref(ids()).logits).abs().max() < 1e-4
+
+
+def test_missing_unexpected_and_misshaped_tensors_are_named(checkpoint, tmp_path):
+    rewrite(checkpoint, tmp_path / "missing", lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensors: model\.layers\.1\.mlp\.up_proj\.weight"):
+        GemmaForCausalLM.from_pretrained(tmp_path / "missing")
+
+    rewrite(checkpoint, tmp_path / "extra", lambda s: s.update({"model.layers.0.extra.weight": torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensors: model\.layers\.0\.extra\.weight"):
+        GemmaForCausalLM.from_pretrained(tmp_path / "extra")
+
+    def shrink(s):
+        s["model.norm.weight"] = s["model.norm.weight"][:-1]
+
+    rewrite(checkpoint, tmp_path / "shape", shrink)
+    with pytest.raises(CheckpointError, match=r"misshaped tensors: model\.norm\.weight: checkpoint \(31,\)"):
+        GemmaForCausalLM.from_pretrained(tmp_path / "shape")
+
+    with pytest.raises(CheckpointError, match=r"missing tensors: score\.weight"):
+        GemmaForSequenceClassification.from_pretrained(checkpoint)
+    (tmp_path / "missing" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        GemmaForCausalLM.from_pretrained(tmp_path / "missing")
+
+
+@torch.no_grad()
+def test_tied_lm_head_in_file(checkpoint, tmp_path):
+    rewrite(checkpoint, tmp_path / "same", lambda s: s.update({"lm_head.weight": s["model.embed_tokens.weight"].clone()}))
+    model = GemmaForCausalLM.from_pretrained(tmp_path / "same")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+    rewrite(checkpoint, tmp_path / "diff", lambda s: s.update({"lm_head.weight": s["model.embed_tokens.weight"] + 1}))
+    with pytest.raises(CheckpointError, match="lm_head.weight differs"):
+        GemmaForCausalLM.from_pretrained(tmp_path / "diff")
+
+
+def test_meta_build_leaves_nothing_on_meta(checkpoint):
+    model = GemmaForCausalLM.from_pretrained(checkpoint)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    assert not model.training
