@@ -81,7 +81,7 @@ def generate(
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     eos_t = torch.tensor(eos, device=device)
 
-    cache = KVCache(config.num_hidden_layers)
+    cache = KVCache.from_config(config)
     sequences = input_ids
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
     step_ids, step_pos = input_ids, positions

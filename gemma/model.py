@@ -1,6 +1,9 @@
 """Gemma decoder models: `GemmaModel`, `GemmaForCausalLM`, `GemmaForSequenceClassification`.
 
-Numerically the same as transformers' Gemma on the same weights (checked by tests/test_model_parity.py).
+One code path for Gemma 1, 2 and 3 (text), driven by the config: Gemma 2 adds sandwich norms, soft-capping
+and alternating sliding-window layers; Gemma 3 drops the soft-capping, adds q/k norms and a RoPE base per
+layer type. Numerically the same as transformers' Gemma, Gemma2 and Gemma3Text on the same weights
+(tests/test_model_parity.py, tests/test_gemma23_parity.py).
 The forward signatures are transformers' (`input_ids`/`inputs_embeds`, `attention_mask`, `position_ids`,
 `past_key_values`, `labels`, `use_cache`, `output_attentions`, `output_hidden_states`, `return_dict`).
 """
@@ -27,13 +30,17 @@ class GemmaAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.scaling = config.head_dim**-0.5
+        self.scaling = config.attention_scale  # Gemma 2/3: query_pre_attn_scalar ** -0.5, not head_dim's
+        self.softcap = config.attn_logit_softcapping
         self.dropout = config.attention_dropout
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        if config.qk_norm:  # Gemma 3: RMSNorm over each head's query and key, before RoPE
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(
         self,
@@ -47,15 +54,20 @@ class GemmaAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D)
         dropout = self.dropout if self.training else 0.0
         groups = self.num_heads // self.num_kv_heads
         probs = None
-        if output_attentions:  # eager: the only way to get the weights out
+        if output_attentions or self.softcap:  # eager: the weights come out; SDPA cannot soft-cap
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, D)
-            scores = q @ k.transpose(-1, -2) * self.scaling + mask  # (B, H, T, S)
+            scores = q @ k.transpose(-1, -2) * self.scaling  # (B, H, T, S)
+            if self.softcap:  # Gemma 2: cap * tanh(scores / cap), before the mask
+                scores = torch.tanh(scores / self.softcap) * self.softcap
+            scores = scores + mask
             probs = F.dropout(scores.softmax(-1, dtype=torch.float32).to(q.dtype), dropout, self.training)
             out = probs @ v
         else:
@@ -73,6 +85,10 @@ class GemmaDecoderLayer(nn.Module):
         self.mlp = GemmaMLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.sandwich = config.sandwich_norms
+        if self.sandwich:  # Gemma 2/3 (transformers' Gemma2DecoderLayer)
+            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
         self,
@@ -83,8 +99,12 @@ class GemmaDecoderLayer(nn.Module):
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         h, probs = self.self_attn(self.input_layernorm(x), rope, mask, cache, output_attentions)
-        x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(h)
+            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        else:  # Gemma 1: its "post_attention_layernorm" is the norm in front of the MLP
+            x = x + h
+            x = x + self.mlp(self.post_attention_layernorm(x))
         return x, probs
 
 
@@ -108,25 +128,31 @@ def attention_mask_bias(
     dtype: torch.dtype,
     device: torch.device,
     causal: bool = True,
+    window: int | None = None,
+    key_start: int = 0,
 ) -> torch.Tensor:
     """Additive mask (B, 1, T, S): 0 where a query may attend, the dtype's minimum elsewhere.
 
-    Queries are the cache slots `past_len .. past_len + q_len - 1`, keys are slots `0 .. S - 1`; a slot is masked
-    when `attention_mask` (B, S) is 0 (padding) or, if causal, when it lies after the query. A row with every key
-    masked (a padding query) gets uniform weights instead of NaN, as transformers' eager path does.
+    Queries are the cache slots `past_len .. past_len + q_len - 1`; keys are the slots `key_start .. past_len +
+    q_len - 1` (a sliding layer's cache no longer holds the ones before `key_start`). A slot is masked when
+    `attention_mask` (B, past_len + q_len) is 0 (padding), if causal when it lies after the query, and with a
+    `window` when it lies `window` or more slots before the query. A row with every key masked (a padding
+    query) gets uniform weights instead of NaN, as transformers' eager path does.
     """
     kv_len = past_len + q_len
     q_idx = torch.arange(past_len, kv_len, device=device)[:, None]
-    k_idx = torch.arange(kv_len, device=device)[None, :]
-    allowed = (k_idx <= q_idx) if causal else torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
-    allowed = allowed[None, None].expand(batch, 1, q_len, kv_len)
+    k_idx = torch.arange(key_start, kv_len, device=device)[None, :]
+    allowed = (k_idx <= q_idx) if causal else torch.ones(q_len, kv_len - key_start, dtype=torch.bool, device=device)
+    if window is not None:
+        allowed = allowed & (q_idx - k_idx < window)
+    allowed = allowed[None, None].expand(batch, 1, q_len, kv_len - key_start)
     if attention_mask is not None:
         if attention_mask.shape != (batch, kv_len):
             raise ValueError(
                 f"attention_mask must have shape (batch, past + new tokens) = {(batch, kv_len)}, "
                 f"got {tuple(attention_mask.shape)}"
             )
-        allowed = allowed & attention_mask.bool()[:, None, None, :]
+        allowed = allowed & attention_mask[:, key_start:].bool()[:, None, None, :]
     bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
     return bias.masked_fill_(~allowed, torch.finfo(dtype).min)
 
@@ -195,20 +221,30 @@ class GemmaModel(GemmaPreTrainedModel):
         B, T, _ = x.shape
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
-            past_key_values = KVCache(self.config.num_hidden_layers)
+            past_key_values = KVCache.from_config(self.config)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + T, device=x.device)[None].expand(B, T)
-        mask = attention_mask_bias(
-            attention_mask, B, T, past_len, x.dtype, x.device, causal=not self.config.use_bidirectional_attention
-        )
-        rope = rope_cos_sin(position_ids, rope_inv_freq(self.config.head_dim, self.config.rope_theta, x.device), x.dtype)
+        masks, ropes = {}, {}
+        for i, layer_type in enumerate(self.config.layer_types or ["full_attention"]):
+            if layer_type in masks:
+                continue
+            window = self.config.layer_window(i)
+            # a sliding layer's cache holds only its window's tail: its first kept slot
+            key_start = past_len - past_key_values.kept(i) if past_key_values is not None else 0
+            masks[layer_type] = attention_mask_bias(
+                attention_mask, B, T, past_len, x.dtype, x.device,
+                causal=not self.config.use_bidirectional_attention, window=window, key_start=key_start,
+            )
+            inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_base(layer_type), x.device)
+            ropes[layer_type] = rope_cos_sin(position_ids, inv_freq / self.config.rope_factor(layer_type), x.dtype)
 
         hidden_states: list[torch.Tensor] = []
         attentions: list[torch.Tensor] = []
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             hidden_states.append(x)
-            x, probs = layer(x, rope, mask, past_key_values, bool(output_attentions))
+            layer_type = self.config.layer_type(i)
+            x, probs = layer(x, ropes[layer_type], masks[layer_type], past_key_values, bool(output_attentions))
             if probs is not None:
                 attentions.append(probs)
         x = self.norm(x)
@@ -262,6 +298,8 @@ class GemmaForCausalLM(GemmaPreTrainedModel):
         )
         h = out.last_hidden_state
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)  # (B, T, V)
+        if cap := self.config.final_logit_softcapping:  # Gemma 2: cap * tanh(logits / cap)
+            logits = torch.tanh(logits / cap) * cap
         loss = None
         if labels is not None:
             # token t predicts label t+1; the last position has nothing to predict

@@ -29,18 +29,34 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-def write_hf_checkpoint(
-    directory: Path, task: str = "causal", seed: int = 0, max_shard_size: str | None = None, **config
-) -> Path:
-    """Save a random transformers Gemma model (`task` causal | classify | base) with `save_pretrained`."""
+# transformers' (config, causal LM, sequence classifier, base model) class names per generation
+HF_CLASSES = {
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", "GemmaForSequenceClassification", "GemmaModel"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", "Gemma2ForSequenceClassification", "Gemma2Model"),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", "Gemma3TextForSequenceClassification", "Gemma3TextModel"),
+}
+TASKS = ("causal", "classify", "base")
+
+
+def hf_class(family: str, task: str):
     import transformers
 
-    cfg = transformers.GemmaConfig(**{**BASE, **config})
-    cls = {
-        "causal": transformers.GemmaForCausalLM,
-        "classify": transformers.GemmaForSequenceClassification,
-        "base": transformers.GemmaModel,
-    }[task]
+    return getattr(transformers, HF_CLASSES[family][1 + TASKS.index(task)])
+
+
+def write_hf_checkpoint(
+    directory: Path,
+    task: str = "causal",
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    family: str = "gemma",
+    **config,
+) -> Path:
+    """Save a random transformers model (`family` gemma | gemma2 | gemma3_text; `task` causal | classify | base)."""
+    import transformers
+
+    cfg = getattr(transformers, HF_CLASSES[family][0])(**{**BASE, **config})
+    cls = hf_class(family, task)
     torch.manual_seed(seed)
     model = cls(cfg)
     randomize_(model, seed)
@@ -49,14 +65,9 @@ def write_hf_checkpoint(
     return directory
 
 
-def load_hf(directory: Path, task: str = "causal"):
-    import transformers
-
-    cls = {
-        "causal": transformers.GemmaForCausalLM,
-        "classify": transformers.GemmaForSequenceClassification,
-        "base": transformers.GemmaModel,
-    }[task]
+def load_hf(directory: Path, task: str = "causal", family: str = "gemma"):
+    """The oracle in fp32 with eager attention (the reference path; Gemma 2's soft-capping needs it)."""
+    cls = hf_class(family, task)
     return cls.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager").eval()
 
 

@@ -52,15 +52,25 @@ def test_transformers_4_style_fields(tmp_path):
     assert cfg.torch_dtype == "bfloat16"
 
 
+# (model_type, hidden, layers, heads, kv heads, intermediate, head_dim, sliding window) of the released configs
+PUBLISHED = {
+    "gemma-2b": ("gemma", 2048, 18, 8, 1, 16384, 256, None),
+    "gemma-7b": ("gemma", 3072, 28, 16, 16, 24576, 256, None),
+    "gemma-2-2b": ("gemma2", 2304, 26, 8, 4, 9216, 256, 4096),
+    "gemma-2-9b": ("gemma2", 3584, 42, 16, 8, 14336, 256, 4096),
+    "gemma-2-27b": ("gemma2", 4608, 46, 32, 16, 36864, 128, 4096),
+    "gemma-3-270m": ("gemma3_text", 640, 18, 4, 1, 2048, 256, 512),
+    "gemma-3-1b": ("gemma3_text", 1152, 26, 4, 1, 6912, 256, 512),
+}
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_have_published_shapes(name):
     cfg = GemmaConfig.from_preset(name)
-    if name == "gemma-2b":
-        assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
-                cfg.intermediate_size, cfg.head_dim) == (2048, 18, 8, 1, 16384, 256)
-    else:
-        assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
-                cfg.intermediate_size, cfg.head_dim) == (3072, 28, 16, 16, 24576, 256)
+    assert (cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.intermediate_size, cfg.head_dim, cfg.sliding_window) == PUBLISHED[name]
+    if cfg.model_type == "gemma3_text":  # every 6th layer global
+        assert [i for i, t in enumerate(cfg.layer_types) if t == "full_attention"] == list(range(5, cfg.num_hidden_layers, 6))
     with pytest.raises(ValueError, match="unknown preset"):
         GemmaConfig.from_preset("gemma-13b")
 
