@@ -1,16 +1,21 @@
-"""Gemma in PyTorch: config, tokenizer, models and weights, numerically identical to transformers.
+"""Gemma in PyTorch: config, tokenizer, models and weights, numerically identical to transformers, and a
+continuous-batching engine (`LLM`, `SamplingParams`, `gemma.engine`).
 
 This package never imports Ray or any serving code; it runs on a laptop CPU.
 """
 
 from gemma.config import GemmaConfig
+from gemma.llm import LLM
 from gemma.model import GemmaForCausalLM, GemmaForSequenceClassification, GemmaModel
+from gemma.sampling import SamplingParams
 from gemma.tokenizer import GemmaTokenizer
 
 __all__ = [
+    "LLM",
     "GemmaConfig",
     "GemmaForCausalLM",
     "GemmaForSequenceClassification",
     "GemmaModel",
     "GemmaTokenizer",
+    "SamplingParams",
 ]

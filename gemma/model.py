@@ -10,7 +10,7 @@ The forward signatures are transformers' (`input_ids`/`inputs_embeds`, `attentio
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,17 @@ from gemma.config import GemmaConfig
 from gemma.layers import GemmaMLP, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 from gemma.outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutputWithPast
 from gemma.weights import PretrainedMixin
+
+
+class PagedAttention(Protocol):
+    """The serving engine's description of a batch over its paged KV cache (gemma.engine.model_runner).
+
+    Given one layer's flat queries/keys/values (1, H, T, D) for all scheduled tokens of all sequences, it
+    writes the keys/values into the cache and returns the attention output (1, H, T, D), calling `attend`
+    (the layer's own attention maths) on each sequence's queries and cached keys with a mask it builds.
+    """
+
+    def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: Any) -> torch.Tensor: ...
 
 
 class GemmaAttention(nn.Module):
@@ -49,6 +60,7 @@ class GemmaAttention(nn.Module):
         mask: torch.Tensor,
         cache: KVCache | None = None,
         output_attentions: bool = False,
+        paged: PagedAttention | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -57,11 +69,21 @@ class GemmaAttention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D)
+        if paged is not None:  # the engine's paged cache writes k/v and attends sequence by sequence
+            out, probs = paged.attention(self.layer_idx, q, k, v, self.attend), None
+        else:
+            if cache is not None:
+                k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D)
+            out, probs = self.attend(q, k, v, mask, output_attentions)
+        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
+        return self.o_proj(out), probs
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """softmax(q k^T * scale [soft-capped] + mask) v for q (B, H, T, D), k/v (B, Hkv, S, D), mask (B, 1, T, S)."""
         dropout = self.dropout if self.training else 0.0
         groups = self.num_heads // self.num_kv_heads
-        probs = None
         if output_attentions or self.softcap:  # eager: the weights come out; SDPA cannot soft-cap
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, D)
             scores = q @ k.transpose(-1, -2) * self.scaling  # (B, H, T, S)
@@ -69,13 +91,11 @@ class GemmaAttention(nn.Module):
                 scores = torch.tanh(scores / self.softcap) * self.softcap
             scores = scores + mask
             probs = F.dropout(scores.softmax(-1, dtype=torch.float32).to(q.dtype), dropout, self.training)
-            out = probs @ v
-        else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scaling, enable_gqa=groups > 1
-            )
-        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
-        return self.o_proj(out), probs
+            return probs @ v, probs
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scaling, enable_gqa=groups > 1
+        )
+        return out, None
 
 
 class GemmaDecoderLayer(nn.Module):
@@ -97,8 +117,9 @@ class GemmaDecoderLayer(nn.Module):
         mask: torch.Tensor,
         cache: KVCache | None = None,
         output_attentions: bool = False,
+        paged: PagedAttention | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        h, probs = self.self_attn(self.input_layernorm(x), rope, mask, cache, output_attentions)
+        h, probs = self.self_attn(self.input_layernorm(x), rope, mask, cache, output_attentions, paged)
         if self.sandwich:
             x = x + self.post_attention_layernorm(h)
             x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -214,12 +235,18 @@ class GemmaModel(GemmaPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        paged: PagedAttention | None = None,
     ) -> BaseModelOutputWithPast | tuple[Any, ...]:
+        """`paged` is the serving engine's batch over its paged KV cache: all sequences' tokens flattened into
+        one row (1, T) with their `position_ids`; then no `KVCache` or `attention_mask` is used."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = x.shape
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if paged is not None and position_ids is None:
+            raise ValueError("a paged batch needs position_ids")
+        if use_cache is None:
+            use_cache = self.config.use_cache and paged is None
         if use_cache and past_key_values is None:
             past_key_values = KVCache.from_config(self.config)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -232,7 +259,7 @@ class GemmaModel(GemmaPreTrainedModel):
             window = self.config.layer_window(i)
             # a sliding layer's cache holds only its window's tail: its first kept slot
             key_start = past_len - past_key_values.kept(i) if past_key_values is not None else 0
-            masks[layer_type] = attention_mask_bias(
+            masks[layer_type] = None if paged is not None else attention_mask_bias(
                 attention_mask, B, T, past_len, x.dtype, x.device,
                 causal=not self.config.use_bidirectional_attention, window=window, key_start=key_start,
             )
@@ -244,7 +271,7 @@ class GemmaModel(GemmaPreTrainedModel):
         for i, layer in enumerate(self.layers):
             hidden_states.append(x)
             layer_type = self.config.layer_type(i)
-            x, probs = layer(x, ropes[layer_type], masks[layer_type], past_key_values, bool(output_attentions))
+            x, probs = layer(x, ropes[layer_type], masks[layer_type], past_key_values, bool(output_attentions), paged)
             if probs is not None:
                 attentions.append(probs)
         x = self.norm(x)
@@ -289,15 +316,22 @@ class GemmaForCausalLM(GemmaPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
+        paged: PagedAttention | None = None,
     ) -> CausalLMOutputWithPast | tuple[Any, ...]:
-        """`labels` (B, T) give the shifted next-token loss, ignoring -100; `logits_to_keep=k` keeps the last k."""
+        """`labels` (B, T) give the shifted next-token loss, ignoring -100. `logits_to_keep=k` computes logits
+        for the last k positions only; a tensor of positions computes them for those (the engine's sampled
+        tokens). `paged`: see `GemmaModel.forward`."""
         out = self.model(
             input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
-            use_cache, output_attentions, output_hidden_states, return_dict=True,
+            use_cache, output_attentions, output_hidden_states, return_dict=True, paged=paged,
         )
         h = out.last_hidden_state
-        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)  # (B, T, V)
+        if isinstance(logits_to_keep, torch.Tensor):
+            h = h[:, logits_to_keep]
+        elif logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)  # (B, T, V)
         if cap := self.config.final_logit_softcapping:  # Gemma 2: cap * tanh(logits / cap)
             logits = torch.tanh(logits / cap) * cap
         loss = None

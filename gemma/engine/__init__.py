@@ -1,0 +1,11 @@
+"""The continuous-batching generation engine.
+
+`Sequence` / block manager / `Scheduler` are plain Python; `ModelRunner` is the only part that knows the
+device; `LLMEngine` steps synchronously and `AsyncLLMEngine` runs it in the background for a server.
+"""
+
+from gemma.engine.async_engine import AsyncLLMEngine
+from gemma.engine.llm_engine import EngineConfig, LLMEngine
+from gemma.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+__all__ = ["AsyncLLMEngine", "CompletionOutput", "EngineConfig", "LLMEngine", "RequestMetrics", "RequestOutput"]

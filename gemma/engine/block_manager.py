@@ -1,0 +1,454 @@
+"""Paged KV-cache accounting: which physical block holds which sequence's keys and values.
+
+Plain Python (no torch): the model runner owns the tensors; this module only hands out block ids. A pool of
+`num_blocks` blocks of `block_size` slots per layer; a sequence's block table maps logical block i (positions
+i*bs .. i*bs+bs-1) to a physical block, and position p lives in slot `table[p // bs] * bs + p % bs`.
+
+Layers with the same attention window form a KV group with its own pool and tables (`BlockManager`); a
+sliding-window group (a query at q sees keys q - W < k <= q) releases blocks no future query can see.
+`KVCacheManager` puts all groups behind one sequence-level API; `split_kv_budget` sizes them.
+Prefix caching: a full, computed block is registered under a chained sha256 of its tokens, so a later
+prompt with the same prefix reuses it; unreferenced cached blocks wait in an LRU pool until evicted.
+
+Scheduler protocol per sequence: `allocate_prompt` on (re-)admission (returns the tokens already cached);
+each step `ensure_slots(tokens after the step)`, run the model, `mark_computed(tokens, computed)`; `free` on
+finish, abort or preemption, and also when `ensure_slots` fails right after admission (returns the hits).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from collections import OrderedDict, deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+# The parent digest of a sequence's first block: every chain starts from the same fixed value.
+_ROOT_HASH = hashlib.sha256(b"gemma-engine-kv-prefix-root").digest()
+
+
+def hash_block(parent: bytes, token_ids: list[int]) -> bytes:
+    """Digest of one full block: sha256(parent digest + token ids as little-endian int64).
+
+    A cryptographic hash, not Python's `hash`: a collision would serve one user's KV to another (vLLM
+    advisory GHSA-rm76-4mrf-v9r8: built-in `hash` made collisions constructible). Chaining through the parent makes the
+    digest cover the whole prefix, so equal blocks at different positions or after different prefixes differ.
+    """
+    return hashlib.sha256(parent + struct.pack(f"<{len(token_ids)}q", *token_ids)).digest()
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:  # not `assert`: invariant checks must not vanish under python -O
+        raise AssertionError(msg)
+
+
+@dataclass
+class _SeqState:
+    table: list[int] = field(default_factory=list)  # physical block per logical block; -1 = released
+    num_computed: int = 0  # positions [0, num_computed) have their KV written
+    hashes: list[bytes] = field(default_factory=list)  # hash chain of the full computed blocks
+    released: int = 0  # logical blocks [0, released) were released by the sliding window
+
+
+class BlockManager:
+    """Block pool and block tables of one KV group (layers sharing one attention window).
+
+    Invariants (`check_invariants`): ref counts are never negative and equal the number of tables
+    holding the block; a block is in exactly one of {used (ref > 0), free list, evictable pool};
+    free-list blocks carry no hash, evictable ones do; num_free_blocks + num_used_blocks == num_blocks.
+    """
+
+    def __init__(
+        self, num_blocks: int, block_size: int, window: int | None = None, enable_prefix_caching: bool = True
+    ) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be >= 1")
+        if window is not None and window < 1:
+            raise ValueError(f"window must be >= 1 or None, got {window}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.window = window
+        # Always off for a windowed group: it releases the start of every sequence, so it cannot keep a
+        # hash chain from position 0; and a hit is only usable if every layer group holds the KV of the
+        # hit tokens (a windowed group would need the window's blocks right before the hit point).
+        self.enable_prefix_caching = enable_prefix_caching and window is None
+        self._ref = [0] * num_blocks
+        self._hash: list[bytes | None] = [None] * num_blocks
+        self._by_hash: dict[bytes, int] = {}
+        self._free: deque[int] = deque(range(num_blocks))  # never used, or freed without a hash
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # ref 0 with a hash, least recently freed first
+        self._seqs: dict[Hashable, _SeqState] = {}
+        self.prefix_queries = 0  # prompt tokens looked up (vLLM's prefix_cache_queries)
+        self.prefix_hits = 0  # of those, tokens served from the cache
+
+    # ---- pool state ----
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks allocatable now: never used, freed, or cached but unreferenced (evictable)."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks referenced by a sequence, 0..1 (evictable cached blocks count as free)."""
+        return self.num_used_blocks / self.num_blocks
+
+    def __contains__(self, seq_id: Hashable) -> bool:
+        return seq_id in self._seqs
+
+    # ---- sequence API ----
+    def num_cached_blocks(self, token_ids: list[int]) -> int:
+        """How many leading full blocks of this prompt `allocate_prompt` would reuse now; changes nothing."""
+        return len(self._match_prefix(token_ids, None)[1])
+
+    def allocate_prompt(self, seq_id: Hashable, token_ids: list[int], max_cached_blocks: int | None = None) -> int:
+        """Register a sequence being (re-)admitted; `token_ids` are all its tokens so far.
+
+        With prefix caching, reuses every consecutive cached full block from the start (at most
+        `max_cached_blocks`), never one covering the last token: at least one token is left to compute,
+        since its logits are needed. Returns the number of tokens whose KV is already cached
+        (a multiple of block_size). Allocates no other block.
+        """
+        if seq_id in self._seqs:
+            raise ValueError(f"sequence {seq_id!r} is already allocated")
+        if not token_ids:
+            raise ValueError(f"sequence {seq_id!r} has no tokens")
+        hashes, blocks = self._match_prefix(token_ids, max_cached_blocks)
+        for b in blocks:
+            if self._ref[b] == 0:
+                del self._evictable[b]  # a hit on a free-but-cached block takes it out of the pool
+            self._ref[b] += 1
+        cached = len(blocks) * self.block_size
+        self._seqs[seq_id] = _SeqState(table=list(blocks), num_computed=cached, hashes=hashes)
+        if self.enable_prefix_caching:
+            self.prefix_queries += len(token_ids)
+            self.prefix_hits += cached
+        return cached
+
+    def can_allocate(self, seq_id: Hashable, num_tokens: int) -> bool:
+        """Whether `ensure_slots(seq_id, num_tokens)` would succeed (an unknown sequence counts as empty)."""
+        return self._missing(self._seqs.get(seq_id), num_tokens) <= self.num_free_blocks
+
+    def ensure_slots(self, seq_id: Hashable, num_tokens: int) -> bool:
+        """Back positions [0, num_tokens) with blocks, allocating only the missing ones; all or nothing.
+
+        In a windowed group positions that fell out of the window stay unbacked (see `mark_computed`).
+        Returns False, changing nothing, if there are too few free blocks.
+        """
+        st = self._get(seq_id)
+        missing = self._missing(st, num_tokens)
+        if missing > self.num_free_blocks:
+            return False
+        st.table.extend(self._take() for _ in range(missing))
+        return True
+
+    def slot_mapping(self, seq_id: Hashable, start: int, end: int) -> list[int]:
+        """Cache slots of positions [start, end); raises IndexError if one is not backed by a block."""
+        st = self._get(seq_id)
+        if not 0 <= start <= end:
+            raise ValueError(f"bad position range [{start}, {end})")
+        bs, table = self.block_size, st.table
+        slots = []
+        for p in range(start, end):
+            i = p // bs
+            b = table[i] if i < len(table) else -1
+            if b < 0:
+                raise IndexError(f"sequence {seq_id!r}: position {p} is not backed by a KV block")
+            slots.append(b * bs + p % bs)
+        return slots
+
+    def block_table(self, seq_id: Hashable) -> list[int]:
+        """Physical block id per logical block (a copy); -1 where the sliding window released the block."""
+        return list(self._get(seq_id).table)
+
+    def mark_computed(self, seq_id: Hashable, token_ids: list[int], num_computed: int) -> None:
+        """Record that KV for positions [0, num_computed) is written (`token_ids`: the sequence's tokens).
+
+        With prefix caching every newly full block is registered under its chained hash (unless an equal
+        block is already registered: then this copy stays private and is freed plainly). A windowed group
+        releases every block that no future query can see: the next query is at >= num_computed and sees
+        keys >= num_computed - window + 1, so blocks ending before that go (table entry -1).
+        """
+        st = self._get(seq_id)
+        bs = self.block_size
+        if not st.num_computed <= num_computed <= len(token_ids):
+            raise ValueError(
+                f"sequence {seq_id!r}: num_computed {num_computed} must be in "
+                f"[{st.num_computed}, {len(token_ids)}] (already computed, number of tokens)"
+            )
+        if math.ceil(num_computed / bs) > len(st.table):
+            raise IndexError(f"sequence {seq_id!r}: {num_computed} positions computed, {len(st.table)} blocks held")
+        st.num_computed = num_computed
+        if self.enable_prefix_caching:
+            parent = st.hashes[-1] if st.hashes else _ROOT_HASH
+            for i in range(len(st.hashes), num_computed // bs):
+                h = hash_block(parent, token_ids[i * bs : (i + 1) * bs])
+                b = st.table[i]
+                if h not in self._by_hash:  # else a hit (already registered) or an equal private copy
+                    self._hash[b] = h
+                    self._by_hash[h] = b
+                st.hashes.append(h)
+                parent = h
+        if self.window is not None:
+            gone = max(0, num_computed - self.window + 1) // bs  # blocks [0, gone) end before the window
+            for i in range(st.released, gone):  # gone <= len(table): the table backs [0, num_computed)
+                self._release(st.table[i])
+                st.table[i] = -1
+            st.released = max(st.released, gone)
+
+    def free(self, seq_id: Hashable) -> None:
+        """Release every block of the sequence; an unknown sequence is a no-op (abort may race with finish).
+
+        Blocks are released last first, so the tail of a prompt (least likely to be shared) is evicted
+        before its head.
+        """
+        st = self._seqs.pop(seq_id, None)
+        if st is not None:
+            for b in reversed(st.table):
+                if b >= 0:
+                    self._release(b)
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the bookkeeping is inconsistent (for tests)."""
+        refs = [0] * self.num_blocks
+        for seq_id, st in self._seqs.items():
+            held = st.table[st.released :]
+            ok = st.table[: st.released] == [-1] * st.released and all(0 <= b < self.num_blocks for b in held)
+            ok &= len(st.table) * self.block_size >= st.num_computed and not (self.window is None and st.released)
+            _check(ok, f"seq {seq_id!r}: bad table {st.table} ({st.released} released, {st.num_computed} computed)")
+            for b in held:
+                refs[b] += 1
+        _check(refs == self._ref, f"ref counts {self._ref} != table references {refs}")
+        free = set(self._free)
+        _check(len(free) == len(self._free), "a block is twice in the free list")
+        for b, (ref, h) in enumerate(zip(self._ref, self._hash)):
+            places = (ref > 0) + (b in free) + (b in self._evictable)
+            _check(places == 1, f"block {b} (ref {ref}) is in {places} of (used, free list, evictable pool)")
+            _check(not (b in free and h) and not (b in self._evictable and not h), f"block {b}: hash vs pool")
+            _check(h is None or self._by_hash.get(h) == b, f"block {b}'s hash is not registered to it")
+        _check(len(self._by_hash) == sum(h is not None for h in self._hash), "hash index and block hashes disagree")
+
+    # ---- internals ----
+    def _get(self, seq_id: Hashable) -> _SeqState:
+        try:
+            return self._seqs[seq_id]
+        except KeyError:
+            raise KeyError(f"unknown sequence {seq_id!r}: allocate_prompt it first") from None
+
+    def _match_prefix(self, token_ids: list[int], limit: int | None) -> tuple[list[bytes], list[int]]:
+        """Hashes and block ids of the consecutive cached full blocks from the start."""
+        if not self.enable_prefix_caching:
+            return [], []
+        bs = self.block_size
+        n = max(0, len(token_ids) - 1) // bs  # only blocks wholly before the last token
+        if limit is not None:
+            n = min(n, limit)
+        hashes, blocks, parent = [], [], _ROOT_HASH
+        for i in range(n):
+            h = hash_block(parent, token_ids[i * bs : (i + 1) * bs])
+            b = self._by_hash.get(h)
+            if b is None:
+                break
+            hashes.append(h)
+            blocks.append(b)
+            parent = h
+        return hashes, blocks
+
+    def _missing(self, st: _SeqState | None, num_tokens: int) -> int:
+        """How many blocks must be allocated so that positions [0, num_tokens) are usable.
+
+        Only the tail: the table covers [0, num_computed), and a windowed group's released blocks all end
+        before the oldest key the next query sees (num_computed - window + 1), so none is needed again.
+        """
+        have = len(st.table) if st is not None else 0
+        return max(0, math.ceil(num_tokens / self.block_size) - have)
+
+    def _take(self) -> int:
+        """A block with ref 1: a plain free one if any, else evict the least recently freed cached one."""
+        if self._free:
+            b = self._free.popleft()
+        else:
+            b, _ = self._evictable.popitem(last=False)
+            del self._by_hash[self._hash[b]]  # type: ignore[index]
+            self._hash[b] = None
+        self._ref[b] = 1
+        return b
+
+    def _release(self, b: int) -> None:
+        if self._ref[b] <= 0:
+            raise RuntimeError(f"block {b} released with ref count {self._ref[b]}")
+        self._ref[b] -= 1
+        if self._ref[b] == 0:
+            if self._hash[b] is not None:
+                self._evictable[b] = None  # newest at the end: evicted last
+            else:
+                self._free.append(b)
+
+
+@dataclass(frozen=True)
+class KVGroupSpec:
+    """One KV group: the layers sharing an attention window, with their own block pool."""
+
+    window: int | None  # None = global attention
+    num_blocks: int
+
+
+class KVCacheManager:
+    """The `BlockManager`s of all KV groups behind one sequence-level API, used by the scheduler.
+
+    Every sequence method applies to all groups or, when it fails, to none. Group i is `groups[i]`.
+    """
+
+    def __init__(self, groups: list[KVGroupSpec], block_size: int, enable_prefix_caching: bool = True) -> None:
+        if not groups:
+            raise ValueError("at least one KV group is needed")
+        self.block_size = block_size
+        # A hit must be usable by every layer: only when all groups are global (see BlockManager).
+        self.enable_prefix_caching = enable_prefix_caching and all(g.window is None for g in groups)
+        self.groups = [BlockManager(g.num_blocks, block_size, g.window, self.enable_prefix_caching) for g in groups]
+        self.prefix_queries = 0  # prompt tokens looked up (vLLM's prefix_cache_queries)
+        self.prefix_hits = 0  # of those, tokens served from the cache
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks allocatable now in every group (the min over groups).
+
+        A sequence needs at most one new block per group per block_size new tokens, so any one sequence can
+        grow by num_free_blocks * block_size tokens. Scheduling decisions use `can_allocate`, which is exact.
+        """
+        return min(g.num_free_blocks for g in self.groups)
+
+    @property
+    def usage(self) -> float:
+        """The fullest group's usage, 0..1: the group that runs out first limits the batch."""
+        return max(g.usage for g in self.groups)
+
+    def __contains__(self, seq_id: Hashable) -> bool:
+        return seq_id in self.groups[0]
+
+    def allocate_prompt(self, seq_id: Hashable, token_ids: list[int]) -> int:
+        """Register a (re-)admitted sequence in every group; returns its tokens already cached (0 if caching is off)."""
+        if any(seq_id in g for g in self.groups):
+            raise ValueError(f"sequence {seq_id!r} is already allocated")
+        if not token_ids:
+            raise ValueError(f"sequence {seq_id!r} has no tokens")
+        # Several global groups (not built by split_kv_budget, but allowed) reuse only the common prefix.
+        limit = min(g.num_cached_blocks(token_ids) for g in self.groups) if len(self.groups) > 1 else None
+        cached = [g.allocate_prompt(seq_id, token_ids, limit) for g in self.groups][0]
+        if self.enable_prefix_caching:
+            self.prefix_queries += len(token_ids)
+            self.prefix_hits += cached
+        return cached
+
+    def can_allocate(self, seq_id: Hashable, num_tokens: int) -> bool:
+        return all(g.can_allocate(seq_id, num_tokens) for g in self.groups)
+
+    def ensure_slots(self, seq_id: Hashable, num_tokens: int) -> bool:
+        """`BlockManager.ensure_slots` in every group, or (returning False) in none."""
+        if seq_id not in self:
+            raise KeyError(f"unknown sequence {seq_id!r}: allocate_prompt it first")
+        if not self.can_allocate(seq_id, num_tokens):
+            return False
+        for g in self.groups:  # the pools are independent, so none of these can fail now
+            if not g.ensure_slots(seq_id, num_tokens):
+                raise RuntimeError("can_allocate and ensure_slots disagree")
+        return True
+
+    def mark_computed(self, seq_id: Hashable, token_ids: list[int], num_computed: int) -> None:
+        for g in self.groups:
+            g.mark_computed(seq_id, token_ids, num_computed)
+
+    def free(self, seq_id: Hashable) -> None:
+        """Release the sequence in every group; an unknown sequence is a no-op."""
+        for g in self.groups:
+            g.free(seq_id)
+
+    def slot_mapping(self, group: int, seq_id: Hashable, start: int, end: int) -> list[int]:
+        return self.groups[group].slot_mapping(seq_id, start, end)
+
+    def block_table(self, group: int, seq_id: Hashable) -> list[int]:
+        return self.groups[group].block_table(seq_id)
+
+    def check_invariants(self) -> None:
+        """Every group's invariants, and the same sequences in every group."""
+        for g in self.groups:
+            g.check_invariants()
+        seqs = [set(g._seqs) for g in self.groups]
+        if any(s != seqs[0] for s in seqs):
+            raise AssertionError(f"groups hold different sequences: {seqs}")
+
+
+def max_window_blocks(
+    window: int, block_size: int, max_num_seqs: int, max_model_len: int, max_num_batched_tokens: int | None = None
+) -> int:
+    """The most blocks a windowed group ever holds under the scheduler's limits.
+
+    A step computing n new tokens of a sequence with c computed backs positions [c - W + 1, c + n): W - 1 + n
+    positions span at most ceil((W - 2 + n) / bs) + 1 <= ceil((W - 1) / bs) + 1 + ceil((n - 1) / bs) blocks.
+    Decode (n = 1): ceil((W - 1) / bs) + 1. A prefill chunk adds ceil((n - 1) / bs) <= (n - 1) / bs + 1: one
+    block for the chunk boundary plus the chunk's own tokens, which over all sequences are at most the step's
+    token budget T (max_num_batched_tokens; None = no limit beyond max_num_seqs * max_model_len). So
+    total <= S * (ceil((W - 1) / bs) + 2) + ceil(T / bs), and never more than S full-length sequences.
+    """
+    full = max_num_seqs * math.ceil(max_model_len / block_size)
+    step_tokens = max_num_seqs * max_model_len
+    if max_num_batched_tokens is not None:
+        step_tokens = min(step_tokens, max_num_batched_tokens)
+    per_seq = math.ceil((window - 1) / block_size) + 2
+    return min(full, max_num_seqs * per_seq + math.ceil(step_tokens / block_size))
+
+
+def split_kv_budget(
+    bytes_per_block_per_layer: int,
+    layer_windows: list[int | None],
+    budget_bytes: int,
+    block_size: int,
+    max_num_seqs: int,
+    max_model_len: int,
+    *,
+    max_num_batched_tokens: int | None = None,
+) -> list[KVGroupSpec]:
+    """One KVGroupSpec per distinct window of `layer_windows` (in order of first appearance), sized to the budget.
+
+    A block costs bytes_per_block_per_layer times its group's layer count. Every group gets the same number
+    of blocks B (a block holds block_size tokens of a sequence in any group), except that a windowed group is
+    clamped to `max_window_blocks` (more would never be used) and every group gets at least what one
+    max_model_len sequence needs; B is the largest that fits, so the global group takes what the windowed
+    ones leave. Pass the scheduler's max_num_batched_tokens: without it the windowed cap is loose.
+    Raises ValueError, naming the bytes needed, if one max_model_len sequence does not fit.
+    """
+    windows: list[int | None] = list(dict.fromkeys(layer_windows))
+    cost = [layer_windows.count(w) * bytes_per_block_per_layer for w in windows]
+    full = math.ceil(max_model_len / block_size)
+
+    def window_cap(w: int, seqs: int) -> int:
+        return max_window_blocks(w, block_size, seqs, max_model_len, max_num_batched_tokens)
+
+    low = [full if w is None else window_cap(w, 1) for w in windows]  # one max_model_len sequence
+    cap = [None if w is None else window_cap(w, max_num_seqs) for w in windows]
+
+    def blocks(b: int) -> list[int]:
+        return [max(lo, b) if hi is None else min(hi, max(lo, b)) for lo, hi in zip(low, cap)]
+
+    def size(b: int) -> int:
+        return sum(c * n for c, n in zip(cost, blocks(b)))
+
+    needed = size(0)
+    if budget_bytes < needed:
+        raise ValueError(
+            f"KV cache budget of {budget_bytes} bytes cannot hold one {max_model_len}-token sequence in every "
+            f"KV group: needs at least {needed} bytes ({low} blocks of {block_size} tokens per group)"
+        )
+    lo_b, hi_b = 0, max(low) + budget_bytes // min(cost) + 1  # size(lo_b) fits; find the largest B that does
+    while lo_b < hi_b:
+        mid = (lo_b + hi_b + 1) // 2
+        lo_b, hi_b = (mid, hi_b) if size(mid) <= budget_bytes else (lo_b, mid - 1)
+    sizes = blocks(lo_b)
+    if None in windows:  # bytes too few for one more block in every group still buy global blocks
+        g = windows.index(None)
+        sizes[g] += (budget_bytes - size(lo_b)) // cost[g]
+    return [KVGroupSpec(w, n) for w, n in zip(windows, sizes)]

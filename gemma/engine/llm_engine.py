@@ -1,0 +1,262 @@
+"""`LLMEngine`: requests in, one `step()` at a time, outputs out (synchronous; `AsyncLLMEngine` wraps it).
+
+`add_request` validates a request up front (a bad one raises and touches nothing else); `step()` schedules,
+runs the model once, samples every sequence that reached the end of its known tokens with its own
+parameters, detokenizes incrementally, applies stop conditions and returns what changed. `abort_request`
+frees a request's blocks at any time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from itertools import count
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from gemma.engine.block_manager import KVCacheManager, split_kv_budget
+from gemma.engine.model_runner import ModelRunner
+from gemma.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from gemma.engine.scheduler import Scheduler
+from gemma.engine.sequence import Sequence
+from gemma.model import GemmaForCausalLM
+from gemma.sampling import SamplingParams, sample
+from gemma.tokenizer import GemmaTokenizer, IncrementalDecoder
+from gemma.weights import _parse_size
+
+logger = logging.getLogger(__name__)
+
+
+class EngineConfig(BaseModel):
+    """Limits of one engine (one model replica)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_num_seqs: int = Field(64, ge=1)  # sequences running at once
+    max_num_batched_tokens: int = Field(2048, ge=1)  # tokens per step; longer prompts are chunked
+    max_model_len: int | None = Field(None, ge=2)  # prompt + output; None: min(model positions, 8192)
+    block_size: int = Field(16, ge=1)  # tokens per KV block
+    kv_cache_memory: int | str = "1GiB"  # KV pool budget: bytes, or "512MiB", "2GB", ...
+    enable_prefix_caching: bool = True  # share full blocks of identical prompt prefixes (global-attention models)
+    seed: int = 0  # of the generator behind unseeded sampling
+
+
+@dataclass
+class _Stream:
+    """Per-sequence output state the scheduler does not need."""
+
+    decoder: IncrementalDecoder | None
+    generator: torch.Generator | None
+    text: str = ""
+    reported_tokens: int = 0
+    reported_text: int = 0
+    checked_text: int = 0  # text already searched for stop strings
+    logprobs: list[dict[int, float]] | None = None
+
+
+class LLMEngine:
+    def __init__(
+        self, model: GemmaForCausalLM, tokenizer: GemmaTokenizer | None = None, config: EngineConfig | None = None
+    ) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config = config or EngineConfig()
+        cfg = model.config
+        self.max_model_len = config.max_model_len or min(cfg.max_position_embeddings, 8192)
+        windows = [cfg.layer_window(i) for i in range(cfg.num_hidden_layers)]
+        specs = split_kv_budget(
+            bytes_per_block_per_layer=ModelRunner.kv_bytes_per_block_per_layer(model, config.block_size),
+            layer_windows=windows, budget_bytes=_parse_size(config.kv_cache_memory), block_size=config.block_size,
+            max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+        )
+        group_windows = [s.window for s in specs]
+        self.kv = KVCacheManager(specs, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(
+            model, self.kv, [group_windows.index(w) for w in windows], group_windows,
+            [s.num_blocks for s in specs], config.block_size,
+        )
+        self.generator = torch.Generator(device=model.device).manual_seed(config.seed)
+        self.requests: dict[str, tuple[list[Sequence], str | None]] = {}
+        self.streams: dict[int, _Stream] = {}
+        self._seq_ids = count()
+        logger.info("engine: KV groups %s, block size %d, max_model_len %d",
+                    [(s.window, s.num_blocks) for s in specs], config.block_size, self.max_model_len)
+
+    # ---- requests ----------------------------------------------------------------------------------
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
+        arrival_time: float | None = None, prompt: str | None = None,
+    ) -> None:
+        """Queue a request; raises ValueError (and queues nothing) when it cannot be served."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError("prompt_token_ids is empty")
+        vocab = self.model.config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt_token_ids: every id must be an int in [0, {vocab})")
+        budget = self.max_model_len - len(prompt_token_ids)
+        if budget < 1:
+            raise ValueError(
+                f"prompt has {len(prompt_token_ids)} tokens; max_model_len is {self.max_model_len}, leaving no room to generate"
+            )
+        if params.max_tokens is not None and params.max_tokens > budget:
+            raise ValueError(
+                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len "
+                f"({self.max_model_len})"
+            )
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need an engine with a tokenizer")
+        seqs = []
+        for i in range(params.n):
+            seq = Sequence(next(self._seq_ids), request_id, list(prompt_token_ids), params, index=i)
+            if arrival_time is not None:
+                seq.arrival_time = arrival_time
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(device=self.model.device).manual_seed(params.seed + i)
+            decoder = self.tokenizer.incremental_decoder(params.skip_special_tokens) if self.tokenizer else None
+            self.streams[seq.seq_id] = _Stream(decoder, generator, logprobs=[] if params.logprobs is not None else None)
+            seqs.append(seq)
+        self.requests[request_id] = (seqs, prompt)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; returns its final output (None if unknown or done)."""
+        if request_id not in self.requests:
+            return None
+        seqs, _ = self.requests[request_id]
+        for seq in seqs:
+            if not seq.is_finished:
+                seq.finish("abort")
+                self.scheduler.finish(seq)
+        return self._output(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_requests_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_requests_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ---- the step ----------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One iteration: schedule, run, sample, detokenize, stop. Returns outputs of requests that changed."""
+        batch = self.scheduler.schedule()
+        touched = {seq.request_id for seq in batch.preempted}
+        if not batch:
+            return [self._output(r) for r in touched]
+        now = time.monotonic()
+        for seq in batch.seqs:
+            seq.first_scheduled_time = seq.first_scheduled_time or now
+        logits, sampled = self.runner.execute(batch)
+        self.scheduler.step_done(batch)
+        seqs = [batch.seqs[i] for i in sampled]
+        if seqs:
+            eos = self.model.config.eos_token_ids
+            result = sample(
+                logits, [s.params for s in seqs], [s.prompt_token_ids for s in seqs],
+                [s.output_token_ids for s in seqs],
+                [(list(s.params.stop_token_ids) + ([] if s.params.ignore_eos else eos)) for s in seqs],
+                [self.streams[s.seq_id].generator or self.generator for s in seqs],
+            )
+            now = time.monotonic()
+            for j, seq in enumerate(seqs):
+                top = result.top_logprobs[j] if result.top_logprobs is not None else None
+                chosen = result.logprobs[j] if result.logprobs is not None else None
+                self._append(seq, result.token_ids[j], top, chosen, now)
+                touched.add(seq.request_id)
+        return [self._output(r) for r in touched]
+
+    def _append(self, seq: Sequence, token: int, top: dict[int, float] | None, chosen: float | None, now: float) -> None:
+        params, stream = seq.params, self.streams[seq.seq_id]
+        seq.output_token_ids.append(token)
+        seq.first_token_time = seq.first_token_time or now
+        if stream.logprobs is not None:
+            stream.logprobs.append({**(top or {}), token: chosen})
+        if stream.decoder is not None:
+            stream.text += stream.decoder.step(token)
+        n_out = len(seq.output_token_ids)
+        if n_out >= params.min_tokens:
+            if not params.ignore_eos and token in self.model.config.eos_token_ids:
+                return self._finish(seq, "stop", token)
+            if token in params.stop_token_ids:
+                return self._finish(seq, "stop", token)
+            if params.stop and self._stop_string(seq, stream):
+                return None
+        if (params.max_tokens is not None and n_out >= params.max_tokens) or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length")
+        return None
+
+    def _stop_string(self, seq: Sequence, stream: _Stream) -> bool:
+        """End the sequence at the first stop string in the new text; truncate the text there."""
+        params = seq.params
+        # a stop string may begin in text checked before: look back by the longest one
+        begin = max(0, stream.checked_text - max(len(s) for s in params.stop) + 1)
+        stream.checked_text = len(stream.text)
+        hits = [(stream.text.find(s, begin), s) for s in params.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if not hits:
+            return False
+        index, stop = min(hits)
+        stream.text = stream.text[: index + len(stop) if params.include_stop_str_in_output else index]
+        stream.decoder = None  # nothing after the stop string is ever emitted
+        self._finish(seq, "stop", stop)
+        return True
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        stream = self.streams[seq.seq_id]
+        if stream.decoder is not None:
+            stream.text += stream.decoder.flush()
+        seq.finish(reason, stop_reason)
+        self.scheduler.finish(seq)
+
+    def _output(self, request_id: str) -> RequestOutput:
+        seqs, prompt = self.requests[request_id]
+        outputs = []
+        for seq in seqs:
+            stream = self.streams[seq.seq_id]
+            outputs.append(CompletionOutput(
+                index=seq.index, text=stream.text, token_ids=list(seq.output_token_ids),
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                logprobs=list(stream.logprobs) if stream.logprobs is not None else None,
+                new_token_ids=seq.output_token_ids[stream.reported_tokens:],
+                new_text=stream.text[stream.reported_text:],
+            ))
+            stream.reported_tokens, stream.reported_text = len(seq.output_token_ids), len(stream.text)
+        first = seqs[0]
+        metrics = RequestMetrics(
+            arrival_time=first.arrival_time,
+            first_scheduled_time=min((s.first_scheduled_time for s in seqs if s.first_scheduled_time), default=None),
+            first_token_time=min((s.first_token_time for s in seqs if s.first_token_time), default=None),
+            finish_time=max((s.finish_time or 0.0) for s in seqs) if all(s.is_finished for s in seqs) else None,
+            num_preemptions=sum(s.num_preemptions for s in seqs),
+        )
+        finished = all(s.is_finished for s in seqs)
+        if finished:  # forget it: the caller has its last output
+            del self.requests[request_id]
+            for seq in seqs:
+                del self.streams[seq.seq_id]
+        return RequestOutput(request_id, prompt, list(first.prompt_token_ids), outputs, finished, metrics)
+
+    def run_to_completion(self, request_ids: Iterable[str]) -> dict[str, RequestOutput]:
+        """Step until every given request finishes; their final outputs by id."""
+        pending, done = set(request_ids), {}
+        while pending:
+            for out in self.step():
+                if out.finished and out.request_id in pending:
+                    done[out.request_id] = out
+                    pending.discard(out.request_id)
+        return done

@@ -1,0 +1,96 @@
+"""`LLM`: offline batched generation on the continuous-batching engine (vLLM's `LLM` API).
+
+    from gemma import LLM, SamplingParams
+    llm = LLM("gemma-3-270m", dtype="bfloat16")
+    for out in llm.generate(["The capital of France is"], SamplingParams(max_tokens=32, temperature=0)):
+        print(out.text)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence as Seq
+
+import torch
+from tqdm import tqdm
+
+from gemma.engine.llm_engine import EngineConfig, LLMEngine
+from gemma.engine.outputs import RequestOutput
+from gemma.model import GemmaForCausalLM
+from gemma.sampling import SamplingParams
+from gemma.tokenizer import GemmaTokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """A model, its tokenizer and an engine; `generate` runs a list of prompts to completion."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        dtype: str | torch.dtype = "float32",
+        device: str | None = None,
+        max_num_seqs: int = 64,
+        max_model_len: int | None = None,
+        kv_cache_memory: int | str = "1GiB",
+        max_num_batched_tokens: int = 2048,
+        block_size: int = 16,
+        enable_prefix_caching: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+            dtype = DTYPES[dtype]
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = GemmaTokenizer.from_pretrained(model)
+        self.model = GemmaForCausalLM.from_pretrained(model, dtype=dtype, device=device)
+        config = EngineConfig(
+            max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
+            max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
+            enable_prefix_caching=enable_prefix_caching, seed=seed,
+        )
+        self.engine = LLMEngine(self.model, self.tokenizer, config)
+        self._counter = 0
+
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Outputs in the order of `prompts` (strings, or token-id lists); one SamplingParams or one per prompt."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                request_id = f"llm-{self._counter}"
+                self._counter += 1
+                if isinstance(prompt, str):
+                    self.engine.add_request(request_id, self.tokenizer.encode(prompt), p, prompt=prompt)
+                else:
+                    self.engine.add_request(request_id, list(prompt), p)
+                ids.append(request_id)
+        except ValueError:
+            for request_id in ids:  # all or nothing: a bad prompt leaves no half-run batch behind
+                self.engine.abort_request(request_id)
+            raise
+        done: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm or None) as bar:
+            while len(done) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+        return [done[i] for i in ids]

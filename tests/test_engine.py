@@ -1,0 +1,216 @@
+"""The continuous-batching engine against one-at-a-time `generate` (and transformers for Gemma 2/3 windows)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from conftest import load_hf, randomize_, write_hf_checkpoint
+from gemma import GemmaForCausalLM, GemmaTokenizer
+from gemma.engine import AsyncLLMEngine, EngineConfig, LLMEngine
+from gemma.sampling import SamplingParams
+from tokenizer_fixtures import write_trained_tokenizer_json
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return GemmaTokenizer.from_pretrained(write_trained_tokenizer_json(tmp_path_factory.mktemp("tok")))
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer, tmp_path_factory):
+    path = write_hf_checkpoint(
+        tmp_path_factory.mktemp("engine-model"), vocab_size=len(tokenizer),
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    )
+    return GemmaForCausalLM.from_pretrained(path)
+
+
+def prompts(n: int, seed: int = 0, shared: int = 11) -> list[list[int]]:
+    """Mixed lengths (1 to 40 tokens, several longer than a block); every third shares a prefix."""
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(10, 900, (shared,), generator=g).tolist()
+    out = []
+    for i in range(n):
+        length = int(torch.randint(1, 41, (1,), generator=g))
+        body = torch.randint(10, 900, (length,), generator=g).tolist()
+        out.append(prefix + body if i % 3 == 0 else body)
+    return out
+
+
+def one_at_a_time(model, prompt: list[int], max_tokens: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, eos_token_id=[])
+    return out[0, len(prompt):].tolist()
+
+
+def run(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]], check=None) -> list:
+    for i, (p, params) in enumerate(requests):
+        engine.add_request(str(i), p, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        if check:
+            check(engine)
+    return [done[str(i)] for i in range(len(requests))]
+
+
+def invariants(engine: LLMEngine) -> None:
+    engine.kv.check_invariants()
+    assert 0.0 <= engine.kv.usage <= 1.0
+
+
+def test_16_concurrent_requests_equal_one_at_a_time(model, tokenizer):
+    engine = LLMEngine(model, tokenizer, EngineConfig(
+        max_num_seqs=8, max_num_batched_tokens=48, block_size=4, kv_cache_memory="4MiB",
+    ))
+    reqs = [(p, SamplingParams(max_tokens=6 + i % 11, **GREEDY)) for i, p in enumerate(prompts(16))]
+    outs = run(engine, reqs, invariants)
+    for (p, params), out in zip(reqs, outs):
+        assert out.token_ids == one_at_a_time(model, p, params.max_tokens)
+        assert out.finish_reason == "length"
+        assert out.metrics.first_token_time >= out.metrics.arrival_time
+    assert engine.kv.prefix_hits > 0  # the shared prefixes were served from the cache
+    assert engine.kv.usage == 0.0
+
+
+def test_preemption_under_a_tiny_kv_budget_gives_identical_outputs(model, tokenizer):
+    block_bytes = 2 * 4 * model.config.num_key_value_heads * model.config.head_dim * 4 * model.config.num_hidden_layers
+    engine = LLMEngine(model, tokenizer, EngineConfig(
+        max_num_seqs=8, max_num_batched_tokens=64, block_size=4, kv_cache_memory=24 * block_bytes, max_model_len=80,
+    ))
+    assert [g.num_blocks for g in engine.kv.groups] == [24]
+    reqs = [(p, SamplingParams(max_tokens=20, **GREEDY)) for p in prompts(8, seed=3, shared=3)]
+    peak = []
+    outs = run(engine, reqs, lambda e: (invariants(e), peak.append(e.kv.groups[0].num_used_blocks)))
+    assert sum(o.metrics.num_preemptions for o in outs) > 0
+    assert max(peak) == 24  # the budget was used to the last block, never beyond
+    for (p, params), out in zip(reqs, outs):
+        assert out.token_ids == one_at_a_time(model, p, 20)
+
+
+def test_seeded_sampling_ignores_batch_composition(model, tokenizer):
+    params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True)
+    alone = run(LLMEngine(model, tokenizer), [(prompts(1, seed=9)[0], params)])[0]
+    others = [(p, SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)) for p in prompts(5, seed=4)]
+    crowded = run(LLMEngine(model, tokenizer), [*others[:3], (prompts(1, seed=9)[0], params), *others[3:]])[3]
+    assert alone.token_ids == crowded.token_ids
+    other_seed = run(LLMEngine(model, tokenizer), [(prompts(1, seed=9)[0], params.model_copy(update={"seed": 1}))])[0]
+    assert other_seed.token_ids != alone.token_ids
+
+
+def test_n_completions_and_logprobs(model, tokenizer):
+    params = SamplingParams(n=3, max_tokens=5, temperature=1.0, seed=7, logprobs=2, ignore_eos=True)
+    out = run(LLMEngine(model, tokenizer), [(prompts(1)[0], params)])[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2] and all(len(o.token_ids) == 5 for o in out.outputs)
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    for o in out.outputs:
+        assert len(o.logprobs) == 5
+        for token, step in zip(o.token_ids, o.logprobs):
+            assert token in step and len(step) in (2, 3) and all(v <= 0 for v in step.values())
+
+
+def test_stop_token_ids_and_stop_strings_end_exactly(model, tokenizer):
+    prompt = prompts(1, seed=5)[0]
+    free = run(LLMEngine(model, tokenizer), [(prompt, SamplingParams(max_tokens=30, **GREEDY))])[0]
+    stop_id = free.token_ids[6]
+    first = free.token_ids.index(stop_id)
+    by_id = run(LLMEngine(model, tokenizer), [(prompt, SamplingParams(max_tokens=30, stop_token_ids=[stop_id], **GREEDY))])[0]
+    assert by_id.token_ids == free.token_ids[: first + 1] and by_id.finish_reason == "stop"
+    assert by_id.outputs[0].stop_reason == stop_id
+
+    text = free.text
+    assert len(text) > 12
+    stop = text[8:11]
+    expected = text[: text.index(stop)]
+    by_str = run(LLMEngine(model, tokenizer), [(prompt, SamplingParams(max_tokens=30, stop=[stop, "\x00never"], **GREEDY))])[0]
+    assert by_str.text == expected and by_str.finish_reason == "stop" and by_str.outputs[0].stop_reason == stop
+    assert tokenizer.decode(by_str.token_ids).startswith(expected)
+    kept = run(LLMEngine(model, tokenizer), [(prompt, SamplingParams(
+        max_tokens=30, stop=[stop], include_stop_str_in_output=True, **GREEDY))])[0]
+    assert kept.text == expected + stop
+
+
+def test_abort_and_invalid_requests(model, tokenizer):
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_model_len=64, block_size=4))
+    for i, p in enumerate(prompts(4, seed=6)):
+        engine.add_request(f"r{i}", p, SamplingParams(max_tokens=20, **GREEDY))
+    for _ in range(3):
+        engine.step()
+    assert engine.kv.usage > 0
+    out = engine.abort_request("r1")
+    assert out.finished and out.finish_reason == "abort"
+    for i in (0, 2, 3):
+        engine.abort_request(f"r{i}")
+    assert engine.kv.usage == 0.0 and not engine.has_unfinished_requests()
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request("long", list(range(10, 80)), SamplingParams())
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.add_request("long2", [5] * 40, SamplingParams(max_tokens=30))
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        engine.add_request("bad", [5, 10**9], SamplingParams())
+    assert not engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_sliding_windows_under_the_paged_cache_match_transformers(tmp_path, family):
+    from test_gemma23_parity import FAMILIES
+
+    path = write_hf_checkpoint(tmp_path, family=family, **FAMILIES[family])
+    ours, ref = GemmaForCausalLM.from_pretrained(path), load_hf(path, family=family)
+    engine = LLMEngine(ours, None, EngineConfig(block_size=2, max_num_batched_tokens=7, max_num_seqs=3, kv_cache_memory="1MiB"))
+    reqs = [(p, SamplingParams(max_tokens=14, **GREEDY)) for p in ([5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21], list(range(30, 47)))]
+    outs = run(engine, reqs, invariants)
+    for (p, _), out in zip(reqs, outs):
+        expected = ref.generate(torch.tensor([p]), max_new_tokens=14, min_new_tokens=14, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)
+        assert out.token_ids == expected[0, len(p):].tolist()
+    # sliding groups held at most their window's blocks
+    assert engine.kv.usage == 0.0
+
+
+def test_async_streaming_equals_non_streaming_and_abort_frees(model, tokenizer):
+    prompt_list = prompts(6, seed=8)
+
+    async def main():
+        engine = AsyncLLMEngine(LLMEngine(model, tokenizer, EngineConfig(block_size=4)))
+
+        async def collect(i, p):
+            tokens, texts, last = [], [], None
+            async for out in engine.generate(p, SamplingParams(max_tokens=10, **GREEDY), f"s{i}"):
+                tokens += out.outputs[0].new_token_ids
+                texts.append(out.outputs[0].new_text)
+                last = out
+            return tokens, "".join(texts), last
+
+        results = await asyncio.gather(*(collect(i, p) for i, p in enumerate(prompt_list)))
+
+        async def leave_early():
+            async for out in engine.generate(prompt_list[0], SamplingParams(max_tokens=50, **GREEDY), "early"):
+                if len(out.outputs[0].token_ids) >= 2:
+                    break
+
+        await leave_early()
+        # a plain `break` leaves the generator to asyncio's finalizer hook, which closes it (and aborts) shortly
+        for _ in range(100):
+            if not engine.engine.has_unfinished_requests():
+                break
+            await asyncio.sleep(0.01)
+        with pytest.raises(ValueError, match="max_model_len"):
+            async for _ in engine.generate([10] * 10000, SamplingParams(), "too-long"):
+                pass
+        usage = engine.engine.kv.usage
+        await engine.shutdown()
+        return results, usage
+
+    results, usage = asyncio.run(main())
+    for p, (tokens, text, last) in zip(prompt_list, results):
+        assert tokens == last.token_ids == one_at_a_time(model, p, 10)
+        assert text == last.text == tokenizer.decode(tokens, skip_special_tokens=True)
+        assert last.finished and last.metrics.first_token_time is not None
+    assert usage == 0.0
