@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemma.parallel import SINGLE, ColumnParallelLinear, RowParallelLinear, TPGroup
+
 
 class RMSNorm(nn.Module):
     """Gemma's RMSNorm: computed in fp32, scaled by `(1 + weight)`, cast back at the end.
@@ -50,17 +52,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class GemmaMLP(nn.Module):
-    """Gated MLP: `down(gelu_tanh(gate(x)) * up(x))`.
+    """Gated MLP: `down(gelu_tanh(gate(x)) * up(x))`; gate/up split by columns, down by rows (one all-reduce).
 
     Gemma's activation is gelu with the tanh approximation, even where a config says "gelu"
     (see `gemma.config.TANH_GELU_NAMES`).
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = ColumnParallelLinear(hidden_size, intermediate_size, tp)
+        self.up_proj = ColumnParallelLinear(hidden_size, intermediate_size, tp)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))

@@ -1,7 +1,7 @@
 """`LLM`: offline batched generation on the continuous-batching engine (vLLM's `LLM` API).
 
     from gemma import LLM, SamplingParams
-    llm = LLM("gemma-3-270m", dtype="bfloat16")
+    llm = LLM("gemma-3-270m", dtype="bfloat16")      # tp_size=2: two ranks, this process and one worker
     for out in llm.generate(["The capital of France is"], SamplingParams(max_tokens=32, temperature=0)):
         print(out.text)
 """
@@ -14,13 +14,12 @@ from collections.abc import Sequence as Seq
 import torch
 from tqdm import tqdm
 
+from gemma.engine.launcher import DTYPES, WorkerSpec, start_tensor_parallel
 from gemma.engine.llm_engine import EngineConfig, LLMEngine
 from gemma.engine.outputs import RequestOutput
 from gemma.model import GemmaForCausalLM
 from gemma.sampling import SamplingParams
 from gemma.tokenizer import GemmaTokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 Prompt = str | list[int]
 
@@ -31,8 +30,9 @@ class LLM:
     def __init__(
         self,
         model: str | os.PathLike,
-        dtype: str | torch.dtype = "float32",
+        dtype: str = "float32",
         device: str | None = None,
+        tp_size: int = 1,
         max_num_seqs: int = 64,
         max_model_len: int | None = None,
         kv_cache_memory: int | str = "1GiB",
@@ -41,20 +41,35 @@ class LLM:
         enable_prefix_caching: bool = True,
         seed: int = 0,
     ) -> None:
-        if isinstance(dtype, str):
-            if dtype not in DTYPES:
-                raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-            dtype = DTYPES[dtype]
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if tp_size < 1:
+            raise ValueError(f"tp_size must be >= 1, got {tp_size}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = GemmaTokenizer.from_pretrained(model)
-        self.model = GemmaForCausalLM.from_pretrained(model, dtype=dtype, device=device)
+        workers = None
+        if tp_size == 1:
+            self.model = GemmaForCausalLM.from_pretrained(model, dtype=DTYPES[dtype], device=device)
+        else:  # ranks 1..N-1 in local processes, this process is rank 0
+            spec = WorkerSpec(str(model), dtype, device, tp_size, backend="nccl" if device.startswith("cuda") else "gloo")
+            self.model, workers = start_tensor_parallel(spec)
         config = EngineConfig(
             max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
             max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
             enable_prefix_caching=enable_prefix_caching, seed=seed,
         )
-        self.engine = LLMEngine(self.model, self.tokenizer, config)
+        self.engine = LLMEngine(self.model, self.tokenizer, config, workers)
         self._counter = 0
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes, if any."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     def generate(
         self,

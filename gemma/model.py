@@ -20,6 +20,10 @@ from gemma.cache import KVCache
 from gemma.config import GemmaConfig
 from gemma.layers import GemmaMLP, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 from gemma.outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutputWithPast
+from gemma.parallel import (
+    SINGLE, ColumnParallelLinear, ParallelLMHead, RowParallelLinear, TPGroup, VocabParallelEmbedding,
+    kv_heads_of_rank, split,
+)
 from gemma.weights import PretrainedMixin
 
 
@@ -35,20 +39,24 @@ class PagedAttention(Protocol):
 
 
 class GemmaAttention(nn.Module):
-    def __init__(self, config: GemmaConfig, layer_idx: int) -> None:
+    """Self-attention; under tensor parallelism each rank holds `num_heads` of the query heads and the kv heads
+    they read (replicated when there are fewer kv heads than ranks), and o_proj all-reduces."""
+
+    def __init__(self, config: GemmaConfig, layer_idx: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
+        D = self.head_dim = config.head_dim
+        q_start, self.num_heads = split(config.num_attention_heads, tp, "num_attention_heads")
+        kv_start, self.num_kv_heads = kv_heads_of_rank(config.num_key_value_heads, tp)
         self.scaling = config.attention_scale  # Gemma 2/3: query_pre_attn_scalar ** -0.5, not head_dim's
         self.softcap = config.attn_logit_softcapping
         self.dropout = config.attention_dropout
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        C, bias = config.hidden_size, config.attention_bias
+        q_rows, kv_rows = (q_start * D, self.num_heads * D), (kv_start * D, self.num_kv_heads * D)
+        self.q_proj = ColumnParallelLinear(C, config.num_attention_heads * D, tp, bias, rows=q_rows)
+        self.k_proj = ColumnParallelLinear(C, config.num_key_value_heads * D, tp, bias, rows=kv_rows)
+        self.v_proj = ColumnParallelLinear(C, config.num_key_value_heads * D, tp, bias, rows=kv_rows)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * D, C, tp, bias)
         if config.qk_norm:  # Gemma 3: RMSNorm over each head's query and key, before RoPE
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -99,10 +107,10 @@ class GemmaAttention(nn.Module):
 
 
 class GemmaDecoderLayer(nn.Module):
-    def __init__(self, config: GemmaConfig, layer_idx: int) -> None:
+    def __init__(self, config: GemmaConfig, layer_idx: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
-        self.self_attn = GemmaAttention(config, layer_idx)
-        self.mlp = GemmaMLP(config.hidden_size, config.intermediate_size)
+        self.self_attn = GemmaAttention(config, layer_idx, tp)
+        self.mlp = GemmaMLP(config.hidden_size, config.intermediate_size, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.sandwich = config.sandwich_norms
@@ -129,8 +137,8 @@ class GemmaDecoderLayer(nn.Module):
         return x, probs
 
 
-class ScaledEmbedding(nn.Embedding):
-    """Token embedding multiplied by `sqrt(hidden_size)`.
+class ScaledEmbedding(VocabParallelEmbedding):
+    """Token embedding multiplied by `sqrt(hidden_size)` (vocabulary-parallel under TP).
 
     The normalizer is cast to the weight dtype before the multiply, so in bf16 sqrt(3072)=55.4256 becomes 55.5,
     as in the original implementation (transformers PR #29402).
@@ -138,7 +146,7 @@ class ScaledEmbedding(nn.Embedding):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         normalizer = torch.tensor(self.embedding_dim**0.5, dtype=self.weight.dtype, device=self.weight.device)
-        return super().forward(input_ids) * normalizer
+        return self.lookup(input_ids) * normalizer
 
 
 def attention_mask_bias(
@@ -181,9 +189,10 @@ def attention_mask_bias(
 class GemmaPreTrainedModel(PretrainedMixin, nn.Module):
     """Shared init and helpers; `from_pretrained`/`save_pretrained` come from `PretrainedMixin`."""
 
-    def __init__(self, config: GemmaConfig) -> None:
+    def __init__(self, config: GemmaConfig, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.config = config
+        self.tp = tp
 
     @property
     def dtype(self) -> torch.dtype:
@@ -213,10 +222,10 @@ class GemmaPreTrainedModel(PretrainedMixin, nn.Module):
 class GemmaModel(GemmaPreTrainedModel):
     """The decoder stack without a head; `last_hidden_state` is after the final norm."""
 
-    def __init__(self, config: GemmaConfig) -> None:
-        super().__init__(config)
-        self.embed_tokens = ScaledEmbedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList(GemmaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+    def __init__(self, config: GemmaConfig, tp: TPGroup = SINGLE) -> None:
+        super().__init__(config, tp)
+        self.embed_tokens = ScaledEmbedding(config.vocab_size, config.hidden_size, tp, config.pad_token_id)
+        self.layers = nn.ModuleList(GemmaDecoderLayer(config, i, tp) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if not self.embed_tokens.weight.is_meta:
             self.init_weights()
@@ -289,10 +298,10 @@ class GemmaModel(GemmaPreTrainedModel):
 class GemmaForCausalLM(GemmaPreTrainedModel):
     """Decoder plus LM head; the head is the embedding matrix when `tie_word_embeddings` (all released Gemmas)."""
 
-    def __init__(self, config: GemmaConfig) -> None:
-        super().__init__(config)
-        self.model = GemmaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    def __init__(self, config: GemmaConfig, tp: TPGroup = SINGLE) -> None:
+        super().__init__(config, tp)
+        self.model = GemmaModel(config, tp)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, tp)
         if not self.lm_head.weight.is_meta:
             self.init_weights()
         self.tie_weights()
@@ -353,10 +362,10 @@ class GemmaForCausalLM(GemmaPreTrainedModel):
 class GemmaForSequenceClassification(GemmaPreTrainedModel):
     """Decoder plus a bias-free `score` head read at each row's last non-padding token."""
 
-    def __init__(self, config: GemmaConfig) -> None:
-        super().__init__(config)
-        self.model = GemmaModel(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+    def __init__(self, config: GemmaConfig, tp: TPGroup = SINGLE) -> None:
+        super().__init__(config, tp)
+        self.model = GemmaModel(config, tp)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)  # tiny: replicated
         if not self.score.weight.is_meta:
             self.init_weights()
 

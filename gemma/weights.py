@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from gemma.config import GemmaConfig
 from gemma.gguf_file import open_gguf
+from gemma.parallel import SINGLE, TPGroup
 from gemma.registry import resolve_checkpoint
 
 if TYPE_CHECKING:
@@ -96,11 +97,18 @@ def load_checkpoint(
     device: torch.device | str = "cpu",
     total: int | None = None,
 ) -> None:
-    """Assign `tensors` into `model` (built on the meta device), casting floating tensors to `dtype`."""
+    """Assign `tensors` into `model` (built on the meta device), casting floating tensors to `dtype`.
+
+    Under tensor parallelism each tensor is checked against the full (unsharded) shape, then cut down to this
+    rank's shard by the owning layer's `load_shard` before anything is copied or cast.
+    """
     config: GemmaConfig = model.config
     has_base_prefix = hasattr(model, "model")
     tied = config.tie_word_embeddings and hasattr(model, "lm_head")
-    expected = {k: v.shape for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    with torch.device("meta"):  # the shapes a checkpoint must have: those of the unsharded model
+        full = type(model)(config).state_dict()
+    expected = {k: v.shape for k, v in full.items() if not (tied and k == "lm_head.weight")}
+    modules = dict(model.named_modules())
     state: dict[str, torch.Tensor] = {}
     unexpected, misshaped = [], []
     tied_head: torch.Tensor | None = None
@@ -118,7 +126,9 @@ def load_checkpoint(
         if tuple(tensor.shape) != tuple(expected[target]):
             misshaped.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected[target])}")
             continue
-        state[target] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        state[target] = _shard(modules, target, tensor).to(
+            device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype
+        )
     missing = sorted(set(expected) - set(state))
     problems = [
         f"{label}: {', '.join(names)}"
@@ -129,13 +139,21 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint does not fit {type(model).__name__}: " + "; ".join(problems))
     if tied_head is not None:
         embed = state["model.embed_tokens.weight"]
-        if tied_head.shape != embed.shape or not torch.equal(tied_head.to(device=device, dtype=dtype), embed):
+        ok = tied_head.shape == expected["model.embed_tokens.weight"]
+        if not ok or not torch.equal(_shard(modules, "model.embed_tokens.weight", tied_head).to(device, dtype), embed):
             raise CheckpointError(
                 "lm_head.weight differs from model.embed_tokens.weight but config.tie_word_embeddings is true"
             )
     model.load_state_dict(state, strict=not tied, assign=True)
     if tied:
         model.tie_weights()
+
+
+def _shard(modules: dict[str, nn.Module], name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a checkpoint tensor (all of it for replicated parameters)."""
+    owner = modules.get(name.rpartition(".")[0])
+    load_shard = getattr(owner, "load_shard", None)
+    return tensor if load_shard is None else load_shard(tensor)
 
 
 def _parse_size(size: int | str) -> int:
@@ -193,10 +211,12 @@ class PretrainedMixin:
         path: str | os.PathLike,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        tp: TPGroup = SINGLE,
         **config_overrides: Any,
     ) -> M:
         """Load a checkpoint in eval mode: an HF directory (config.json + safetensors, single or sharded), a
-        `.gguf` file (config from its metadata, tensors dequantized), or a named model ("gemma-3-270m")."""
+        `.gguf` file (config from its metadata, tensors dequantized), or a named model ("gemma-3-270m").
+        With a tensor-parallel group `tp`, this rank keeps only its shard of each tensor."""
         start = time.perf_counter()
         path = resolve_checkpoint(path)
         if path.suffix == ".gguf":
@@ -212,7 +232,7 @@ class PretrainedMixin:
                     total += len(f.keys())
             tensors = iter_safetensors(files, dtype)
         with torch.device("meta"):
-            model = cls(config)
+            model = cls(config, tp)
         load_checkpoint(model, tensors, dtype, device, total=total)
         logger.info("loaded %s from %s in %.1f s", cls.__name__, path, time.perf_counter() - start)
         return model.eval()

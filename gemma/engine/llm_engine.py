@@ -18,7 +18,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from gemma.engine.block_manager import KVCacheManager, split_kv_budget
-from gemma.engine.model_runner import ModelRunner
+from gemma.engine.launcher import WorkerHandle
+from gemma.engine.model_runner import KVLayout, ModelRunner
 from gemma.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from gemma.engine.scheduler import Scheduler
 from gemma.engine.sequence import Sequence
@@ -59,8 +60,11 @@ class _Stream:
 
 class LLMEngine:
     def __init__(
-        self, model: GemmaForCausalLM, tokenizer: GemmaTokenizer | None = None, config: EngineConfig | None = None
+        self, model: GemmaForCausalLM, tokenizer: GemmaTokenizer | None = None, config: EngineConfig | None = None,
+        workers: WorkerHandle | None = None,
     ) -> None:
+        """`model` is rank 0's shard when `model.tp` has several ranks; `workers` are ranks 1..N-1, already
+        started (see gemma.engine.launcher) and waiting for the KV layout this constructor broadcasts."""
         self.model, self.tokenizer = model, tokenizer
         self.config = config = config or EngineConfig()
         cfg = model.config
@@ -75,10 +79,11 @@ class LLMEngine:
         group_windows = [s.window for s in specs]
         self.kv = KVCacheManager(specs, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(
-            model, self.kv, [group_windows.index(w) for w in windows], group_windows,
-            [s.num_blocks for s in specs], config.block_size,
-        )
+        layout = KVLayout([group_windows.index(w) for w in windows], group_windows,
+                          [s.num_blocks for s in specs], config.block_size)
+        model.tp.broadcast_object(layout)  # the other ranks build the same pools (a no-op without TP)
+        self.runner = ModelRunner(model, layout)
+        self.workers = workers
         self.generator = torch.Generator(device=model.device).manual_seed(config.seed)
         self.requests: dict[str, tuple[list[Sequence], str | None]] = {}
         self.streams: dict[int, _Stream] = {}
@@ -142,6 +147,19 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def check_health(self) -> None:
+        """Raise if a tensor-parallel worker has died (a server replaces the replica then)."""
+        if self.workers is not None and not self.workers.alive():
+            raise RuntimeError(f"tensor-parallel worker(s) died: {self.workers.describe()}")
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (ranks 1..N-1); the engine cannot step afterwards."""
+        if self.workers is not None:
+            if self.workers.alive():
+                self.model.tp.broadcast_object(None)
+            self.workers.stop()
+            self.workers = None
+
     @property
     def num_requests_running(self) -> int:
         return len(self.scheduler.running)
@@ -161,7 +179,7 @@ class LLMEngine:
         now = time.monotonic()
         for seq in batch.seqs:
             seq.first_scheduled_time = seq.first_scheduled_time or now
-        logits, sampled = self.runner.execute(batch)
+        logits, sampled = self.runner.execute(batch, self.kv)
         self.scheduler.step_done(batch)
         seqs = [batch.seqs[i] for i in sampled]
         if seqs:

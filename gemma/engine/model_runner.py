@@ -5,11 +5,15 @@ attention is where sequences differ, so the model hands each layer's flat q/k/v 
 writes k/v into the pools at the sequences' slots and attends per sub-batch: all decodes together (one
 query each, keys gathered from their blocks and padded to the longest), and each prefill chunk alone (no
 query padding at all). Logits are computed only for the tokens that are sampled.
+
+Under tensor parallelism every rank has a runner with its own model shard and its own KV pools (its kv
+heads). Rank 0 turns the scheduler's batch into a device-independent `StepInput` and broadcasts it; every
+rank runs the same forward (the layers' collectives keep them in step); rank 0 samples from the logits.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -24,6 +28,28 @@ class SubBatch:
     q_index: torch.Tensor  # (n, Q) flat token indices of the sub-batch's queries
     kv_slots: list[torch.Tensor]  # per KV group: (n, K) cache slots of the keys, padded with slot 0
     masks: list[torch.Tensor]  # per KV group: (n, 1, Q, K) additive masks
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """How the paged KV cache is laid out, identical on every rank: which group each layer's blocks come
+    from, each group's window and block count, and the block size."""
+
+    group_of_layer: list[int]
+    windows: list[int | None]
+    num_blocks: list[int]
+    block_size: int
+
+
+@dataclass
+class StepInput:
+    """One step, device-independent and picklable (rank 0 broadcasts it to the other ranks)."""
+
+    input_ids: list[int]
+    positions: list[int]
+    logits_at: list[int]  # flat indices of the tokens to compute logits for
+    write_slots: list[torch.Tensor] = field(default_factory=list)  # per group: (T,) slots of the new tokens
+    subbatches: list[SubBatch] = field(default_factory=list)
 
 
 class PagedBatch:
@@ -52,48 +78,65 @@ class PagedBatch:
 
 
 class ModelRunner:
-    def __init__(self, model: GemmaForCausalLM, kv: KVCacheManager, group_of_layer: list[int],
-                 group_windows: list[int | None], group_blocks: list[int], block_size: int) -> None:
+    def __init__(self, model: GemmaForCausalLM, layout: KVLayout) -> None:
         self.model = model
-        self.kv = kv
+        self.tp = model.tp
         self.device, self.dtype = model.device, model.dtype
-        self.layer_group = group_of_layer
-        self.windows = group_windows
-        cfg = model.config
-        shape = (cfg.num_key_value_heads, cfg.head_dim)
-        self.k_pools = [torch.zeros(group_blocks[g] * block_size, *shape, dtype=self.dtype, device=self.device)
-                        for g in group_of_layer]
+        self.layout = layout
+        attn = model.model.layers[0].self_attn  # this rank's kv heads
+        shape = (attn.num_kv_heads, attn.head_dim)
+        self.k_pools = [
+            torch.zeros(layout.num_blocks[g] * layout.block_size, *shape, dtype=self.dtype, device=self.device)
+            for g in layout.group_of_layer
+        ]
         self.v_pools = [torch.zeros_like(p) for p in self.k_pools]
 
     @staticmethod
     def kv_bytes_per_block_per_layer(model: GemmaForCausalLM, block_size: int) -> int:
-        cfg = model.config
-        return 2 * block_size * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize
+        attn = model.model.layers[0].self_attn
+        return 2 * block_size * attn.num_kv_heads * attn.head_dim * model.dtype.itemsize
 
-    @torch.no_grad()
-    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
-        """Run the batch; return logits (S, V) in fp32 for the sampled sequences and their batch indices."""
-        ids, positions, sampled = [], [], []
-        flat = 0
+    def execute(self, batch: ScheduledBatch, kv: KVCacheManager) -> tuple[torch.Tensor, list[int]]:
+        """Rank 0: run the batch on every rank; logits (S, V) in fp32 for the sampled sequences, their indices."""
+        step, sampled = self.prepare(batch, kv)
+        return self.run(self.tp.broadcast_object(step)), sampled
+
+    def prepare(self, batch: ScheduledBatch, kv: KVCacheManager) -> tuple[StepInput, list[int]]:
+        ids, positions, logits_at, sampled = [], [], [], []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
             start = seq.num_computed_tokens
             ids += seq.all_token_ids[start : start + n]
             positions += range(start, start + n)
-            flat += n
             if start + n == seq.num_tokens:  # this step computes its last known token: sample the next
                 sampled.append(i)
-        paged = self._describe(batch)
-        dev = self.device
-        logits_at = torch.tensor([sum(batch.num_new[: i + 1]) - 1 for i in sampled], dtype=torch.long, device=dev)
-        out = self.model(
-            input_ids=torch.tensor([ids], device=dev), position_ids=torch.tensor([positions], device=dev),
-            use_cache=False, logits_to_keep=logits_at, paged=paged,
-        )
-        return out.logits[0].float(), sampled
+                logits_at.append(len(ids) - 1)
+        step = StepInput(ids, positions, logits_at)
+        self._describe(batch, kv, step)
+        return step, sampled
 
-    def _describe(self, batch: ScheduledBatch) -> PagedBatch:
-        dev, kv = self.device, self.kv
-        groups = range(len(self.windows))
+    @torch.no_grad()
+    def run(self, step: StepInput) -> torch.Tensor:
+        """Every rank: the forward pass of one step; returns the logits (len(logits_at), V) in fp32."""
+        dev = self.device
+        to_dev = lambda t: t.to(dev, non_blocking=True)  # noqa: E731
+        subbatches = [replace(sb, q_index=to_dev(sb.q_index), kv_slots=[to_dev(t) for t in sb.kv_slots],
+                              masks=[to_dev(t).to(self.dtype) for t in sb.masks]) for sb in step.subbatches]
+        paged = PagedBatch(self.k_pools, self.v_pools, self.layout.group_of_layer,
+                           [to_dev(t) for t in step.write_slots], subbatches)
+        out = self.model(
+            input_ids=torch.tensor([step.input_ids], device=dev),
+            position_ids=torch.tensor([step.positions], device=dev),
+            use_cache=False, logits_to_keep=torch.tensor(step.logits_at, dtype=torch.long, device=dev), paged=paged,
+        )
+        return out.logits[0].float()
+
+    def serve(self) -> None:
+        """Ranks 1..N-1: run every step rank 0 broadcasts, until it broadcasts None."""
+        while (step := self.tp.broadcast_object(None)) is not None:
+            self.run(step)
+
+    def _describe(self, batch: ScheduledBatch, kv: KVCacheManager, step: StepInput) -> None:
+        groups = range(len(self.layout.windows))
         write = [[] for _ in groups]
         offsets, decodes, prefills = [], [], []
         flat = 0
@@ -104,27 +147,24 @@ class ModelRunner:
             offsets.append(flat)
             (decodes if n == 1 else prefills).append(i)
             flat += n
-        subbatches = []
         if decodes:
-            subbatches.append(self._subbatch(batch, decodes, offsets))
-        subbatches += [self._subbatch(batch, [i], offsets) for i in prefills]
-        write_slots = [torch.tensor(w, dtype=torch.long, device=dev) for w in write]
-        return PagedBatch(self.k_pools, self.v_pools, self.layer_group, write_slots, subbatches)
+            step.subbatches.append(self._subbatch(batch, kv, decodes, offsets))
+        step.subbatches += [self._subbatch(batch, kv, [i], offsets) for i in prefills]
+        step.write_slots = [torch.tensor(w, dtype=torch.long) for w in write]
 
-    def _subbatch(self, batch: ScheduledBatch, members: list[int], offsets: list[int]) -> SubBatch:
+    def _subbatch(self, batch: ScheduledBatch, kv: KVCacheManager, members: list[int], offsets: list[int]) -> SubBatch:
         """Queries of `members` (all the same count: 1 for decodes, or a single prefill chunk) and their keys."""
-        dev = self.device
         q_len = batch.num_new[members[0]]
-        q_index = torch.tensor([[offsets[i] + j for j in range(q_len)] for i in members], device=dev)
+        q_index = torch.tensor([[offsets[i] + j for j in range(q_len)] for i in members])
         kv_slots, masks = [], []
-        for g, window in enumerate(self.windows):
+        for g, window in enumerate(self.layout.windows):
             rows, q_pos, k_pos = [], [], []
             for i in members:
                 seq, n = batch.seqs[i], batch.num_new[i]
                 start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
                 # a windowed group keeps only the keys the first query can still see
                 first = 0 if window is None else max(0, start - window + 1)
-                rows.append(self.kv.slot_mapping(g, seq.seq_id, first, end))
+                rows.append(kv.slot_mapping(g, seq.seq_id, first, end))
                 q_pos.append(range(start, end))
                 k_pos.append(range(first, end))
             width = max(len(r) for r in rows)
@@ -137,7 +177,7 @@ class ModelRunner:
             allowed = (kp[:, None, :] >= 0) & (kp[:, None, :] <= qp[:, :, None])  # (n, Q, K)
             if window is not None:
                 allowed &= qp[:, :, None] - kp[:, None, :] < window
-            bias = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, torch.finfo(self.dtype).min)
-            kv_slots.append(slots.to(dev))
-            masks.append(bias[:, None].to(dev))
+            bias = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
+            kv_slots.append(slots)
+            masks.append(bias[:, None])
         return SubBatch(q_index, kv_slots, masks)

@@ -1,0 +1,106 @@
+"""Starting tensor-parallel workers: ranks 1..N-1, each a process with its own model shard and KV pools.
+
+The engine only needs a `WorkerHandle` (alive / stop / describe). `LocalLauncher` starts the ranks as local
+processes (this module); a Ray-actor launcher (deployments/) starts them as actors in a placement group.
+Every worker runs `run_worker`: join the group, load its shard, receive the KV layout, then serve steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import socket
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What every rank needs to build its shard: the same for all ranks."""
+
+    model: str  # a named model, HF directory or .gguf
+    dtype: str = "float32"
+    device: str = "cpu"  # "cuda" means cuda:<rank> for local processes
+    world_size: int = 2
+    host: str = "127.0.0.1"
+    port: int = 0  # the rendezvous, hosted by rank 0
+    backend: str = "gloo"
+    timeout_s: float = 120.0  # a collective waiting this long fails (e.g. a rank died mid-step)
+
+    def device_of(self, rank: int) -> str:
+        return f"cuda:{rank}" if self.device == "cuda" else self.device
+
+
+class WorkerHandle(Protocol):
+    def alive(self) -> bool: ...
+    def stop(self, timeout_s: float = 10.0) -> None: ...
+    def describe(self) -> str: ...
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def run_worker(spec: WorkerSpec, rank: int) -> None:
+    """The body of rank `rank` (>= 1): join, load this rank's shard, build the KV pools rank 0 describes, serve."""
+    from gemma.engine.model_runner import ModelRunner
+    from gemma.model import GemmaForCausalLM
+    from gemma.parallel import TPGroup
+
+    tp = TPGroup.connect(rank, spec.world_size, spec.host, spec.port, spec.backend, spec.timeout_s)
+    model = GemmaForCausalLM.from_pretrained(spec.model, dtype=DTYPES[spec.dtype], device=spec.device_of(rank), tp=tp)
+    layout = tp.broadcast_object(None)
+    ModelRunner(model, layout).serve()
+    logger.info("tensor-parallel rank %d stopped", rank)
+
+
+class LocalLauncher:
+    """Ranks 1..N-1 as local processes (spawned: no state inherited from the engine's process)."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        ctx = mp.get_context("spawn")
+        self.procs = [
+            ctx.Process(target=run_worker, args=(spec, rank), name=f"gemma-tp-rank{rank}", daemon=True)
+            for rank in range(1, spec.world_size)
+        ]
+        for p in self.procs:
+            p.start()
+
+    def alive(self) -> bool:
+        return all(p.is_alive() for p in self.procs)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        for p in self.procs:
+            p.join(timeout_s)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout_s)
+
+    def describe(self) -> str:
+        return ", ".join(f"{p.name} pid {p.pid} exit {p.exitcode}" for p in self.procs)
+
+
+def start_tensor_parallel(spec: WorkerSpec, launcher: type = LocalLauncher):
+    """Start ranks 1..N-1 with `launcher`, join as rank 0, load rank 0's shard; returns (model, workers)."""
+    from gemma.model import GemmaForCausalLM
+    from gemma.parallel import TPGroup
+
+    if spec.port == 0:
+        spec = WorkerSpec(**{**spec.__dict__, "port": free_port(spec.host)})
+    workers = launcher(spec)
+    try:
+        tp = TPGroup.connect(0, spec.world_size, spec.host, spec.port, spec.backend, spec.timeout_s)
+        model = GemmaForCausalLM.from_pretrained(spec.model, dtype=DTYPES[spec.dtype], device=spec.device_of(0), tp=tp)
+    except BaseException:
+        workers.stop(timeout_s=1.0)
+        raise
+    return model, workers
