@@ -12,7 +12,8 @@ import time
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from gemma.weights import DTYPES
+
 
 
 def generate(args: argparse.Namespace) -> int:

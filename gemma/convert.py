@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 
 from gemma.config import GemmaConfig
-from gemma.weights import load_checkpoint
+from gemma.weights import DTYPES, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def read_original_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:

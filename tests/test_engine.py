@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import torch
 
-from conftest import load_hf, randomize_, write_hf_checkpoint
+from conftest import load_hf, write_hf_checkpoint
 from gemma import GemmaForCausalLM, GemmaTokenizer
 from gemma.engine import AsyncLLMEngine, EngineConfig, LLMEngine
 from gemma.sampling import SamplingParams

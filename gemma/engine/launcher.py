@@ -13,11 +13,10 @@ import socket
 from dataclasses import dataclass
 from typing import Protocol
 
-import torch
+from gemma.weights import DTYPES
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
