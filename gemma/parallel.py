@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import datetime
 import pickle
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,15 +35,26 @@ class TPGroup:
 
     @classmethod
     def connect(
-        cls, rank: int, size: int, host: str, port: int, backend: str = "gloo", timeout_s: float = 300.0
+        cls, rank: int, size: int, host: str, port: int, backend: str = "gloo", timeout_s: float = 300.0,
+        peers_alive: Callable[[], bool] | None = None,
     ) -> TPGroup:
         """Join a group through a TCP rendezvous at host:port (rank 0 hosts it). gloo on CPU, nccl on GPU.
 
         The group is a standalone process-group object, not torch.distributed's global default group, so
-        several engines can live in one process.
+        several engines can live in one process. Rank 0 waits for every rank to check in, and gives up at once
+        when `peers_alive()` turns false (a worker that crashed while loading) instead of at the timeout.
         """
         timeout = datetime.timedelta(seconds=timeout_s)
-        store = dist.TCPStore(host, port, size, rank == 0, timeout=timeout)
+        store = dist.TCPStore(host, port, size, rank == 0, timeout=timeout, wait_for_workers=False)
+        store.set(f"joined/{rank}", "1")
+        if rank == 0:
+            deadline = time.monotonic() + timeout_s
+            while not store.check([f"joined/{r}" for r in range(size)]):
+                if peers_alive is not None and not peers_alive():
+                    raise RuntimeError("a tensor-parallel worker exited before joining the group")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"tensor-parallel workers did not join within {timeout_s} s")
+                time.sleep(0.05)
         if backend == "nccl":
             pg = dist.ProcessGroupNCCL(store, rank, size)
         elif backend == "gloo":

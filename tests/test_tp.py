@@ -78,3 +78,16 @@ def test_head_partitioning_rules():
         split(6, ranks[0], "num_attention_heads")
     with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
         kv_heads_of_rank(3, ranks[1])
+
+
+def test_dead_worker_fails_health_check_and_shutdown_does_not_hang(tmp_path):
+    path = write_hf_checkpoint(tmp_path, **{k: v for k, v in CONFIGS["gqa"].items() if k != "family"})
+    model, workers = start_tensor_parallel(WorkerSpec(str(path), world_size=2, timeout_s=60))
+    engine = LLMEngine(model, None, engine_config(), workers)
+    engine.check_health()
+    workers.procs[0].kill()
+    workers.procs[0].wait(10)
+    with pytest.raises(RuntimeError, match="worker"):
+        engine.check_health()
+    engine.shutdown()
+    assert not workers.alive()

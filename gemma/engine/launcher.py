@@ -7,9 +7,13 @@ Every worker runs `run_worker`: join the group, load its shard, receive the KV l
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import logging
-import multiprocessing as mp
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -62,30 +66,30 @@ def run_worker(spec: WorkerSpec, rank: int) -> None:
 
 
 class LocalLauncher:
-    """Ranks 1..N-1 as local processes (spawned: no state inherited from the engine's process)."""
+    """Ranks 1..N-1 as local processes: `python -m gemma.engine.launcher`, a fresh interpreter each, so nothing
+    of the engine's process (nor its `__main__` script, as multiprocessing's spawn would) is re-run."""
 
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
-        ctx = mp.get_context("spawn")
+        payload = json.dumps(dataclasses.asdict(spec))
         self.procs = [
-            ctx.Process(target=run_worker, args=(spec, rank), name=f"gemma-tp-rank{rank}", daemon=True)
+            subprocess.Popen([sys.executable, "-m", "gemma.engine.launcher", "--rank", str(rank), "--spec", payload])
             for rank in range(1, spec.world_size)
         ]
-        for p in self.procs:
-            p.start()
 
     def alive(self) -> bool:
-        return all(p.is_alive() for p in self.procs)
+        return all(p.poll() is None for p in self.procs)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         for p in self.procs:
-            p.join(timeout_s)
-            if p.is_alive():
+            try:
+                p.wait(timeout_s)
+            except subprocess.TimeoutExpired:
                 p.terminate()
-                p.join(timeout_s)
+                p.wait(timeout_s)
 
     def describe(self) -> str:
-        return ", ".join(f"{p.name} pid {p.pid} exit {p.exitcode}" for p in self.procs)
+        return ", ".join(f"rank {r} pid {p.pid} exit {p.poll()}" for r, p in enumerate(self.procs, start=1))
 
 
 def start_tensor_parallel(spec: WorkerSpec, launcher: type = LocalLauncher):
@@ -97,9 +101,22 @@ def start_tensor_parallel(spec: WorkerSpec, launcher: type = LocalLauncher):
         spec = WorkerSpec(**{**spec.__dict__, "port": free_port(spec.host)})
     workers = launcher(spec)
     try:
-        tp = TPGroup.connect(0, spec.world_size, spec.host, spec.port, spec.backend, spec.timeout_s)
+        tp = TPGroup.connect(0, spec.world_size, spec.host, spec.port, spec.backend, spec.timeout_s, workers.alive)
         model = GemmaForCausalLM.from_pretrained(spec.model, dtype=DTYPES[spec.dtype], device=spec.device_of(0), tp=tp)
     except BaseException:
         workers.stop(timeout_s=1.0)
         raise
     return model, workers
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="a tensor-parallel worker rank (started by LocalLauncher)")
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--spec", required=True, help="WorkerSpec as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format=f"rank {args.rank} %(levelname)s %(name)s: %(message)s")
+    run_worker(WorkerSpec(**json.loads(args.spec)), args.rank)
+
+
+if __name__ == "__main__":
+    main()
