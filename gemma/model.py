@@ -194,6 +194,9 @@ class GemmaPreTrainedModel(PretrainedMixin, nn.Module):
         self.config = config
         self.tp = tp
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens  # head models; GemmaModel returns its own
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
@@ -310,9 +313,6 @@ class GemmaForCausalLM(GemmaPreTrainedModel):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -368,9 +368,6 @@ class GemmaForSequenceClassification(GemmaPreTrainedModel):
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)  # tiny: replicated
         if not self.score.weight.is_meta:
             self.init_weights()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
 
     def forward(
         self,
