@@ -27,7 +27,7 @@ from gemma.model import GemmaForCausalLM
 class SubBatch:
     q_index: torch.Tensor  # (n, Q) flat token indices of the sub-batch's queries
     kv_slots: list[torch.Tensor]  # per KV group: (n, K) cache slots of the keys, padded with slot 0
-    masks: list[torch.Tensor]  # per KV group: (n, 1, Q, K) additive masks
+    masks: list[torch.Tensor]  # per KV group: (n, 1, Q, K) bool, True where a query may attend
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class ModelRunner:
         dev = self.device
         to_dev = lambda t: t.to(dev, non_blocking=True)  # noqa: E731
         subbatches = [replace(sb, q_index=to_dev(sb.q_index), kv_slots=[to_dev(t) for t in sb.kv_slots],
-                              masks=[to_dev(t).to(self.dtype) for t in sb.masks]) for sb in step.subbatches]
+                              masks=[self._bias(to_dev(t)) for t in sb.masks]) for sb in step.subbatches]
         paged = PagedBatch(self.k_pools, self.v_pools, self.layout.group_of_layer,
                            [to_dev(t) for t in step.write_slots], subbatches)
         out = self.model(
@@ -129,6 +129,10 @@ class ModelRunner:
             use_cache=False, logits_to_keep=torch.tensor(step.logits_at, dtype=torch.long, device=dev), paged=paged,
         )
         return out.logits[0].float()
+
+    def _bias(self, allowed: torch.Tensor) -> torch.Tensor:
+        """The additive form the attention maths takes: 0 where allowed, -inf elsewhere."""
+        return torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
     def serve(self) -> None:
         """Ranks 1..N-1: run every step rank 0 broadcasts, until it broadcasts None."""
@@ -177,7 +181,6 @@ class ModelRunner:
             allowed = (kp[:, None, :] >= 0) & (kp[:, None, :] <= qp[:, :, None])  # (n, Q, K)
             if window is not None:
                 allowed &= qp[:, :, None] - kp[:, None, :] < window
-            bias = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
             kv_slots.append(slots)
-            masks.append(bias[:, None])
+            masks.append(allowed[:, None])  # bool: a quarter of the bytes to broadcast under TP
         return SubBatch(q_index, kv_slots, masks)
