@@ -10,7 +10,6 @@ backend is never mutated per call.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -19,6 +18,8 @@ from typing import Any
 
 from tokenizers import Tokenizer, processors
 
+from gemma.chat_template import DEFAULT_CHAT_TEMPLATE, compile_template
+from gemma.detokenizer import IncrementalDecoder
 from gemma.registry import resolve_checkpoint
 from gemma.vocab import load_gguf_vocab, load_sentencepiece
 
@@ -30,57 +31,6 @@ NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_toke
 _NO_MAX_LENGTH = int(1e20)
 # `decoders.ByteFallback` turns exactly these token strings into raw bytes.
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
-
-# Gemma's turn format. Gemma has no system role: like Gemma 3's official template, a leading system
-# message is folded into the first user turn as "{system}\n\n{user}". Validation lives in the template
-# so transformers (or vLLM) rendering this same string behaves the same.
-DEFAULT_CHAT_TEMPLATE = r"""
-{%- macro render_content(content) -%}
-    {%- if content is string -%}
-        {{- content | trim -}}
-    {%- elif content is iterable and content is not mapping -%}
-        {%- for part in content -%}
-            {%- if part['type'] != 'text' -%}
-                {{- raise_exception("Unsupported content part type '" ~ part['type'] ~ "': only text") -}}
-            {%- endif -%}
-            {{- part['text'] | trim -}}
-        {%- endfor -%}
-    {%- else -%}
-        {{- raise_exception("Message content must be a string or a list of {'type': 'text', 'text': ...} parts") -}}
-    {%- endif -%}
-{%- endmacro -%}
-{%- if messages | length == 0 -%}
-    {{- raise_exception("Conversation is empty: expected at least one user message") -}}
-{%- endif -%}
-{%- if messages[0]['role'] == 'system' -%}
-    {%- set first_user_prefix = render_content(messages[0]['content']) ~ '\n\n' -%}
-    {%- set loop_messages = messages[1:] -%}
-{%- else -%}
-    {%- set first_user_prefix = '' -%}
-    {%- set loop_messages = messages -%}
-{%- endif -%}
-{%- if loop_messages | length == 0 -%}
-    {{- raise_exception("A system message must be followed by a user message") -}}
-{%- endif -%}
-{{- bos_token -}}
-{%- for message in loop_messages -%}
-    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
-    {%- set where = "Message " ~ (loop.index0 + messages | length - loop_messages | length) ~ ": " -%}
-    {%- if role == 'system' -%}
-        {{- raise_exception(where ~ "a system message is only allowed first") -}}
-    {%- elif role not in ['user', 'model'] -%}
-        {{- raise_exception(where ~ "unknown role '" ~ message['role'] ~ "' (use system, user, assistant, model)") -}}
-    {%- elif (role == 'user') != (loop.index0 % 2 == 0) -%}
-        {{- raise_exception(where ~ "roles must alternate user/model after an optional system message") -}}
-    {%- endif -%}
-    {{- '<start_of_turn>' ~ role ~ '\n' ~ (first_user_prefix if loop.first else '') -}}
-    {{- render_content(message['content']) ~ '<end_of_turn>\n' -}}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{- '<start_of_turn>model\n' -}}
-{%- endif -%}
-"""
-
 
 class BatchEncoding(dict):
     """`{"input_ids", "attention_mask"}` with attribute access, like transformers' BatchEncoding."""
@@ -416,80 +366,11 @@ class GemmaTokenizer:
         given) and may call `raise_exception(msg)`, which raises ValueError. With `tokenize=True` the
         ids come without an extra BOS: the template writes `<bos>` itself.
         """
-        template = _compile_template(chat_template or self.chat_template or DEFAULT_CHAT_TEMPLATE)
+        template = compile_template(chat_template or self.chat_template or DEFAULT_CHAT_TEMPLATE)
         context = {name: getattr(self, name) for name in NAMED_SPECIALS} | {"tools": None, "documents": None}
         context |= template_kwargs
         text = template.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
         return self.encode(text, add_special_tokens=False) if tokenize else text
-
-
-class IncrementalDecoder:
-    """Streaming detokenizer: the deltas from `step` plus `flush()` concatenate to exactly
-    `decode(all_ids, skip_special_tokens)`, and every prefix of that concatenation is a prefix of it.
-
-    Why text is held back: Gemma's decoder (Replace, ByteFallback, Fuse) decodes each maximal run of
-    `<0xNN>` byte tokens as one UTF-8 string, and if the run is invalid anywhere, *every* byte of it
-    becomes U+FFFD. So no text of a run is final until a non-byte token ends it; elsewhere the decoder
-    is concatenative and text is emitted at once. Each step decodes only a small window (vLLM-style:
-    a few emitted tokens as left context, then the pending ones), so a token costs O(window), not O(n).
-    Ids the full decode drops (out of range, or special with `skip_special_tokens`) are ignored.
-    """
-
-    _CONTEXT = 4  # emitted tokens kept as left context, for decoders that treat a sequence's start specially
-
-    def __init__(
-        self, backend: Tokenizer, byte_ids: frozenset[int], skipped: frozenset[int], skip_special_tokens: bool
-    ) -> None:
-        self._backend, self._byte_ids, self._skipped = backend, byte_ids, skipped
-        self._skip_special_tokens = skip_special_tokens
-        self._window: list[int] = []  # context tokens, then pending ones
-        self._read_offset = 0  # start of the pending tokens in _window
-
-    def step(self, token_id: int) -> str:
-        """Feed one id; return the text that became final (often "")."""
-        token_id = int(token_id)
-        if token_id in self._skipped or self._backend.id_to_token(token_id) is None:
-            return ""
-        self._window.append(token_id)
-        return "" if token_id in self._byte_ids else self._emit()
-
-    def flush(self) -> str:
-        """Text still held back (an unfinished byte run) at the end of the sequence."""
-        return self._emit()
-
-    def _emit(self) -> str:
-        if self._read_offset == len(self._window):
-            return ""
-        context = self._backend.decode(self._window[: self._read_offset], self._skip_special_tokens)
-        text = self._backend.decode(self._window, self._skip_special_tokens)
-        if not text.startswith(context):  # never for Gemma's decoder: we only cut where it is concatenative
-            text, context = self._backend.decode(self._window[self._read_offset :], self._skip_special_tokens), ""
-        self._window = self._window[-self._CONTEXT :]
-        self._read_offset = len(self._window)
-        return text[len(context) :]
-
-
-@functools.lru_cache(maxsize=16)  # compiling costs milliseconds; a compiled template renders thread-safely
-def _compile_template(source: str) -> Any:
-    """A jinja2 template in the sandbox transformers uses, with its helpers (errors raise ValueError)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise ValueError(message)
-
-    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, **kwargs: Any) -> str:
-        # transformers' override: jinja's own tojson HTML-escapes, which a chat prompt must not do
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, **kwargs)
-
-    def strftime_now(fmt: str) -> str:
-        from datetime import datetime
-
-        return datetime.now().strftime(fmt)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
-    env.filters["tojson"] = tojson
-    return env.from_string(source)
 
 
 def _token_content(value: Any) -> Any:
