@@ -13,29 +13,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gemma.cache import KVCache
+from gemma.sampling import filter_top_k_top_p
 
 if TYPE_CHECKING:
     from gemma.model import GemmaForCausalLM
-
-
-def process_logits(
-    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
-) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (nucleus) filtering of (B, V) logits; filtered entries become -inf."""
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1, None]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token when the tokens ranked above it already reach top_p (the best token always stays)
-        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
 
 
 def generate_steps(
@@ -91,7 +72,8 @@ def generate_steps(
             )
         logits = out.logits[:, -1]  # (B, V)
         if do_sample:
-            probs = process_logits(logits, temperature, top_k, top_p).softmax(-1)
+            filtered = filter_top_k_top_p(logits.float() / temperature, [top_k or 0] * B, [top_p or 1.0] * B)
+            probs = filtered.softmax(-1)
             next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         else:
             next_ids = logits.argmax(-1)

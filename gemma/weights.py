@@ -158,7 +158,7 @@ def _shard(modules: dict[str, nn.Module], name: str, tensor: torch.Tensor) -> to
     return tensor if load_shard is None else load_shard(tensor)
 
 
-def _parse_size(size: int | str) -> int:
+def parse_size(size: int | str) -> int:
     if isinstance(size, int):
         return size
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -175,7 +175,7 @@ def save_safetensors(
     """Write `state` as `model.safetensors`, or as numbered shards plus an index when larger than a shard."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    limit = _parse_size(max_shard_size)
+    limit = parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in state.items():

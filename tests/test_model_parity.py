@@ -154,3 +154,15 @@ def test_sequence_classification(tmp_path, num_labels, problem_type, label_kind)
     assert max_diff(a.logits, b.logits) < ATOL
     assert abs(a.loss.item() - b.loss.item()) < 1e-5
     assert ours.config.id2label == {int(k): v for k, v in ref.config.id2label.items()}
+
+
+@torch.no_grad()
+def test_sampled_generate_is_seeded_and_top_k_1_is_greedy(pair):
+    ours, _ = pair
+    ids = batch(shape=(2, 5))
+    kwargs = dict(max_new_tokens=10, do_sample=True, temperature=0.8, top_p=0.9, eos_token_id=[])
+    a, b = ours.generate(ids, seed=3, **kwargs), ours.generate(ids, seed=3, **kwargs)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, ours.generate(ids, seed=4, **kwargs))
+    greedy = ours.generate(ids, max_new_tokens=10, eos_token_id=[])
+    assert torch.equal(ours.generate(ids, seed=5, **{**kwargs, "top_k": 1}), greedy)

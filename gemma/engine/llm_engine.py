@@ -26,7 +26,7 @@ from gemma.engine.sequence import Sequence
 from gemma.model import GemmaForCausalLM
 from gemma.sampling import SamplingParams, sample
 from gemma.tokenizer import GemmaTokenizer, IncrementalDecoder
-from gemma.weights import _parse_size
+from gemma.weights import parse_size
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class LLMEngine:
         windows = [cfg.layer_window(i) for i in range(cfg.num_hidden_layers)]
         specs = split_kv_budget(
             bytes_per_block_per_layer=ModelRunner.kv_bytes_per_block_per_layer(model, config.block_size),
-            layer_windows=windows, budget_bytes=_parse_size(config.kv_cache_memory), block_size=config.block_size,
+            layer_windows=windows, budget_bytes=parse_size(config.kv_cache_memory), block_size=config.block_size,
             max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
             max_num_batched_tokens=config.max_num_batched_tokens,
         )
