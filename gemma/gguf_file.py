@@ -258,7 +258,7 @@ class GGUFCheckpoint:
             yield name, out
 
     def vocab(self) -> dict[str, Any]:
-        """The tokenizer arrays and settings, as `GemmaTokenizer.from_gguf` needs them."""
+        """The tokenizer arrays and settings, as `gemma.vocab.load_gguf_vocab` needs them."""
         tokens = self.field("tokenizer.ggml.tokens")
         if tokens is None:
             raise GGUFError(f"{self.path.name}: no tokenizer vocabulary (tokenizer.ggml.tokens)")
