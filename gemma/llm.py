@@ -11,15 +11,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence as Seq
 
-import torch
 from tqdm import tqdm
 
-from gemma.engine.launcher import DTYPES, WorkerSpec, start_tensor_parallel
 from gemma.engine.llm_engine import EngineConfig, LLMEngine
 from gemma.engine.outputs import RequestOutput
-from gemma.model import GemmaForCausalLM
 from gemma.sampling import SamplingParams
-from gemma.tokenizer import GemmaTokenizer
 
 Prompt = str | list[int]
 
@@ -41,24 +37,13 @@ class LLM:
         enable_prefix_caching: bool = True,
         seed: int = 0,
     ) -> None:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        if tp_size < 1:
-            raise ValueError(f"tp_size must be >= 1, got {tp_size}")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = GemmaTokenizer.from_pretrained(model)
-        workers = None
-        if tp_size == 1:
-            self.model = GemmaForCausalLM.from_pretrained(model, dtype=DTYPES[dtype], device=device)
-        else:  # ranks 1..N-1 in local processes, this process is rank 0
-            spec = WorkerSpec(str(model), dtype, device, tp_size, backend="nccl" if device.startswith("cuda") else "gloo")
-            self.model, workers = start_tensor_parallel(spec)
         config = EngineConfig(
             max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
             max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
             enable_prefix_caching=enable_prefix_caching, seed=seed,
         )
-        self.engine = LLMEngine(self.model, self.tokenizer, config, workers)
+        self.engine = LLMEngine.from_pretrained(str(model), dtype, device, tp_size, config)
+        self.tokenizer, self.model = self.engine.tokenizer, self.engine.model
         self._counter = 0
 
     def shutdown(self) -> None:

@@ -52,6 +52,13 @@ class AsyncLLMEngine:
                 pass
             self._loop_task = None
 
+    def check_health(self) -> None:
+        """Raise if a tensor-parallel worker died or the step loop stopped on an error."""
+        self.engine.check_health()
+        task = self._loop_task
+        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
+            raise RuntimeError(f"the engine loop stopped: {task.exception()!r}")
+
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams | None, request_id: str, prompt: str | None = None
     ) -> AsyncIterator[RequestOutput]:

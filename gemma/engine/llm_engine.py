@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from gemma.engine.block_manager import KVCacheManager, split_kv_budget
-from gemma.engine.launcher import WorkerHandle
+from gemma.engine.launcher import LocalLauncher, WorkerHandle, WorkerSpec, start_tensor_parallel
 from gemma.engine.model_runner import KVLayout, ModelRunner
 from gemma.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from gemma.engine.scheduler import Scheduler
@@ -26,7 +26,7 @@ from gemma.engine.sequence import Sequence
 from gemma.model import GemmaForCausalLM
 from gemma.sampling import SamplingParams, sample
 from gemma.tokenizer import GemmaTokenizer, IncrementalDecoder
-from gemma.weights import parse_size
+from gemma.weights import DTYPES, parse_size
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,36 @@ class LLMEngine:
         self._seq_ids = count()
         logger.info("engine: KV groups %s, block size %d, max_model_len %d",
                     [(s.window, s.num_blocks) for s in specs], config.block_size, self.max_model_len)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str, dtype: str = "float32", device: str | None = None, tp_size: int = 1,
+        config: EngineConfig | None = None, launcher: type = LocalLauncher, host: str = "127.0.0.1",
+    ) -> LLMEngine:
+        """Load `model` (a named model, HF directory or .gguf) and its tokenizer and build an engine on them.
+
+        With `tp_size > 1` this process is rank 0 and `launcher(spec)` starts ranks 1..N-1 (local processes by
+        default; deployments/ passes a Ray-actor launcher); they rendezvous at `host`.
+        """
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if tp_size < 1:
+            raise ValueError(f"tp_size must be >= 1, got {tp_size}")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        tokenizer = GemmaTokenizer.from_pretrained(model)
+        workers = None
+        if tp_size == 1:
+            lm = GemmaForCausalLM.from_pretrained(model, dtype=DTYPES[dtype], device=device)
+        else:
+            backend = "nccl" if device.startswith("cuda") else "gloo"
+            spec = WorkerSpec(str(model), dtype, device, tp_size, host=host, backend=backend)
+            lm, workers = start_tensor_parallel(spec, launcher)
+        try:
+            return cls(lm, tokenizer, config, workers)
+        except BaseException:
+            if workers is not None:
+                workers.stop(timeout_s=1.0)
+            raise
 
     # ---- requests ----------------------------------------------------------------------------------
 

@@ -1,0 +1,78 @@
+"""The classifier deployment: a `GemmaForSequenceClassification` checkpoint behind dynamic batching.
+
+A plain class (Serve options are applied in deployments/app.py). Each `classify` call is one input;
+concurrent calls are gathered by Ray Serve's `serve.batch` (up to `max_batch_size`, waiting at most
+`batch_wait_timeout_s` for more) into one right-padded forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from ray import serve
+
+from gemma.model import GemmaForSequenceClassification
+from gemma.tokenizer import GemmaTokenizer
+from gemma.weights import DTYPES
+
+logger = logging.getLogger(__name__)
+
+
+class ClassifierDeployment:
+    def __init__(
+        self, model: str, dtype: str = "float32", device: str = "cpu", max_batch_size: int = 16,
+        batch_wait_timeout_s: float = 0.01,
+    ) -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"classifier dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.tokenizer = GemmaTokenizer.from_pretrained(model)
+        self.model = GemmaForSequenceClassification.from_pretrained(model, dtype=DTYPES[dtype], device=device).eval()
+        config = self.model.config
+        self.id2label = {int(k): v for k, v in config.id2label.items()}
+        self.pad = config.pad_token_id if config.pad_token_id is not None else 0
+        self.max_len = config.max_position_embeddings
+        # serve.batch on the bound method: the batch size and wait come from the constructor, not a decorator.
+        self._batched = serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)(
+            self._classify_batch
+        )
+        logger.info("classifier %s ready: %d labels", model, len(self.id2label))
+
+    async def classify(self, item: str | list[int]) -> dict[str, Any]:
+        """One input (text, or token ids) -> its label, class probabilities and number of classes."""
+        ids = self._ids(item)
+        return await self._batched(ids)
+
+    async def info(self) -> dict[str, Any]:
+        return {"id2label": self.id2label, "num_labels": len(self.id2label)}
+
+    def _ids(self, item: str | list[int]) -> list[int]:
+        if isinstance(item, str):
+            if not item.strip():
+                raise ValueError("input must not be empty")
+            ids = self.tokenizer.encode(item)
+        else:
+            vocab = self.model.config.vocab_size
+            if not item or any(not isinstance(t, int) or not 0 <= t < vocab for t in item):
+                raise ValueError(f"input token ids must be a non-empty list of ints in [0, {vocab})")
+            ids = list(item)
+        if len(ids) > self.max_len:
+            raise ValueError(f"input has {len(ids)} tokens; the classifier takes at most {self.max_len}")
+        return ids
+
+    async def _classify_batch(self, batch: list[list[int]]) -> list[dict[str, Any]]:
+        width = max(len(ids) for ids in batch)
+        # right padding with the pad id: the model reads each row at its last non-pad token
+        input_ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, ids in enumerate(batch):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            mask[i, : len(ids)] = 1
+        with torch.inference_mode():
+            logits = self.model(input_ids.to(self.model.device), attention_mask=mask.to(self.model.device)).logits
+        probs = torch.softmax(logits.float(), dim=-1).cpu()
+        return [
+            {"label": self.id2label[int(p.argmax())], "probs": p.tolist(), "num_classes": len(self.id2label)}
+            for p in probs
+        ]

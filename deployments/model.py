@@ -1,0 +1,113 @@
+"""The model deployment: one replica is one tensor-parallel group serving an `AsyncLLMEngine`.
+
+A plain class (Serve options are applied in deployments/app.py). The engine is injected, or built from
+`EngineArgs`: with `tp_size > 1` this replica is rank 0 and ranks 1..N-1 are Ray actors in its placement group
+(deployments/tp_workers.py). `generate` streams the engine's outputs; a caller that goes away (an HTTP client
+disconnecting cancels the call) aborts its request and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import aclosing
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gemma.engine import AsyncLLMEngine, EngineConfig, LLMEngine, RequestOutput
+from gemma.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineArgs(BaseModel):
+    """What a model replica loads and the limits of its engine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "gemma-3-270m"  # a named model, an HF directory or a .gguf file
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    device: str = "cpu"  # "cuda": every rank on the one GPU Ray gives its actor
+    tp_size: int = Field(1, ge=1)  # ranks per replica; one placement-group bundle each
+    max_num_seqs: int = Field(32, ge=1)
+    max_model_len: int | None = Field(4096, ge=2)
+    max_num_batched_tokens: int = Field(2048, ge=1)
+    kv_cache_memory: int | str = "1GiB"
+    block_size: int = Field(16, ge=1)
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(**self.model_dump(exclude={"model", "dtype", "device", "tp_size"}))
+
+
+def build_engine(args: EngineArgs) -> AsyncLLMEngine:
+    """Load the model (rank 0 here, ranks 1..N-1 as Ray actors in this replica's placement group)."""
+    launcher, host = None, "127.0.0.1"
+    if args.tp_size > 1:
+        import ray
+
+        from deployments.tp_workers import RayActorLauncher
+
+        launcher, host = RayActorLauncher, ray.util.get_node_ip_address()
+    # Ray gives each GPU actor one visible device: every rank's device is cuda:0 in its own process.
+    device = "cuda:0" if args.device == "cuda" else args.device
+    kwargs = {"launcher": launcher} if launcher is not None else {}
+    engine = LLMEngine.from_pretrained(args.model, args.dtype, device, args.tp_size, args.engine_config(), host=host, **kwargs)
+    return AsyncLLMEngine(engine)
+
+
+class ModelDeployment:
+    def __init__(self, args: EngineArgs | dict[str, Any] | None = None, engine: AsyncLLMEngine | None = None) -> None:
+        self.args = EngineArgs.model_validate(args or {})
+        self.engine = engine if engine is not None else build_engine(self.args)
+        logger.info("model %s ready (tp_size %d)", self.args.model, self.args.tp_size)
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams | dict[str, Any] | None, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream the request's outputs (deltas in `outputs[i].new_token_ids` / `new_text`); ValueError if invalid."""
+        if not isinstance(params, SamplingParams):
+            params = SamplingParams.model_validate(params or {})
+        # aclosing: a caller that leaves (aclose, cancellation) aborts the request now, not at garbage collection
+        async with aclosing(self.engine.generate(list(prompt_token_ids), params, request_id)) as stream:
+            async for out in stream:
+                yield out
+
+    async def abort(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
+
+    async def model_info(self) -> dict[str, Any]:
+        engine = self.engine.engine
+        return {
+            "model": self.args.model, "max_model_len": engine.max_model_len,
+            "vocab_size": engine.model.config.vocab_size, "tp_size": engine.model.tp.size,
+        }
+
+    async def stats(self) -> dict[str, Any]:
+        engine = self.engine.engine
+        kv = engine.kv
+        return {
+            "num_requests_running": engine.num_requests_running,
+            "num_requests_waiting": engine.num_requests_waiting,
+            "kv_cache_usage": kv.usage,
+            "kv_blocks_used": sum(g.num_used_blocks for g in kv.groups),
+            "kv_blocks_total": sum(g.num_blocks for g in kv.groups),
+            "prefix_cache_queries": kv.prefix_queries,
+            "prefix_cache_hits": kv.prefix_hits,
+        }
+
+    async def check_health(self) -> None:
+        """Serve calls this periodically; raising marks the replica unhealthy and Serve replaces it."""
+        self.engine.check_health()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers; Serve calls `__del__` when it stops the replica."""
+        self.engine.engine.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:  # noqa: BLE001 - best effort at teardown; the placement group removal kills the actors
+            logger.exception("shutting down the engine failed")

@@ -1,0 +1,141 @@
+"""The plain deployment classes without Ray Serve: tokenizer, model (a real tiny engine), classifier batching."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from conftest import load_hf, write_hf_checkpoint
+from deployments.classifier import ClassifierDeployment
+from deployments.model import EngineArgs, ModelDeployment
+from deployments.tokenizer import TokenizerDeployment
+from gemma import GemmaForCausalLM, GemmaTokenizer
+from gemma.sampling import SamplingParams
+from tokenizer_fixtures import write_trained_tokenizer_json
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("deploy-model")
+    tok = GemmaTokenizer.from_pretrained(write_trained_tokenizer_json(path))
+    return write_hf_checkpoint(path, vocab_size=len(tok), num_attention_heads=4, num_key_value_heads=1, head_dim=12)
+
+
+@pytest.fixture(scope="module")
+def classifier_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("deploy-classifier")
+    tok = GemmaTokenizer.from_pretrained(write_trained_tokenizer_json(path))
+    return write_hf_checkpoint(
+        path, task="classify", vocab_size=len(tok), num_labels=3, pad_token_id=0,
+        id2label={0: "negative", 1: "neutral", 2: "positive"}, label2id={"negative": 0, "neutral": 1, "positive": 2},
+    )
+
+
+def test_engine_args_name_the_bad_field():
+    with pytest.raises(ValueError, match="tp_size"):
+        EngineArgs(tp_size=0)
+    with pytest.raises(ValueError, match="dtype"):
+        EngineArgs(dtype="float8")
+    with pytest.raises(ValueError, match="kv_cache_mem"):
+        EngineArgs(kv_cache_mem="1GiB")
+
+
+def test_model_deployment_streams_what_generate_gives_and_frees_blocks(checkpoint):
+    dep = ModelDeployment(EngineArgs(model=str(checkpoint), dtype="float32", kv_cache_memory="4MiB", max_model_len=96))
+    model = GemmaForCausalLM.from_pretrained(checkpoint)
+    prompt = [2, 17, 29, 301, 44, 5]
+    expected = model.generate(torch.tensor([prompt]), max_new_tokens=10)[0, len(prompt):].tolist()
+
+    async def main():
+        params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+        streamed = []
+        async for out in dep.generate(prompt, params, "a"):
+            streamed += out.outputs[0].new_token_ids
+        assert out.finished and out.outputs[0].token_ids == streamed
+        # a dict of parameters is accepted too (what a client outside Python would send)
+        async for out in dep.generate(prompt, {"max_tokens": 10, "temperature": 0, "ignore_eos": True}, "b"):
+            pass
+        assert out.outputs[0].token_ids == streamed
+
+        # leaving the stream early aborts the request and returns its blocks
+        agen = dep.generate(prompt * 6, SamplingParams(max_tokens=50, ignore_eos=True), "c")
+        await agen.__anext__()
+        assert (await dep.stats())["kv_blocks_used"] > 0
+        await agen.aclose()
+        stats = await dep.stats()
+        assert stats["kv_blocks_used"] == 0 and stats["num_requests_running"] == 0
+
+        with pytest.raises(ValueError, match="max_model_len"):
+            async for _ in dep.generate(prompt, SamplingParams(max_tokens=95), "d"):
+                pass
+        with pytest.raises(ValueError, match="temperature"):
+            async for _ in dep.generate(prompt, {"temperature": -1}, "e"):
+                pass
+        info = await dep.model_info()
+        assert info["max_model_len"] == 96 and info["tp_size"] == 1
+        await dep.check_health()
+        return streamed
+
+    assert asyncio.run(main()) == expected
+
+
+def test_tokenizer_deployment(checkpoint):
+    dep = TokenizerDeployment(str(checkpoint))
+    tok = GemmaTokenizer.from_pretrained(checkpoint)
+
+    async def main():
+        ids = await dep.encode("The quick brown fox")
+        assert ids == tok.encode("The quick brown fox") and ids[0] == tok.bos_token_id
+        assert await dep.decode(ids) == "The quick brown fox"
+        chat = await dep.encode_chat([{"role": "user", "content": "Hello"}])
+        assert chat == tok.apply_chat_template([{"role": "user", "content": "Hello"}], tokenize=True)
+        with pytest.raises(ValueError, match="empty"):
+            await dep.encode_chat([])
+        with pytest.raises(ValueError, match="out of range"):
+            await dep.decode([len(tok) + 5])
+        assert (await dep.info())["vocab_size"] == len(tok)
+
+    asyncio.run(main())
+
+
+def test_classifier_batches_concurrent_calls_and_matches_transformers(classifier_checkpoint, monkeypatch):
+    # serve.batch works outside a replica except for a warning that reads the replica's config
+    from ray.serve.batching import _BatchQueue
+
+    monkeypatch.setattr(_BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
+    dep = ClassifierDeployment(str(classifier_checkpoint), max_batch_size=8, batch_wait_timeout_s=0.05)
+    texts = ["great movie", "The quick brown fox jumps over the lazy dog.", "meh", "東京は日本の首都です。"]
+    tok = GemmaTokenizer.from_pretrained(classifier_checkpoint)
+    hf = load_hf(classifier_checkpoint, task="classify")
+    batches = []
+    original = dep.model.forward
+
+    def counting_forward(*args, **kwargs):
+        batches.append(len(kwargs.get("input_ids", args[0] if args else None)))
+        return original(*args, **kwargs)
+
+    dep.model.forward = counting_forward
+
+    async def main():
+        return await asyncio.gather(*(dep.classify(t) for t in texts), dep.classify(tok.encode("meh")))
+
+    results = asyncio.run(main())
+    assert batches == [5]  # the five concurrent calls ran as one forward pass
+    for text, res in zip(texts + ["meh"], results):
+        with torch.no_grad():
+            ref = torch.softmax(hf(torch.tensor([tok.encode(text)])).logits[0], -1)
+        assert res["num_classes"] == 3 and len(res["probs"]) == 3
+        assert torch.allclose(torch.tensor(res["probs"]), ref, atol=1e-5)
+        assert res["label"] == ["negative", "neutral", "positive"][int(ref.argmax())]
+    assert results[2] == results[4]  # text and its token ids classify the same
+
+    async def bad():
+        with pytest.raises(ValueError, match="empty"):
+            await dep.classify("   ")
+        with pytest.raises(ValueError, match="token ids"):
+            await dep.classify([10**9])
+        assert (await dep.info())["id2label"] == {0: "negative", 1: "neutral", 2: "positive"}
+
+    asyncio.run(bad())
