@@ -2,7 +2,7 @@
 
 `RayActorLauncher` is the engine's `WorkerHandle` (see gemma.engine.launcher) on Ray: the replica is rank 0 and
 sits in bundle 0 of its placement group (Serve's `placement_group_bundles`, `STRICT_PACK`, so every bundle is on
-one node and the ranks rendezvous over that node's address); rank r runs in bundle r with one GPU (or one CPU).
+one node and the ranks rendezvous over that node's address); rank r runs in bundle r and takes its resources (one GPU, or its CPUs).
 The actors are owned by the replica, so they die with it, and they live in its placement group, which Serve
 removes when it stops the replica: no rank outlives its replica.
 """
@@ -42,15 +42,15 @@ class RayActorLauncher:
             )
         if len(pg.bundle_specs) < spec.world_size:
             raise RuntimeError(f"the placement group has {len(pg.bundle_specs)} bundles; tp_size {spec.world_size} needs one per rank")
-        gpu = spec.device.startswith("cuda")
         payload = dataclasses.asdict(spec)
-        self.actors = [
-            TPWorker.options(
-                num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0,
+        self.actors = []
+        for rank in range(1, spec.world_size):
+            # a rank takes its whole bundle: on CPU, Ray sets the actor's torch threads (OMP_NUM_THREADS) from it
+            bundle = pg.bundle_specs[rank]
+            self.actors.append(TPWorker.options(
+                num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
-            ).remote()
-            for rank in range(1, spec.world_size)
-        ]
+            ).remote())
         self.runs = [actor.run.remote(payload, rank) for rank, actor in enumerate(self.actors, start=1)]
 
     def alive(self) -> bool:

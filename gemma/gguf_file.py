@@ -206,6 +206,13 @@ class GGUFCheckpoint:
                           ("pad_token_id", "padding_token_id")]:
             if (value := self.field(f"tokenizer.ggml.{key}")) is not None:
                 data[ours] = value
+        # Instruction-tuned Gemmas end a reply with <end_of_turn>: HF lists it next to <eos> in
+        # generation_config.json (eos_token_id [1, 106] for Gemma 3), llama.cpp as its end-of-generation token.
+        eot = self.field("tokenizer.ggml.eot_token_id")
+        if eot is None and vocab is not None and "<end_of_turn>" in vocab:
+            eot = vocab.index("<end_of_turn>")
+        if eot is not None and data.get("eos_token_id") is not None and eot != data["eos_token_id"]:
+            data["eos_token_id"] = [data["eos_token_id"], eot]
         if self.arch != "gemma":
             data["sliding_window"] = self.field(a + "attention.sliding_window", 4096)
             big = layers == TWENTY_SEVEN_B_LAYERS[self.arch]

@@ -7,30 +7,22 @@ import asyncio
 import pytest
 import torch
 
-from conftest import load_hf, write_hf_checkpoint
+from conftest import load_hf
 from deployments.classifier import ClassifierDeployment
 from deployments.model import EngineArgs, ModelDeployment
 from deployments.tokenizer import TokenizerDeployment
 from gemma import GemmaForCausalLM, GemmaTokenizer
 from gemma.sampling import SamplingParams
-from tokenizer_fixtures import write_trained_tokenizer_json
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("deploy-model")
-    tok = GemmaTokenizer.from_pretrained(write_trained_tokenizer_json(path))
-    return write_hf_checkpoint(path, vocab_size=len(tok), num_attention_heads=4, num_key_value_heads=1, head_dim=12)
+def checkpoint(tiny_lm_dir):
+    return tiny_lm_dir
 
 
 @pytest.fixture(scope="module")
-def classifier_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("deploy-classifier")
-    tok = GemmaTokenizer.from_pretrained(write_trained_tokenizer_json(path))
-    return write_hf_checkpoint(
-        path, task="classify", vocab_size=len(tok), num_labels=3, pad_token_id=0,
-        id2label={0: "negative", 1: "neutral", 2: "positive"}, label2id={"negative": 0, "neutral": 1, "positive": 2},
-    )
+def classifier_checkpoint(tiny_classifier_dir):
+    return tiny_classifier_dir
 
 
 def test_engine_args_name_the_bad_field():

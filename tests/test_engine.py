@@ -130,6 +130,13 @@ def test_stop_token_ids_and_stop_strings_end_exactly(model, tokenizer):
     expected = text[: text.index(stop)]
     by_str = run(LLMEngine(model, tokenizer), [(prompt, SamplingParams(max_tokens=30, stop=[stop, "\x00never"], **GREEDY))])[0]
     assert by_str.text == expected and by_str.finish_reason == "stop" and by_str.outputs[0].stop_reason == stop
+    # streamed deltas never show a stop string's start that is later cut: they add up to the final text
+    engine = LLMEngine(model, tokenizer)
+    engine.add_request("s", prompt, SamplingParams(max_tokens=30, stop=[stop, "\x00never"], **GREEDY))
+    deltas = []
+    while engine.has_unfinished_requests():
+        deltas += [out.outputs[0].new_text for out in engine.step()]
+    assert "".join(deltas) == expected
     assert tokenizer.decode(by_str.token_ids).startswith(expected)
     kept = run(LLMEngine(model, tokenizer), [(prompt, SamplingParams(
         max_tokens=30, stop=[stop], include_stop_str_in_output=True, **GREEDY))])[0]

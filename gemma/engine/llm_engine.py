@@ -136,6 +136,8 @@ class LLMEngine:
         vocab = self.model.config.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"prompt_token_ids: every id must be an int in [0, {vocab})")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids: every id must be in [0, {vocab})")
         budget = self.max_model_len - len(prompt_token_ids)
         if budget < 1:
             raise ValueError(
@@ -276,14 +278,19 @@ class LLMEngine:
         outputs = []
         for seq in seqs:
             stream = self.streams[seq.seq_id]
+            # text that may be the start of a stop string is held back until it is known not to be one, so the
+            # deltas (new_text) always add up to the final text
+            shown = len(stream.text)
+            if seq.params.stop and not seq.is_finished:
+                shown = max(stream.reported_text, shown - max(len(x) for x in seq.params.stop) + 1)
             outputs.append(CompletionOutput(
                 index=seq.index, text=stream.text, token_ids=list(seq.output_token_ids),
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
                 logprobs=list(stream.logprobs) if stream.logprobs is not None else None,
                 new_token_ids=seq.output_token_ids[stream.reported_tokens:],
-                new_text=stream.text[stream.reported_text:],
+                new_text=stream.text[stream.reported_text:shown],
             ))
-            stream.reported_tokens, stream.reported_text = len(seq.output_token_ids), len(stream.text)
+            stream.reported_tokens, stream.reported_text = len(seq.output_token_ids), shown
         first = seqs[0]
         metrics = RequestMetrics(
             arrival_time=first.arrival_time,

@@ -1,0 +1,18 @@
+# The two quick-start commands of the README: `make serve` and `make test` (each sets up .venv first).
+VENV := .venv
+
+.PHONY: serve test
+
+# the README's install commands; redone when pyproject.toml changes
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install torch==2.13.0
+	$(VENV)/bin/pip install -e ".[demo,serve,test]"
+	touch $@
+
+# the real Gemma 3 270M on CPU, OpenAI-compatible HTTP on :8000 (Ctrl-C stops it)
+serve: $(VENV)/.installed
+	$(VENV)/bin/serve run serve_config.yaml
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q

@@ -1,0 +1,84 @@
+"""The Serve application: `build_app(args)` composes the deployments with `.bind()`.
+
+    serve run serve_config.yaml                         # import_path: deployments.app:build_app
+    serve run deployments.app:build_app model=gemma-3-270m tp_size=2
+
+This is the only module that applies Serve options (`serve.deployment`, `.options`, `.bind`); the classes in
+deployments/ are plain. Options here are defaults: `serve_config.yaml` overrides any of them per deployment
+(autoscaling, max_ongoing_requests, max_queued_requests, placement groups, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve import Application
+
+from deployments.classifier import ClassifierDeployment
+from deployments.ingress import Ingress
+from deployments.model import EngineArgs, ModelDeployment
+from deployments.tokenizer import TokenizerDeployment
+
+
+class AppArgs(BaseModel):
+    """Everything `build_app` takes (the `args:` of serve_config.yaml); unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "gemma-3-270m"  # a named model, an HF directory or a .gguf; never taken from a request
+    served_model_name: str | None = None  # the name clients send as "model"; default: `model`
+    tokenizer: str | None = None  # where the tokenizer comes from; default: `model`
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    device: Literal["cpu", "cuda"] = "cpu"
+    tp_size: int = Field(1, ge=1)  # ranks per model replica (one placement-group bundle, one GPU each)
+    max_num_seqs: int = Field(32, ge=1)  # sequences one replica runs at once
+    max_model_len: int | None = Field(4096, ge=2)  # prompt + output tokens
+    max_num_batched_tokens: int = Field(2048, ge=1)  # tokens per engine step (longer prompts are chunked)
+    kv_cache_memory: int | str = "1GiB"  # KV pool per replica
+    block_size: int = Field(16, ge=1)
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    classifier_model: str | None = None  # a GemmaForSequenceClassification HF directory; None: no /v1/classify
+    served_classifier_name: str | None = None  # the classifier's name in /v1/models and /v1/classify; default: its path
+    classifier_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    classifier_max_batch_size: int = Field(16, ge=1)
+    classifier_batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+
+    def engine_args(self) -> EngineArgs:
+        return EngineArgs(**self.model_dump(include=set(EngineArgs.model_fields)))
+
+    def model_bundles(self) -> list[dict[str, float]]:
+        """One placement-group bundle per TP rank; the replica (rank 0) takes bundle 0."""
+        bundle = {"CPU": 1.0, "GPU": 1.0} if self.device == "cuda" else {"CPU": 1.0}
+        return [dict(bundle) for _ in range(self.tp_size)]
+
+
+def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
+    """The application: ingress -> tokenizer, model (one TP group per replica) and optional classifier."""
+    args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
+    gpu = args.device == "cuda"
+    tokenizer = serve.deployment(TokenizerDeployment, name="tokenizer", ray_actor_options={"num_cpus": 1}).bind(
+        args.tokenizer or args.model
+    )
+    model = serve.deployment(
+        ModelDeployment, name="model",
+        ray_actor_options={"num_cpus": 1, "num_gpus": 1 if gpu else 0},
+        placement_group_bundles=args.model_bundles(), placement_group_strategy="STRICT_PACK",
+        health_check_period_s=5, health_check_timeout_s=30,
+    ).bind(args.engine_args())
+    classifier = None
+    if args.classifier_model:
+        classifier = serve.deployment(
+            ClassifierDeployment, name="classifier",
+            ray_actor_options={"num_cpus": 1, "num_gpus": 1 if gpu else 0},
+        ).bind(
+            args.classifier_model, args.classifier_dtype, args.device,
+            args.classifier_max_batch_size, args.classifier_batch_wait_timeout_s,
+        )
+    ingress = serve.deployment(serve.ingress()(Ingress), name="ingress", ray_actor_options={"num_cpus": 1})
+    return ingress.bind(
+        model, tokenizer, classifier, served_model_name=args.served_model_name or args.model,
+        classifier_name=args.served_classifier_name or args.classifier_model,
+    )

@@ -1,0 +1,415 @@
+"""Request and response bodies of the HTTP API: OpenAI's completions, chat and models; vLLM's classify,
+tokenize and detokenize; OpenAI's error body.
+
+Requests reject unknown fields (a typo must not be silently ignored). A few OpenAI fields we do not implement
+are accepted at their neutral value only (`echo: false`, `logit_bias: {}`, `tools: []`, ...) and are a 400
+otherwise, so unchanged OpenAI clients keep working. Sampling fields are typed loosely here and validated by
+`gemma.sampling.SamplingParams` (one set of limits): `to_sampling_params()` turns its `ValidationError` into a
+`RequestError` whose `param` names the request field.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from gemma.sampling import SamplingParams
+
+
+class RequestError(ValueError):
+    """A request the server cannot serve: answered with `status` and an OpenAI error body naming `param`."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.message, self.param, self.status = message, param, status
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Response(BaseModel):
+    pass
+
+
+# ---- shared request parts ------------------------------------------------------------------------------
+
+
+class StreamOptions(Request):
+    include_usage: bool = False  # a last chunk with `usage` and no choices, before [DONE]
+    include_obfuscation: bool | None = None  # OpenAI's padding field; accepted and ignored
+
+
+def _neutral(value: Any, neutral: tuple = (None, {}, [], False)) -> Any:
+    if value not in neutral:
+        raise ValueError("not supported by this server")
+    return value
+
+
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def _prompts(value: Any) -> Any:
+    """A str, list[str], list[int] or list[list[int]], none of them empty (one clear error, not a union's four)."""
+    if isinstance(value, str) or _token_ids(value) and value:
+        items = [value]
+    elif isinstance(value, list) and value and (all(isinstance(v, str) for v in value) or all(map(_token_ids, value))):
+        items = value
+    else:
+        raise ValueError("must be a non-empty string, list of strings, list of token ids or list of lists of token ids")
+    if any(len(p) == 0 for p in items):
+        raise ValueError("must not contain an empty string or an empty list of token ids")
+    if any(isinstance(t, int) and t < 0 for p in items if not isinstance(p, str) for t in p):
+        raise ValueError("token ids must be >= 0")
+    return value
+
+
+def _as_list(value: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    return [value] if isinstance(value, str) or _token_ids(value) else list(value)
+
+
+class SamplingFields(Request):
+    """Fields shared by completions and chat; `None` means SamplingParams' default."""
+
+    model: str | None = None  # must be the served model name when given
+    n: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # vLLM extension, as are min_p, repetition_penalty and the fields below
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # OpenAI's end-user id; accepted, unused
+    logit_bias: dict[str, float] | None = None  # neutral value only
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("only allowed with stream=true")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: Any) -> Any:
+        return _neutral(value)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def _sampling_params(self, extra: dict[str, Any], rename: dict[str, str]) -> SamplingParams:
+        fields = set(SamplingParams.model_fields) & set(SamplingFields.model_fields)
+        values = {f: getattr(self, f) for f in fields if getattr(self, f) is not None}
+        values |= {k: v for k, v in extra.items() if v is not None}
+        try:
+            return SamplingParams(**values)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["loc"]:
+                field = str(err["loc"][0])
+                param = rename.get(field, field)
+                raise RequestError(f"{param}: {msg}", param) from exc
+            named = [f for f in SamplingParams.model_fields if f in msg]  # a check across fields names them
+            field = min(named, key=msg.index) if named else None
+            raise RequestError(msg, rename.get(field, field) if field else None) from exc
+
+
+# ---- completions -----------------------------------------------------------------------------------------
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16  # OpenAI's default; None: up to the context limit
+    logprobs: int | None = None  # top alternatives per token (0 = the chosen token only)
+    echo: bool = False  # neutral value only
+    best_of: int | None = None  # must equal n when given
+    suffix: str | None = None  # neutral value only
+    add_special_tokens: bool = True  # vLLM extension: prepend <bos> to text prompts
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _check_prompt(cls, value: Any) -> Any:
+        return _prompts(value)
+
+    @field_validator("echo", "suffix")
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        return _neutral(value, (None, False, ""))
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value != (info.data.get("n") or 1):
+            raise ValueError("only best_of == n is supported")
+        return value
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        return _as_list(self.prompt)
+
+    def to_sampling_params(self) -> SamplingParams:
+        return self._sampling_params({"max_tokens": self.max_tokens, "logprobs": self.logprobs}, {})
+
+
+class TextPart(Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Request):
+    role: Literal["system", "user", "assistant", "model"]
+    content: str | list[TextPart]
+    name: str | None = None  # OpenAI's participant name; passed to the chat template
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        parts_ok = isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value)
+        if not isinstance(value, str) and not parts_ok:
+            raise ValueError('content must be a string or a list of {"type": "text", "text": ...} parts')
+        return value
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: int | None = None  # wins over max_tokens; None: up to the context limit
+    logprobs: bool = False
+    top_logprobs: int | None = None  # alternatives per token, with logprobs=true
+    add_generation_prompt: bool = True  # vLLM extension: end the prompt with the model's turn
+    tools: list[Any] | None = None  # neutral value only, like tool_choice and response_format
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None  # accepted, meaningless without tools
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("requires logprobs=true")
+        return value
+
+    @field_validator("tools", "tool_choice", "response_format")
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        return _neutral(value, (None, [], "none", "auto", {"type": "text"}))
+
+    @property
+    def max_tokens_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    def chat_messages(self) -> list[dict[str, Any]]:
+        """The messages as the tokenizer's `encode_chat` takes them."""
+        return [m.model_dump(exclude_none=True) for m in self.messages]
+
+    def to_sampling_params(self) -> SamplingParams:
+        top = self.top_logprobs or 0
+        extra = {"max_tokens": self.max_completion_tokens or self.max_tokens, "logprobs": top if self.logprobs else None}
+        return self._sampling_params(extra, {"max_tokens": self.max_tokens_param, "logprobs": "top_logprobs"})
+
+
+# ---- classify, tokenize, detokenize ---------------------------------------------------------------------
+
+
+class ClassifyRequest(Request):
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _check_input(cls, value: Any) -> Any:
+        return _prompts(value)
+
+    @property
+    def inputs(self) -> list[str | list[int]]:
+        return _as_list(self.input)
+
+
+class TokenizeRequest(Request):
+    """Exactly one of `prompt` (text) and `messages` (rendered with the chat template)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1, validate_default=True)
+    add_special_tokens: bool = True  # for `prompt`; the chat template writes its own <bos>
+    add_generation_prompt: bool = True  # for `messages`
+
+    @field_validator("messages")
+    @classmethod
+    def _exactly_one(cls, value: list[ChatMessage] | None, info: ValidationInfo) -> list[ChatMessage] | None:
+        if (value is None) == (info.data.get("prompt") is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return value
+
+
+class DetokenizeRequest(Request):
+    model: str | None = None
+    tokens: list[int]
+
+
+# ---- responses -----------------------------------------------------------------------------------------
+
+
+class UsageInfo(Response):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class CompletionLogprobs(Response):
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    text_offset: list[int] = []
+
+
+class CompletionChoice(Response):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM extension: the stop token id or string that ended it
+
+
+class CompletionResponse(Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class TopLogprob(Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatLogprobToken(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChatLogprobs(Response):
+    content: list[ChatLogprobToken] | None = None
+
+
+class AssistantMessage(Response):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(Response):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatStreamChoice(Response):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(Response):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class CompletionChunk(CompletionResponse):
+    """A streamed `text_completion`: the choices carry text deltas."""
+
+
+class ClassifyData(Response):
+    index: int
+    label: str
+    probs: list[float]
+    num_classes: int
+
+
+class ClassifyResponse(Response):
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[ClassifyData]
+    usage: UsageInfo
+
+
+class TokenizeResponse(Response):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(Response):
+    prompt: str
+
+
+class ModelCard(Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "gemma-ray"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(Response):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class ErrorResponse(Response):
+    error: ErrorDetail

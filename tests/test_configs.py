@@ -1,0 +1,208 @@
+"""Deployment configs against Ray's own schemas: serve_config.yaml, cluster/rayservice.yaml, cluster/cluster.yaml.
+
+Ray's Serve schema ignores keys it does not know (a misspelled `max_queued_request` is dropped without a word),
+so besides validating, these tests check every Serve key against the field names of Ray's schema classes. The
+RayService's `serveConfigV2` must equal serve_config.yaml, so the two cannot drift. The cluster launcher's schema
+does reject unknown keys; a broken copy proves the check bites.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+pytest.importorskip("ray.serve")
+
+from ray.serve.config import AutoscalingConfig
+from ray.serve.schema import (
+    DeploymentSchema,
+    HTTPOptionsSchema,
+    LoggingConfig,
+    RayActorOptionsSchema,
+    ServeApplicationSchema,
+    ServeDeploySchema,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVE_CONFIG = ROOT / "serve_config.yaml"
+RAYSERVICE = ROOT / "cluster" / "rayservice.yaml"
+CLUSTER = ROOT / "cluster" / "cluster.yaml"
+
+DEPLOYMENTS = {"ingress", "model", "tokenizer"}  # "classifier" exists only with args.classifier_model
+AUTOSCALING_KEYS = {"min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s", "downscale_delay_s"}
+DEPLOYMENT_KEYS = {
+    "autoscaling_config", "max_ongoing_requests", "max_queued_requests", "graceful_shutdown_timeout_s",
+    "health_check_period_s", "health_check_timeout_s", "ray_actor_options",
+}
+
+
+def load(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def config() -> dict[str, Any]:
+    return load(SERVE_CONFIG)
+
+
+def deployments(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {d["name"]: d for d in config["applications"][0]["deployments"]}
+
+
+def unknown_keys(config: dict[str, Any]) -> list[str]:
+    """Keys of a Serve config that are not fields of Ray's schema classes (which would silently ignore them)."""
+
+    def extra(where: str, given: dict[str, Any], model: Any) -> list[str]:
+        return [f"{where}.{k}" for k in given if k not in model.model_fields]
+
+    bad = extra("", config, ServeDeploySchema)
+    bad += extra("http_options", config.get("http_options", {}), HTTPOptionsSchema)
+    bad += extra("logging_config", config.get("logging_config") or {}, LoggingConfig)
+    for app in config["applications"]:
+        bad += extra(f"app {app.get('name')}", app, ServeApplicationSchema)
+        for d in app.get("deployments", []):
+            where = f"deployment {d.get('name')}"
+            bad += extra(where, d, DeploymentSchema)
+            bad += extra(f"{where}.autoscaling_config", d.get("autoscaling_config") or {}, AutoscalingConfig)
+            bad += extra(f"{where}.ray_actor_options", d.get("ray_actor_options") or {}, RayActorOptionsSchema)
+    return bad
+
+
+# --- serve_config.yaml -------------------------------------------------------------------------------------
+
+
+def test_serve_config_passes_rays_schema(config):
+    schema = ServeDeploySchema.model_validate(config)
+    (app,) = schema.applications
+    assert app.import_path == "deployments.app:build_app"
+    assert app.route_prefix == "/"
+    assert set(app.deployment_names) == DEPLOYMENTS
+    assert (schema.http_options.host, schema.http_options.port) == ("0.0.0.0", 8000)
+
+
+def test_serve_config_uses_only_ray_keys(config):
+    assert unknown_keys(config) == []
+    # Why the check exists: Ray's schema accepts a misspelled key and drops it.
+    broken = copy.deepcopy(config)
+    deployments(broken)["model"]["max_queued_request"] = 8
+    deployments(broken)["model"]["autoscaling_config"]["max_replica"] = 8
+    ServeDeploySchema.model_validate(broken)
+    assert unknown_keys(broken) == ["deployment model.max_queued_request", "deployment model.autoscaling_config.max_replica"]
+
+
+def test_every_deployment_autoscales_and_sheds_load(config):
+    for name, d in deployments(config).items():
+        assert DEPLOYMENT_KEYS <= d.keys(), name
+        auto = d["autoscaling_config"]
+        assert AUTOSCALING_KEYS <= auto.keys(), name
+        assert 1 <= auto["min_replicas"] <= auto["max_replicas"], name
+        assert auto["target_ongoing_requests"] <= d["max_ongoing_requests"], name
+        assert d["max_queued_requests"] > 0, f"{name}: a bounded queue is what turns overload into a fast 503"
+        assert "num_cpus" in d["ray_actor_options"], name
+        AutoscalingConfig.model_validate(auto)  # Ray keeps it a plain dict until deploy time
+
+
+def test_model_placement_group_matches_tp_size(config):
+    args, model = config["applications"][0]["args"], deployments(config)["model"]
+    bundles = model["placement_group_bundles"]
+    assert len(bundles) == args["tp_size"], "one placement-group bundle per tensor-parallel rank"
+    assert model["placement_group_strategy"] == "STRICT_PACK"
+    gpu = args["device"] == "cuda"
+    assert all(("GPU" in b) == gpu for b in bundles), "GPU bundles exactly when device is cuda"
+    # The replica (rank 0) is scheduled in bundle 0, so its actor options must fit there.
+    actor = model["ray_actor_options"]
+    assert actor["num_cpus"] <= bundles[0].get("CPU", 0)
+    assert actor.get("num_gpus", 0) <= bundles[0].get("GPU", 0)
+    assert model["max_ongoing_requests"] == args["max_num_seqs"], "admit what one engine batch holds"
+
+
+# --- cluster/rayservice.yaml -------------------------------------------------------------------------------
+
+
+def test_rayservice_carries_serve_config(config):
+    service = load(RAYSERVICE)
+    assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
+    serve_v2 = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert serve_v2 == config, "serveConfigV2 must be a copy of serve_config.yaml"
+    ServeDeploySchema.model_validate(serve_v2)
+
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    gpu_groups = [
+        g for g in cluster["workerGroupSpecs"]
+        if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]
+    ]
+    assert gpu_groups, "an autoscaling GPU worker group"
+    for g in cluster["workerGroupSpecs"]:
+        assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], g["groupName"]
+
+
+def test_ray_versions_agree():
+    """rayVersion of the RayService, the Dockerfile's base image and the launcher's images name one Ray."""
+    version = load(RAYSERVICE)["spec"]["rayClusterConfig"]["rayVersion"]
+    images = re.findall(r"rayproject/ray:([0-9.]+)-", (ROOT / "cluster" / "Dockerfile").read_text() + CLUSTER.read_text())
+    assert images and set(images) == {version}
+
+
+# --- cluster/cluster.yaml ----------------------------------------------------------------------------------
+
+
+def validate_cluster(config: dict[str, Any]) -> dict[str, Any]:
+    """What `ray up` does before launching: fill in the provider's defaults, then check Ray's JSON schema."""
+    pytest.importorskip("jsonschema")
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def test_cluster_yaml_passes_rays_schema():
+    config = validate_cluster(load(CLUSTER))
+    types = config["available_node_types"]
+    assert config["head_node_type"] in types
+    workers = {name: t for name, t in types.items() if name != config["head_node_type"]}
+    assert any("GPU" in t["resources"] for t in workers.values()), "a GPU worker type"
+    assert any("GPU" not in t["resources"] for t in workers.values()), "a CPU worker type"
+    for name, t in workers.items():
+        assert 0 <= t["min_workers"] <= t["max_workers"], name
+    assert any('pip install -e ".[demo,serve]"' in c for c in config["setup_commands"])
+
+
+@pytest.mark.parametrize("where", ["top level", "node type"])
+def test_cluster_schema_rejects_a_misspelled_key(where):
+    import jsonschema
+
+    broken = load(CLUSTER)
+    if where == "top level":
+        broken["idle_timeout_minute"] = broken.pop("idle_timeout_minutes")
+    else:
+        broken["available_node_types"]["gpu_worker"]["max_worker"] = 2
+    with pytest.raises(jsonschema.ValidationError, match="Additional properties"):
+        validate_cluster(broken)
+
+
+# --- the app the config points at --------------------------------------------------------------------------
+
+
+def test_serve_config_builds_the_app(config):
+    """`build_app(args)` accepts the config's args and only binds (no model is loaded), and the deployment names
+    the config sets options for are the ones the app has (Serve fails the deploy on any other name)."""
+    app_module = pytest.importorskip("deployments.app")
+    from ray.serve import Application
+    from ray.serve._private.build_app import build_app as build_deployments
+
+    args = config["applications"][0]["args"]
+    app_module.AppArgs.model_validate(args)
+    app = app_module.build_app(args)
+    assert isinstance(app, Application)
+    names = {d.name for d in build_deployments(app, name="gemma").deployments}
+    assert names == DEPLOYMENTS == set(deployments(config))
+
+    with_classifier = app_module.build_app(args | {"classifier_model": "/nonexistent/classifier"})
+    assert {d.name for d in build_deployments(with_classifier, name="gemma").deployments} == DEPLOYMENTS | {"classifier"}

@@ -1,0 +1,550 @@
+"""The HTTP layer without Ray: `Ingress` over `LocalHandle`s to the real model and tokenizer deployments (a
+tiny random Gemma on the real engine) and scripted fakes; requests through httpx's ASGI transport, the
+openai client, and a raw ASGI driver where a client must disconnect mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+from fakes import (
+    FakeClassifier,
+    GatedModel,
+    LocalHandle,
+    RecordingModel,
+    tiny_engine,
+    tiny_model_and_tokenizer,
+)
+from fastapi import FastAPI, Request
+
+from deployments.http_util import in_serve_replica, install, request_id
+from deployments.ingress import Ingress
+from deployments.model import ModelDeployment
+from deployments.streams import hold_back
+from deployments.tokenizer import TokenizerDeployment
+from gemma import GemmaTokenizer
+from gemma.engine import AsyncLLMEngine
+from gemma.sampling import SamplingParams
+
+pytestmark = pytest.mark.anyio
+GREEDY = {"temperature": 0, "ignore_eos": True}
+MAX_MODEL_LEN = 96
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_model_and_tokenizer()
+
+
+@dataclass
+class Server:
+    ingress: Ingress
+    http: httpx.AsyncClient
+    model: RecordingModel
+    tokenizer: GemmaTokenizer
+    engine: AsyncLLMEngine
+
+    async def post(self, path: str, body: dict, **kw) -> httpx.Response:
+        return await self.http.post(path, json=body, **kw)
+
+
+def client_for(ingress: Ingress) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=ingress.app), base_url="http://test")
+
+
+@pytest.fixture
+async def server(lm):
+    model, tokenizer = lm
+    engine = tiny_engine(model, tokenizer, MAX_MODEL_LEN)  # a fresh one: its asyncio state is per event loop
+    recording = RecordingModel(ModelDeployment(engine=engine))
+    ingress = Ingress(LocalHandle(recording), LocalHandle(TokenizerDeployment(tokenizer=tokenizer)),
+                      LocalHandle(FakeClassifier()), served_model_name="tiny", classifier_name="tiny-classifier")
+    async with client_for(ingress) as http:
+        yield Server(ingress, http, recording, tokenizer, engine)
+    await engine.shutdown()
+
+
+def sse(response: httpx.Response) -> list:
+    """The events of an SSE body: parsed JSON, and the final "[DONE]"."""
+    assert response.headers["content-type"].startswith("text/event-stream")
+    blocks = response.text.split("\n\n")
+    assert blocks[-1] == "" and all(b.startswith("data: ") for b in blocks[:-1])
+    events = [b.removeprefix("data: ") for b in blocks[:-1]]
+    assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
+    return [json.loads(e) for e in events[:-1]] + ["[DONE]"]
+
+
+def streamed_texts(events: list, chat: bool = False) -> dict[int, str]:
+    texts: dict[int, str] = {}
+    for e in events[:-1]:
+        for c in e["choices"]:
+            piece = (c["delta"].get("content") or "") if chat else c["text"]
+            texts[c["index"]] = texts.get(c["index"], "") + piece
+    return texts
+
+
+def finish_reasons(events: list) -> dict[int, list]:
+    out: dict[int, list] = {}
+    for e in events[:-1]:
+        for c in e["choices"]:
+            out.setdefault(c["index"], []).append(c["finish_reason"])
+    return out
+
+
+# ---- completions ---------------------------------------------------------------------------------------
+
+
+async def test_completion_matches_the_engine_and_counts_usage(server):
+    r = await server.post("/v1/completions", {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 9, **GREEDY})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["model"] == "tiny"
+    assert body["id"] == r.headers["x-request-id"] and body["id"].startswith("cmpl-")
+    ids = server.tokenizer.encode("The quick brown fox")
+    async for out in server.engine.generate(ids, SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True), "reference"):
+        pass
+    [choice] = body["choices"]
+    assert choice == {"index": 0, "text": out.text, "logprobs": None, "finish_reason": "length", "stop_reason": None}
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 9, "total_tokens": len(ids) + 9}
+
+
+async def test_list_prompts_token_ids_and_n_give_indexed_choices(server):
+    one = {}
+    for prompt in ("Hello world", "Gemma is"):
+        r = await server.post("/v1/completions", {"prompt": prompt, "max_tokens": 5, **GREEDY})
+        one[prompt] = r.json()["choices"][0]["text"]
+    r = await server.post("/v1/completions", {"prompt": ["Hello world", "Gemma is"], "n": 2, "max_tokens": 5, **GREEDY})
+    body = r.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in body["choices"]] == [one["Hello world"]] * 2 + [one["Gemma is"]] * 2
+    assert body["usage"]["completion_tokens"] == 20
+    ids = [server.tokenizer.encode(p) for p in ("Hello world", "Gemma is")]
+    r = await server.post("/v1/completions", {"prompt": ids, "max_tokens": 5, **GREEDY})
+    assert [c["text"] for c in r.json()["choices"]] == [one["Hello world"], one["Gemma is"]]
+    r = await server.post("/v1/completions", {"prompt": ids[1], "max_tokens": 5, **GREEDY})
+    assert r.json()["choices"][0]["text"] == one["Gemma is"]
+
+
+async def test_sampled_n_completions_differ_and_a_seed_repeats_them(server):
+    body = {"prompt": "Hello", "n": 3, "max_tokens": 8, "temperature": 1.0, "seed": 3, "ignore_eos": True}
+    first = (await server.post("/v1/completions", body)).json()["choices"]
+    again = (await server.post("/v1/completions", body)).json()["choices"]
+    assert first == again and len({c["text"] for c in first}) > 1
+
+
+@pytest.mark.parametrize("n", [1, 2])
+async def test_streamed_completion_adds_up_to_the_non_streamed_one(server, n):
+    base = {"prompt": ["The quick brown fox", "def f(x):"], "n": n, "max_tokens": 12, **GREEDY}
+    whole = (await server.post("/v1/completions", base)).json()
+    events = sse(await server.post("/v1/completions", {**base, "stream": True, "stream_options": {"include_usage": True}}))
+    assert {(e["object"], e["id"][:5]) for e in events[:-1]} == {("text_completion", "cmpl-")}
+    assert len({e["id"] for e in events[:-1]}) == 1
+    assert streamed_texts(events) == {c["index"]: c["text"] for c in whole["choices"]}
+    for reasons in finish_reasons(events).values():
+        assert reasons[-1] == "length" and set(reasons[:-1]) <= {None}
+    assert len(events) - 2 > 2 * n  # one event per engine output, not one per choice
+    usage = events[-2]
+    assert usage["choices"] == [] and usage["usage"] == whole["usage"]
+
+
+async def test_streamed_text_never_shows_a_stop_string_prefix(server):
+    free = (await server.post("/v1/completions", {"prompt": "Hello world", "max_tokens": 16, **GREEDY})).json()
+    text = free["choices"][0]["text"]
+    stop = text[4:9]  # spans several tokens: the engine only knows it matched once all of them are out
+    body = {"prompt": "Hello world", "max_tokens": 16, "stop": stop, **GREEDY}
+    whole = (await server.post("/v1/completions", body)).json()["choices"][0]
+    assert whole["finish_reason"] == "stop" and whole["stop_reason"] == stop and whole["text"] == text[:4]
+    events = sse(await server.post("/v1/completions", {**body, "stream": True}))
+    assert streamed_texts(events) == {0: text[:4]}
+
+
+async def test_completion_logprobs_shape(server):
+    r = await server.post("/v1/completions", {"prompt": "Hello", "max_tokens": 6, "logprobs": 2, **GREEDY})
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == 6
+    assert all(isinstance(v, float) and v <= 0 for v in lp["token_logprobs"])
+    for token, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert 1 <= len(top) <= 3 and top[token] == value  # 2 best + the chosen one, keyed by text
+    assert lp["text_offset"] == [sum(map(len, lp["tokens"][:i])) for i in range(6)]
+    # greedy: the chosen token is the best alternative
+    assert all(top[t] == max(top.values()) for t, top in zip(lp["tokens"], lp["top_logprobs"]))
+    events = sse(await server.post("/v1/completions", {"prompt": "Hello", "max_tokens": 6, "logprobs": 2, "stream": True, **GREEDY}))
+    streamed = [t for e in events[:-1] for c in e["choices"] if c["logprobs"] for t in c["logprobs"]["tokens"]]
+    offsets = [o for e in events[:-1] for c in e["choices"] if c["logprobs"] for o in c["logprobs"]["text_offset"]]
+    assert streamed == lp["tokens"] and offsets == lp["text_offset"]
+
+
+# ---- chat ------------------------------------------------------------------------------------------------
+
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi there"}]}]
+
+
+async def test_chat_completion_and_its_stream(server):
+    body = {"model": "tiny", "messages": CHAT, "max_completion_tokens": 7, **GREEDY}
+    r = await server.post("/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    whole = r.json()
+    assert whole["object"] == "chat.completion" and whole["id"].startswith("chatcmpl-")
+    [choice] = whole["choices"]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] == "length"
+    prompt = server.tokenizer.apply_chat_template(CHAT, tokenize=True)
+    assert whole["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 7, "total_tokens": len(prompt) + 7}
+    events = sse(await server.post("/v1/chat/completions", {**body, "stream": True, "stream_options": {"include_usage": True}}))
+    assert events[0]["object"] == "chat.completion.chunk"
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert streamed_texts(events, chat=True) == {0: choice["message"]["content"]}
+    assert finish_reasons(events)[0][-1] == "length" and events[-2]["usage"] == whole["usage"]
+
+
+async def test_chat_logprobs_shape(server):
+    body = {"messages": CHAT, "max_tokens": 4, "logprobs": True, "top_logprobs": 3, **GREEDY}
+    choice = (await server.post("/v1/chat/completions", body)).json()["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert len(content) == 4
+    for entry in content:
+        assert set(entry) == {"token", "logprob", "bytes", "top_logprobs"}
+        assert entry["bytes"] == list(entry["token"].encode()) and len(entry["top_logprobs"]) == 3
+        assert entry["top_logprobs"][0]["token"] == entry["token"]  # greedy
+        assert [t["logprob"] for t in entry["top_logprobs"]] == sorted((t["logprob"] for t in entry["top_logprobs"]), reverse=True)
+    plain = (await server.post("/v1/chat/completions", {**body, "top_logprobs": None})).json()["choices"][0]
+    assert all(e["top_logprobs"] == [] for e in plain["logprobs"]["content"])
+
+
+# ---- the other routes ------------------------------------------------------------------------------------
+
+
+async def test_tokenize_detokenize_models_health_classify(server):
+    r = await server.post("/v1/tokenize", {"prompt": "Hello world"})
+    ids = server.tokenizer.encode("Hello world")
+    assert r.json() == {"count": len(ids), "max_model_len": MAX_MODEL_LEN, "tokens": ids}
+    r = await server.post("/v1/tokenize", {"messages": CHAT, "add_generation_prompt": False})
+    assert r.json()["tokens"] == server.tokenizer.apply_chat_template(CHAT, add_generation_prompt=False, tokenize=True)
+    r = await server.post("/v1/detokenize", {"model": "tiny", "tokens": ids})
+    assert r.json() == {"prompt": server.tokenizer.decode(ids)}
+
+    models = (await server.http.get("/v1/models")).json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny", "tiny-classifier"]
+    assert models["data"][0]["max_model_len"] == MAX_MODEL_LEN
+
+    assert (await server.http.get("/health")).status_code == 200
+    server.model.healthy = False
+    r = await server.http.get("/health")
+    assert r.status_code == 503 and "worker 1 died" in r.json()["error"]["message"]
+
+    r = await server.post("/v1/classify", {"model": "tiny-classifier", "input": ["odd", "even"]})
+    body = r.json()
+    assert body["object"] == "list" and body["id"].startswith("classify-") and body["model"] == "tiny-classifier"
+    assert [(d["index"], d["label"], d["num_classes"]) for d in body["data"]] == [(0, "positive", 2), (1, "negative", 2)]
+    body = (await server.post("/v1/classify", {"input": [[3, 4], [1, 1]]})).json()
+    assert [d["label"] for d in body["data"]] == ["positive", "negative"] and body["usage"]["prompt_tokens"] == 4
+    assert (await server.post("/v1/classify", {"input": "abc"})).json()["data"][0]["probs"] == [0.25, 0.75]
+
+
+async def test_request_ids(server):
+    r = await server.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2}, headers={"X-Request-Id": "my-id-1"})
+    assert r.headers["x-request-id"] == "my-id-1" and r.json()["id"] == "my-id-1"
+    assert server.model.started[-1].startswith("my-id-1-0-")  # engine ids stay unique when clients reuse theirs
+    r = await server.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2}, headers={"X-Request-Id": "my-id-1"})
+    assert r.status_code == 200
+    for response in (await server.http.get("/nope"), await server.post("/v1/completions", {}),
+                     await server.http.get("/v1/models"), await server.http.get("/health")):
+        assert response.headers["x-request-id"]
+    r = await server.post("/v1/chat/completions", {"messages": CHAT, "max_tokens": 1}, headers={"X-Request-Id": "bad id"})
+    assert r.headers["x-request-id"].startswith("chatcmpl-")  # unusable ids are replaced
+
+
+# ---- errors ----------------------------------------------------------------------------------------------
+
+LONG = [5] * MAX_MODEL_LEN
+ERRORS = [
+    ("/v1/completions", {"prompt": "Hi", "foo": 1}, 400, "foo"),
+    ("/v1/completions", {"max_tokens": 3}, 400, "prompt"),
+    ("/v1/completions", {"prompt": 42}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"prompt": []}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [[]]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ["a", [1]]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [1, 10**6]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "Hi", "temperature": "hot"}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "Hi", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "Hi", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "Hi", "top_k": -2}, 400, "top_k"),
+    ("/v1/completions", {"prompt": "Hi", "min_p": 2}, 400, "min_p"),
+    ("/v1/completions", {"prompt": "Hi", "presence_penalty": 3}, 400, "presence_penalty"),
+    ("/v1/completions", {"prompt": "Hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "Hi", "n": 0}, 400, "n"),
+    ("/v1/completions", {"prompt": "Hi", "n": 300}, 400, "n"),
+    ("/v1/completions", {"prompt": ["Hi"] * 100, "n": 3}, 400, "n"),
+    ("/v1/classify", {"input": ["x"] * 300}, 400, "input"),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "Hi", "logprobs": 21}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "Hi", "seed": 2**70}, 400, "seed"),
+    ("/v1/completions", {"prompt": "Hi", "stop": [""]}, 400, "stop"),
+    ("/v1/completions", {"prompt": "Hi", "stop_token_ids": [10**6]}, 400, "stop_token_ids"),
+    ("/v1/completions", {"prompt": "Hi", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"prompt": "Hi", "best_of": 3}, 400, "best_of"),
+    ("/v1/completions", {"prompt": "Hi", "logit_bias": {"1": 5}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "Hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": MAX_MODEL_LEN - 2}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": LONG, "max_tokens": 1}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "Hi", "model": "gpt-4"}, 404, "model"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 30}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": 95}, 400, "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": CHAT, "min_tokens": 5, "max_tokens": 2}, 400, "min_tokens"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x"}]}, 400, None),  # tokenizer's ValueError
+    ("/v1/chat/completions", {"messages": CHAT, "model": "nope"}, 404, "model"),
+    ("/v1/tokenize", {"prompt": "a", "messages": CHAT}, 400, "messages"),
+    ("/v1/tokenize", {}, 400, "messages"),
+    ("/v1/detokenize", {"tokens": [10**6]}, 400, None),
+    ("/v1/detokenize", {"tokens": "abc"}, 400, "tokens"),
+    ("/v1/classify", {"input": ""}, 400, "input"),
+    ("/v1/classify", {"input": ["ok", " "]}, 400, None),  # the classifier's ValueError
+    ("/v1/classify", {"input": "x", "model": "tiny-other"}, 404, "model"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), ERRORS, ids=[f"{p}-{s}-{m}" for p, _, s, m in ERRORS])
+async def test_errors_are_openai_bodies_naming_the_field(server, path, body, status, param):
+    r = await server.post(path, body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param and error["code"] == status
+    assert error["type"] == {400: "BadRequestError", 404: "NotFoundError"}[status]
+    assert r.headers["x-request-id"]
+    assert not server.engine.engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize(("content", "expect"), [
+    (b'{"prompt": "Hi",', "malformed JSON"), (b"[1, 2]", "JSON object"), (b"", "required"),
+])
+async def test_malformed_bodies(server, content, expect):
+    r = await server.http.post("/v1/completions", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and expect in r.json()["error"]["message"]
+
+
+async def test_unknown_route_and_method(server):
+    r = await server.http.get("/v2/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "NotFoundError"
+    r = await server.http.get("/v1/completions")
+    assert r.status_code == 405 and r.json()["error"]["code"] == 405
+
+
+async def test_model_errors_400_when_invalid_500_otherwise_and_the_server_keeps_serving(server):
+    server.model.fail_with = ValueError("request_id 'x' is already in use")  # reaches us as RayTaskError(ValueError)
+    for stream in (False, True):
+        r = await server.post("/v1/completions", {"prompt": "Hi", "stream": stream})
+        assert r.status_code == 400 and r.json()["error"]["message"] == "request_id 'x' is already in use"
+    server.model.fail_with = RuntimeError("CUDA error: device-side assert")
+    r = await server.post("/v1/completions", {"prompt": "Hi"})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "InternalServerError"
+    assert "CUDA" not in r.json()["error"]["message"]  # internals stay in the log
+    server.model.fail_with = None
+    assert (await server.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2})).status_code == 200
+
+
+@pytest.mark.parametrize(("error", "status"), [(ValueError("bad stop"), 400), (RuntimeError("boom"), 500)])
+async def test_a_failure_mid_stream_is_an_error_event_then_done(lm, error, status):
+    model = GatedModel(before_gate=1, total=3)
+    model.fail_at_gate = error
+    ingress = Ingress(LocalHandle(model), LocalHandle(TokenizerDeployment(tokenizer=lm[1])))
+    async with client_for(ingress) as http:
+        events = sse(await http.post("/v1/completions", json={"prompt": [1, 2], "stream": True}))
+    assert events[0]["choices"][0]["text"] == "t0 " and len(events) == 3
+    assert events[1]["error"]["code"] == status and events[1]["error"]["message"] == ("bad stop" if status == 400 else "internal server error")
+    assert (await ingress.model.model_info.remote())["model"] == "gated"  # the server is fine
+
+
+async def test_classify_without_a_classifier(lm):
+    ingress = Ingress(LocalHandle(GatedModel()), LocalHandle(TokenizerDeployment(tokenizer=lm[1])))
+    async with client_for(ingress) as http:
+        r = await http.post("/v1/classify", json={"input": "hello"})
+    assert r.status_code == 404 and "classifier" in r.json()["error"]["message"]
+
+
+# ---- streaming behaviour: timing, concurrency, disconnects ------------------------------------------------
+
+
+class AsgiCall:
+    """One raw ASGI request that records what the app sends. The client leaves on `leave()`: the server then
+    reports `http.disconnect` to `receive()`, or (`silent=True`) only fails the next write, as some do."""
+
+    def __init__(self, app, path: str, body: dict, silent: bool = False) -> None:
+        self.app, self.sent, self.silent, self.gone = app, [], silent, asyncio.Event()
+        self.scope = {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+            "root_path": "", "headers": [(b"content-type", b"application/json"), (b"host", b"test")],
+            "client": ("127.0.0.1", 1234), "server": ("test", 80),
+        }
+        self._inbox = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+
+    def leave(self) -> None:
+        self.gone.set()
+
+    async def receive(self):
+        if self._inbox:
+            return self._inbox.pop(0)
+        await self.gone.wait()
+        if self.silent:
+            await asyncio.Event().wait()  # never tells
+        return {"type": "http.disconnect"}
+
+    async def send(self, message):
+        if self.gone.is_set():
+            raise OSError("connection reset by peer")
+        self.sent.append(message)
+
+    @property
+    def data_events(self) -> list[str]:
+        text = b"".join(m.get("body", b"") for m in self.sent if m["type"] == "http.response.body").decode()
+        return [b for b in text.split("\n\n") if b]
+
+    async def run(self):
+        await self.app(self.scope, self.receive, self.send)
+
+
+async def until(condition, timeout: float = 10.0) -> None:  # generous: the test machine is shared
+    async def poll():
+        while not condition():
+            await asyncio.sleep(0.005)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+@pytest.mark.parametrize("silent", [False, True], ids=["disconnect-message", "failed-write"])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_a_client_that_disconnects_cancels_and_aborts_the_generation(lm, path, silent):
+    model = GatedModel(before_gate=2, total=10)
+    ingress = Ingress(LocalHandle(model), LocalHandle(TokenizerDeployment(tokenizer=lm[1])))
+    body = {"prompt": [[5, 6], [7]]} if path == "/v1/completions" else {"messages": CHAT}
+    call = AsgiCall(ingress.app, path, {**body, "stream": True, "max_tokens": 10}, silent)
+    task = asyncio.create_task(call.run())
+    await until(lambda: len(call.data_events) >= 2)
+    call.leave()
+    if silent:
+        model.gate.set()  # the next write fails
+    await asyncio.wait_for(task, 10)
+    await until(lambda: sorted(model.aborted) == sorted(model.started))
+    assert len(model.started) == len(body.get("prompt", [1])) and "data: [DONE]" not in call.data_events
+    if not silent:  # the generation was stopped where it stood, not run to its end
+        await until(lambda: sorted(model.cancelled) == sorted(model.started))
+        assert not model.gate.is_set()
+
+
+async def test_a_disconnect_frees_the_engine(server):
+    call = AsgiCall(server.ingress.app, "/v1/completions", {"prompt": "Hi", "max_tokens": 80, "stream": True, **GREEDY})
+    task = asyncio.create_task(call.run())
+    await until(lambda: len(call.data_events) >= 1)
+    call.leave()
+    await asyncio.wait_for(task, 10)
+    await until(lambda: server.model.aborted == server.model.started)
+    await until(lambda: not server.engine.engine.has_unfinished_requests())
+    assert server.engine.engine.kv.usage == 0.0
+
+
+async def test_each_output_is_sent_as_it_arrives(lm):
+    model = GatedModel(before_gate=1, total=3)
+    ingress = Ingress(LocalHandle(model), LocalHandle(TokenizerDeployment(tokenizer=lm[1])))
+    call = AsgiCall(ingress.app, "/v1/completions", {"prompt": [1, 2], "stream": True})
+    task = asyncio.create_task(call.run())
+    await until(lambda: len(call.data_events) >= 1)  # the first token is out while the model still waits
+    assert json.loads(call.data_events[0].removeprefix("data: "))["choices"][0]["text"] == "t0 "
+    model.gate.set()
+    await asyncio.wait_for(task, 10)
+    assert call.data_events[-1] == "data: [DONE]" and len(call.data_events) == 4
+
+
+async def test_prompts_and_n_run_concurrently(lm):
+    model = GatedModel(before_gate=1, total=2)
+    ingress = Ingress(LocalHandle(model), LocalHandle(TokenizerDeployment(tokenizer=lm[1])))
+    async with client_for(ingress) as http:
+        request = asyncio.create_task(http.post("/v1/completions", json={"prompt": [[1], [2], [3]], "n": 2}))
+        await until(lambda: model.max_running == 3)  # all three prompts started before any could finish
+        model.gate.set()
+        r = await request
+    assert [c["index"] for c in r.json()["choices"]] == list(range(6))
+    assert all(c["text"] == "t0 t1 " for c in r.json()["choices"])
+
+
+# ---- the openai client, unchanged -------------------------------------------------------------------------
+
+
+async def test_the_openai_client_works_unchanged(server):
+    client = openai.AsyncOpenAI(base_url="http://test/v1", api_key="unused", http_client=server.http, max_retries=0)
+    c = await client.completions.create(model="tiny", prompt="Hello", max_tokens=5, temperature=0,
+                                        extra_body={"ignore_eos": True})
+    assert c.choices[0].finish_reason == "length" and c.usage.completion_tokens == 5
+    stream = await client.completions.create(model="tiny", prompt="Hello", max_tokens=5, temperature=0, stream=True,
+                                             extra_body={"ignore_eos": True})
+    assert "".join([chunk.choices[0].text async for chunk in stream]) == c.choices[0].text
+
+    chat = await client.chat.completions.create(model="tiny", messages=CHAT, max_completion_tokens=4, temperature=0,
+                                                logprobs=True, top_logprobs=2, user="u1", seed=1)
+    assert chat.choices[0].message.role == "assistant" and len(chat.choices[0].logprobs.content) == 4
+    stream = await client.chat.completions.create(model="tiny", messages=CHAT, max_completion_tokens=4, temperature=0,
+                                                  logprobs=True, top_logprobs=2, user="u1", seed=1, stream=True,
+                                                  stream_options={"include_usage": True})
+    chunks = [chunk async for chunk in stream]
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == chat.choices[0].message.content
+    assert chunks[-1].usage.total_tokens == chat.usage.total_tokens
+
+    assert [m.id async for m in client.models.list()] == ["tiny", "tiny-classifier"]
+    with pytest.raises(openai.NotFoundError):
+        await client.completions.create(model="gpt-4", prompt="Hello")
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.chat.completions.create(model="tiny", messages=CHAT, temperature=-1)
+    assert err.value.param == "temperature"
+
+
+async def test_serve_ingress_hook_builds_the_app(lm):
+    """What `serve.ingress()(Ingress)` does on a replica: construct, then call `__serve_build_asgi_app__`."""
+    from ray import serve
+
+    wrapper = serve.ingress()(Ingress)
+    replica = wrapper.__new__(wrapper)
+    await replica.__init__(LocalHandle(GatedModel()), LocalHandle(TokenizerDeployment(tokenizer=lm[1])))
+    app = replica.__serve_build_asgi_app__()
+    replica._set_asgi_app(app)
+    assert replica.app is app is replica._fastapi
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=replica.app), base_url="http://t") as http:
+        assert (await http.get("/v1/models")).json()["data"][0]["id"] == "gemma"
+
+
+def test_hold_back_keeps_a_possible_stop_string_start():
+    assert hold_back("Hello wor", ["world"]) == "Hello "
+    assert hold_back("Hello w", ["xyz", "wa"]) == "Hello "
+    assert hold_back("Hello", ["world"]) == "Hello" and hold_back("abc", []) == "abc"
+    assert hold_back("aab", ["abc", "b!"]) == "a"  # the longest possible start wins
+
+
+async def test_in_a_serve_replica_the_request_id_header_is_left_to_serve():
+    """Serve's HTTP server puts the id in the request headers and echoes it; a second header would be wrong."""
+    app = FastAPI()
+    install(app, echo_request_id=False)
+
+    @app.get("/id")
+    async def show(request: Request) -> dict:
+        return {"id": request_id(request)}
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+        r = await http.get("/id", headers={"x-request-id": "set-by-serve"})
+    assert r.json() == {"id": "set-by-serve"} and "x-request-id" not in r.headers
+    assert not in_serve_replica()

@@ -1,0 +1,138 @@
+"""Replicas on a local multi-node Ray cluster: autoscaling under load and back, and a killed TP worker replaced.
+
+The app is serve_config.yaml (tiny model, TP=2 per replica, short autoscaling delays) deployed as `serve deploy`
+does. Figures (replica counts over time, time to recovery) are printed; `pytest -s` shows them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from serve_utils import app_config, deploy, running_replicas, wait_for
+
+pytest.importorskip("ray")
+
+APP = "scale"
+AUTOSCALING = {
+    "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+    "upscale_delay_s": 0.5, "downscale_delay_s": 2, "look_back_period_s": 11,  # > the 10 s metrics push
+}
+
+
+def completion(url: str, max_tokens: int = 48, timeout: float = 60.0) -> str:
+    """One streamed completion; returns its text (raises on any HTTP or stream error)."""
+    body = {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    text = []
+    with httpx.stream("POST", f"{url}/{APP}/v1/completions", json=body, timeout=timeout) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                text.append(json.loads(line[6:])["choices"][0]["text"])
+    return "".join(text)
+
+
+class Load:
+    """`workers` threads sending streamed completions back to back until stopped; counts outcomes."""
+
+    def __init__(self, url: str, workers: int, max_tokens: int = 48) -> None:
+        self.url, self.max_tokens = url, max_tokens
+        self.ok = self.failed = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(workers)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                completion(self.url, self.max_tokens, timeout=60.0)
+                with self._lock:
+                    self.ok += 1
+            except Exception as exc:  # noqa: BLE001 - every failure is counted and reported
+                with self._lock:
+                    self.failed += 1
+                    self.errors.append(repr(exc)[:200])
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self.threads:
+            t.join(timeout=90)
+        assert not any(t.is_alive() for t in self.threads), "a request hung past its timeout"
+
+
+def scale_config(model_dir, model_options: dict) -> dict:
+    args = {"model": str(model_dir), "served_model_name": "tiny", "dtype": "float32", "tp_size": 2,
+            "kv_cache_memory": "16MiB", "max_model_len": 256}
+    return app_config(APP, f"/{APP}", args, {"model": {"max_ongoing_requests": 2, **model_options}})
+
+
+@pytest.fixture(scope="module")
+def scale_app(ray_cluster, tiny_lm_dir):
+    deploy(scale_config(tiny_lm_dir, {"autoscaling_config": AUTOSCALING}))
+    return ray_cluster.http_url
+
+
+def test_model_autoscales_up_under_load_and_back_down(scale_app):
+    timeline = []
+    start = time.monotonic()
+
+    def sample() -> int:
+        n = running_replicas(APP, "model")
+        timeline.append((round(time.monotonic() - start, 1), n))
+        return n
+
+    assert sample() == 1
+    load = Load(scale_app, workers=6)
+    try:
+        wait_for(lambda: sample() >= 2, 90, "a second model replica under load")
+        time.sleep(2)
+        sample()
+    finally:
+        load.stop()
+    up = timeline[-1][0]
+    wait_for(lambda: sample() == 1, 90, "scaling back to one replica when idle")
+    print(f"\nautoscaling timeline (s, running model replicas): {timeline}")
+    print(f"load: {load.ok} ok, {load.failed} failed; reached 2 replicas by {up} s")
+    assert load.ok > 0 and load.failed == 0, load.errors[:3]
+
+
+def test_killed_tp_worker_is_replaced_while_the_other_replica_serves(scale_app, tiny_lm_dir):
+    from ray.util.state import list_actors
+
+    deploy(scale_config(tiny_lm_dir, {"num_replicas": 2}))  # the same app with a fixed pair of replicas
+    wait_for(lambda: running_replicas(APP, "model") == 2, 120, "two model replicas")
+
+    def workers() -> list:
+        return list_actors(filters=[("class_name", "=", "TPWorker"), ("state", "=", "ALIVE")])
+
+    wait_for(lambda: len(workers()) == 2, 60, "a TP worker per replica")
+    load = Load(scale_app, workers=4, max_tokens=32)
+    time.sleep(2)
+    victim = workers()[0]
+    os.kill(victim.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    ok_at_kill = load.ok
+
+    def recovered() -> bool:
+        alive = [a for a in workers() if a.actor_id != victim.actor_id]
+        return len(alive) == 2 and running_replicas(APP, "model") == 2
+
+    wait_for(recovered, 120, "Serve to replace the replica whose TP worker died")
+    recovery_s = time.monotonic() - killed_at
+    time.sleep(2)
+    load.stop()
+    print(f"\nTP worker killed: replica replaced in {recovery_s:.1f} s; requests {load.ok} ok "
+          f"({load.ok - ok_at_kill} after the kill), {load.failed} failed: {load.errors[:3]}")
+    assert load.ok - ok_at_kill > 0  # the healthy replica kept serving
+    assert completion(scale_app)  # and the app as a whole is healthy again
+    assert httpx.get(f"{scale_app}/{APP}/health", timeout=30).status_code == 200
