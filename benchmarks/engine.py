@@ -46,7 +46,6 @@ import gc
 import json
 import logging
 import os
-import random
 import sys
 import tempfile
 import time
@@ -57,20 +56,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from gemma import GemmaConfig, GemmaForCausalLM, GemmaTokenizer, SamplingParams
+from common import FIRST_ID  # noqa: F401 - re-exported: benchmarks/gpu_check.py reads bench.FIRST_ID
+from common import Request, load_average_warning, log, make_requests, parse_range, tiny_checkpoint
+from common import fmt as _fmt
+from gemma import GemmaForCausalLM, GemmaTokenizer, SamplingParams
 from gemma.engine import EngineConfig, LLMEngine
 from gemma.generation import generate_steps
 from gemma.registry import resolve_checkpoint
 from gemma.weights import DTYPES
-
-log = logging.getLogger("bench")
-FIRST_ID = 10  # prompt ids are drawn from [FIRST_ID, vocab): Gemma's special ids (pad, eos, bos, ...) are below
-
-
-@dataclass
-class Request:
-    prompt: list[int]
-    max_tokens: int
 
 
 @dataclass
@@ -80,14 +73,6 @@ class Trace:
     sent: float
     times: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
-
-
-def make_requests(
-    n: int, vocab: int, seed: int, prompt_len: tuple[int, int], output_len: tuple[int, int]
-) -> list[Request]:
-    rng = random.Random(seed)
-    return [Request([rng.randrange(FIRST_ID, vocab) for _ in range(rng.randint(*prompt_len))], rng.randint(*output_len))
-            for _ in range(n)]
 
 
 def sync(device: torch.device) -> None:
@@ -237,10 +222,6 @@ def summarize(system: str, concurrency: int, traces: list[Trace], wall: float | 
     }
 
 
-def _fmt(v: float | None, scale: float = 1.0, spec: str = ".1f") -> str:
-    return "-" if v is None else format(v * scale, spec)
-
-
 def print_table(rows: list[dict], title: str) -> None:
     print(f"\n{title}")
     print(f"{'system':<34}{'conc':>5}{'reqs':>6}{'out tok/s':>11}{'TTFT p50':>10}{'ITL p50':>9}{'ITL p99':>9}"
@@ -261,16 +242,6 @@ def target(name: str, value: float | None, goal: float | None, unit: str = "x") 
 
 # ---- the run -------------------------------------------------------------------------------------------
 
-def tiny_checkpoint(directory: str, vocab: int = 4096) -> str:
-    """A random Gemma 3 (5 sliding layers and a global one), written in HF layout so both libraries load it."""
-    config = GemmaConfig(model_type="gemma3_text", vocab_size=vocab, hidden_size=64, intermediate_size=256,
-                         num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-                         sliding_window=128, max_position_embeddings=2048)
-    torch.manual_seed(0)
-    GemmaForCausalLM(config).save_pretrained(directory)
-    return directory
-
-
 def load_hf(path: Path, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM
 
@@ -281,11 +252,6 @@ def load_hf(path: Path, dtype: torch.dtype, device: torch.device):
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     log.info("transformers loaded in %.1f s", time.perf_counter() - t)
     return hf.to(device).eval()
-
-
-def parse_range(text: str) -> tuple[int, int]:
-    lo, hi = (int(x) for x in text.split(","))
-    return lo, hi
 
 
 def main() -> None:
@@ -327,9 +293,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    load = os.getloadavg()[0]
-    if load > 0.5:
-        log.warning("load average %.1f before the run: other processes share the CPU and will skew timings", load)
+    load = load_average_warning()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tiny_checkpoint(tmp)) if args.tiny else resolve_checkpoint(args.model)
         name = "tiny" if args.tiny else (args.model if path != Path(args.model) else path.stem)

@@ -59,7 +59,8 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
     """The application: ingress -> tokenizer, model (one TP group per replica) and optional classifier."""
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     gpu = args.device == "cuda"
-    tokenizer = serve.deployment(TokenizerDeployment, name="tokenizer", ray_actor_options={"num_cpus": 1}).bind(
+    # ingress and tokenizer mostly await: they reserve no CPU by default, so the model gets the node's cores
+    tokenizer = serve.deployment(TokenizerDeployment, name="tokenizer", ray_actor_options={"num_cpus": 0}).bind(
         args.tokenizer or args.model
     )
     model = serve.deployment(
@@ -77,7 +78,7 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
             args.classifier_model, args.classifier_dtype, args.device,
             args.classifier_max_batch_size, args.classifier_batch_wait_timeout_s,
         )
-    ingress = serve.deployment(serve.ingress()(Ingress), name="ingress", ray_actor_options={"num_cpus": 1})
+    ingress = serve.deployment(serve.ingress()(Ingress), name="ingress", ray_actor_options={"num_cpus": 0})
     return ingress.bind(
         model, tokenizer, classifier, served_model_name=args.served_model_name or args.model,
         classifier_name=args.served_classifier_name or args.classifier_model,

@@ -1,0 +1,89 @@
+"""What the benchmarks share: the mixed-length workload, the tiny random model of `--quick`, formatting.
+
+Imported by benchmarks/engine.py and benchmarks/serve.py (run as scripts, so `from common import ...`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gemma import GemmaConfig, GemmaForCausalLM, GemmaTokenizer
+
+log = logging.getLogger("bench")
+FIRST_ID = 10  # prompt ids are drawn from [FIRST_ID, vocab): Gemma's special ids (pad, eos, bos, ...) are below
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_tokens: int
+
+
+def make_requests(
+    n: int, vocab: int, seed: int, prompt_len: tuple[int, int], output_len: tuple[int, int]
+) -> list[Request]:
+    """`n` requests: prompts of uniformly random length in `prompt_len` made of random ids in [FIRST_ID, vocab),
+    output lengths uniform in `output_len` (both inclusive); the same `seed` gives the same requests."""
+    rng = random.Random(seed)
+    return [Request([rng.randrange(FIRST_ID, vocab) for _ in range(rng.randint(*prompt_len))], rng.randint(*output_len))
+            for _ in range(n)]
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """"MIN,MAX" (or one number N, meaning N,N) as an inclusive range."""
+    parts = [int(x) for x in text.split(",")]
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or not 0 < parts[0] <= parts[1]:
+        raise ValueError(f"expected N or MIN,MAX with 0 < MIN <= MAX, got {text!r}")
+    return parts[0], parts[1]
+
+
+def tiny_checkpoint(directory: str, vocab: int = 4096) -> str:
+    """A random Gemma 3 (5 sliding layers and a global one), written in HF layout so both libraries load it."""
+    config = GemmaConfig(model_type="gemma3_text", vocab_size=vocab, hidden_size=64, intermediate_size=256,
+                         num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                         sliding_window=128, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    GemmaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def tiny_tokenizer(directory: str, vocab: int = 4096) -> str:
+    """A word-level tokenizer of exactly `vocab` ids with Gemma's special tokens (pad 0, eos 1, bos 2, unk 3, ...),
+    written as tokenizer.json + tokenizer_config.json, for code that loads a model's tokenizer (the engine's
+    `from_pretrained`, the Serve app). Every other id is a plain ASCII word, so each token decodes to text."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+    words = {t: i for i, t in enumerate(specials)} | {f"▁w{i}": i for i in range(len(specials), vocab)}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    GemmaTokenizer(tok).save_pretrained(directory)
+    return directory
+
+
+def load_average_warning() -> float:
+    """The 1-minute load average, with a warning when other processes already use the CPU."""
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        log.warning("load average %.1f before the run: other processes share the CPU and will skew timings", load)
+    return load
+
+
+def fmt(v: float | None, scale: float = 1.0, spec: str = ".1f") -> str:
+    return "-" if v is None else format(v * scale, spec)
+
+
+def results_dir(out: str) -> Path:
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
