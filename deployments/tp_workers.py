@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import uuid
 
 import ray
 from ray.util.placement_group import get_current_placement_group
@@ -19,6 +20,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from gemma.engine.launcher import WorkerSpec, run_worker
 
 logger = logging.getLogger(__name__)
+
+WORKER_PREFIX = "gemma-tp-"  # actor names: gemma-tp-<group>-rank<r>
 
 
 @ray.remote
@@ -43,11 +46,13 @@ class RayActorLauncher:
         if len(pg.bundle_specs) < spec.world_size:
             raise RuntimeError(f"the placement group has {len(pg.bundle_specs)} bundles; tp_size {spec.world_size} needs one per rank")
         payload = dataclasses.asdict(spec)
+        group = uuid.uuid4().hex[:12]
         self.actors = []
         for rank in range(1, spec.world_size):
             # a rank takes its whole bundle: on CPU, Ray sets the actor's torch threads (OMP_NUM_THREADS) from it
             bundle = pg.bundle_specs[rank]
             self.actors.append(TPWorker.options(
+                name=f"{WORKER_PREFIX}{group}-rank{rank}",  # named: operators (and tests) find ranks without the state API
                 num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
             ).remote())

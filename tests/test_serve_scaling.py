@@ -7,8 +7,6 @@ does. Figures (replica counts over time, time to recovery) are printed; `pytest 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import threading
 import time
 
@@ -37,6 +35,15 @@ def completion(url: str, max_tokens: int = 48, timeout: float = 60.0) -> str:
             if line.startswith("data: ") and line != "data: [DONE]":
                 text.append(json.loads(line[6:])["choices"][0]["text"])
     return "".join(text)
+
+
+def alive_workers() -> list[dict]:
+    """The live TP worker actors (named ones: listed by the GCS, no dashboard needed)."""
+    import ray
+
+    from deployments.tp_workers import WORKER_PREFIX
+
+    return [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(WORKER_PREFIX)]
 
 
 class Load:
@@ -101,30 +108,29 @@ def test_model_autoscales_up_under_load_and_back_down(scale_app):
         load.stop()
     up = timeline[-1][0]
     wait_for(lambda: sample() == 1, 90, "scaling back to one replica when idle")
+    # the removed replica took its TP worker with it: no leaked actors
+    wait_for(lambda: len(alive_workers()) == 1, 30, "the removed replica's TP worker to stop")
     print(f"\nautoscaling timeline (s, running model replicas): {timeline}")
     print(f"load: {load.ok} ok, {load.failed} failed; reached 2 replicas by {up} s")
     assert load.ok > 0 and load.failed == 0, load.errors[:3]
 
 
 def test_killed_tp_worker_is_replaced_while_the_other_replica_serves(scale_app, tiny_lm_dir):
-    from ray.util.state import list_actors
+    import ray
 
     deploy(scale_config(tiny_lm_dir, {"num_replicas": 2}))  # the same app with a fixed pair of replicas
     wait_for(lambda: running_replicas(APP, "model") == 2, 120, "two model replicas")
 
-    def workers() -> list:
-        return list_actors(filters=[("class_name", "=", "TPWorker"), ("state", "=", "ALIVE")])
-
-    wait_for(lambda: len(workers()) == 2, 60, "a TP worker per replica")
+    wait_for(lambda: len(alive_workers()) == 2, 60, "a TP worker per replica")
     load = Load(scale_app, workers=4, max_tokens=32)
     time.sleep(2)
-    victim = workers()[0]
-    os.kill(victim.pid, signal.SIGKILL)
+    victim = alive_workers()[0]
+    ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]))
     killed_at = time.monotonic()
     ok_at_kill = load.ok
 
     def recovered() -> bool:
-        alive = [a for a in workers() if a.actor_id != victim.actor_id]
+        alive = [a for a in alive_workers() if a["name"] != victim["name"]]
         return len(alive) == 2 and running_replicas(APP, "model") == 2
 
     wait_for(recovered, 120, "Serve to replace the replica whose TP worker died")
