@@ -46,6 +46,7 @@ from common import (
     log,
     make_requests,
     parse_range,
+    pyplot,
     results_dir,
     tiny_checkpoint,
     tiny_tokenizer,
@@ -154,13 +155,8 @@ def print_table(rows: list[dict], title: str) -> None:
 
 
 def plot(rows: list[dict], file: Path, title: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in zip(axes, ("output_tok_s", "rows_per_s"), ("output tokens/s", "rows/s")):

@@ -87,3 +87,16 @@ def results_dir(out: str) -> Path:
     path = Path(out)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None (with a warning) when it is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logging.getLogger(__name__).warning("matplotlib is not installed: no plot")
+        return None
+    return plt

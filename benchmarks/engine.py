@@ -57,7 +57,7 @@ import torch
 from tqdm import tqdm
 
 from common import FIRST_ID  # noqa: F401 - re-exported: benchmarks/gpu_check.py reads bench.FIRST_ID
-from common import Request, load_average_warning, log, make_requests, parse_range, tiny_checkpoint
+from common import Request, load_average_warning, log, make_requests, parse_range, pyplot, tiny_checkpoint
 from common import fmt as _fmt
 from gemma import GemmaForCausalLM, GemmaTokenizer, SamplingParams
 from gemma.engine import EngineConfig, LLMEngine
@@ -429,13 +429,8 @@ def report(args: argparse.Namespace, name: str, device: torch.device, rows: list
 
 
 def plot(rows: list[dict], bound: float, file: Path, title: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, (ax, lat) = plt.subplots(1, 2, figsize=(11, 4))
     eng = [r for r in rows if r["system"] == "engine"]

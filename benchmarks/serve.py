@@ -52,7 +52,7 @@ import torch
 from tqdm import tqdm
 
 from common import Request, fmt, load_average_warning, log, make_requests, parse_range, results_dir, tiny_checkpoint
-from common import tiny_tokenizer
+from common import pyplot, tiny_tokenizer
 from deployments.app import AppArgs
 from gemma.registry import resolve_checkpoint
 from gemma.sampling import SamplingParams
@@ -306,13 +306,8 @@ def target(name: str, value: float | None, goal: float, unit: str) -> dict:
 
 
 def plot(rows: list[dict], file: Path, title: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, (tput, lat) = plt.subplots(1, 2, figsize=(11, 4))
     for system, color in zip(SYSTEMS, ("tab:blue", "tab:orange")):

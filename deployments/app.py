@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from ray import serve
 from ray.serve import Application
 
 from deployments.classifier import ClassifierDeployment
+from deployments.guards import Limits
 from deployments.ingress import Ingress
 from deployments.model import EngineArgs, ModelDeployment
 from deployments.tokenizer import TokenizerDeployment
@@ -45,6 +46,11 @@ class AppArgs(BaseModel):
     classifier_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     classifier_max_batch_size: int = Field(16, ge=1)
     classifier_batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+    # Bearer keys required on every route but /health (none: open); GEMMA_API_KEYS in the ingress replicas'
+    # environment (comma separated) adds keys without putting them in the Serve config, which the dashboard shows
+    api_keys: list[SecretStr] = []
+    log_prompts: bool = False  # access-log lines (logger gemma.access) carry the prompt; off: no prompt text in logs
+    limits: Limits = Limits()  # per-request limits of the HTTP API (deployments/guards.py)
 
     def engine_args(self) -> EngineArgs:
         return EngineArgs(**self.model_dump(include=set(EngineArgs.model_fields)))
@@ -68,7 +74,7 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
         ray_actor_options={"num_cpus": 1, "num_gpus": 1 if gpu else 0},
         placement_group_bundles=args.model_bundles(), placement_group_strategy="STRICT_PACK",
         health_check_period_s=5, health_check_timeout_s=30,
-    ).bind(args.engine_args())
+    ).bind(args.engine_args(), served_model_name=args.served_model_name or args.model)
     classifier = None
     if args.classifier_model:
         classifier = serve.deployment(
@@ -81,5 +87,6 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
     ingress = serve.deployment(serve.ingress()(Ingress), name="ingress", ray_actor_options={"num_cpus": 0})
     return ingress.bind(
         model, tokenizer, classifier, served_model_name=args.served_model_name or args.model,
-        classifier_name=args.served_classifier_name or args.classifier_model,
+        classifier_name=args.served_classifier_name or args.classifier_model, limits=args.limits,
+        api_keys=[k.get_secret_value() for k in args.api_keys], log_prompts=args.log_prompts,
     )

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from ray import serve
 
+from deployments.replica_logs import to_replica_log
 from gemma.model import GemmaForSequenceClassification
 from gemma.tokenizer import GemmaTokenizer
 from gemma.weights import DTYPES
@@ -25,6 +26,7 @@ class ClassifierDeployment:
         self, model: str, dtype: str = "float32", device: str = "cpu", max_batch_size: int = 16,
         batch_wait_timeout_s: float = 0.01,
     ) -> None:
+        to_replica_log()
         if dtype not in DTYPES:
             raise ValueError(f"classifier dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.tokenizer = GemmaTokenizer.from_pretrained(model)

@@ -25,11 +25,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray.serve.exceptions import BackPressureError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments import schemas as s
+from deployments.replica_logs import in_serve_replica
 
 logger = logging.getLogger(__name__)
 
@@ -65,19 +66,23 @@ def install(app: FastAPI, echo_request_id: bool | None = None) -> None:
     app.add_exception_handler(BackPressureError, _on_backpressure)
 
 
-def error_body(status: int, message: str, param: str | None = None) -> s.ErrorResponse:
-    """`type` is vLLM's: the status phrase in CamelCase + "Error" (BadRequestError, NotFoundError, ...)."""
-    kind = HTTPStatus(status).phrase.title().replace(" ", "").replace("-", "")
-    return s.ErrorResponse(error=s.ErrorDetail(message=message, type=f"{kind.removesuffix('Error')}Error",
-                                               param=param, code=status))
+def error_body(
+    status: int, message: str, param: str | None = None, kind: str | None = None, code: int | str | None = None
+) -> s.ErrorResponse:
+    """`type` is vLLM's unless given: the status phrase in CamelCase + "Error" (BadRequestError, NotFoundError,
+    ...); `code` is the status unless given."""
+    phrase = HTTPStatus(status).phrase.title().replace(" ", "").replace("-", "")
+    kind = kind or f"{phrase.removesuffix('Error')}Error"
+    return s.ErrorResponse(error=s.ErrorDetail(message=message, type=kind, param=param,
+                                               code=status if code is None else code))
 
 
 def error_response(status: int, message: str, param: str | None = None) -> Response:
     return json_response(error_body(status, message, param), status)
 
 
-def json_response(body: BaseModel, status: int = 200) -> Response:
-    return Response(body.model_dump_json(), status_code=status, media_type="application/json")
+def json_response(body: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(body.model_dump_json(), status_code=status, media_type="application/json", headers=headers)
 
 
 def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
@@ -135,16 +140,6 @@ async def _on_backpressure(request: Request, exc: BackPressureError) -> Response
 
 def request_id(request: Request) -> str:
     return request.scope.get("state", {}).get("request_id") or f"req-{uuid.uuid4().hex}"
-
-
-def in_serve_replica() -> bool:
-    try:
-        from ray import serve
-
-        serve.get_replica_context()  # raises outside a replica
-    except Exception:  # noqa: BLE001 - any failure means "not in a replica"
-        return False
-    return True
 
 
 class RequestContext:

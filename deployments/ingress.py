@@ -1,24 +1,25 @@
 """The HTTP front door: OpenAI-compatible routes over the tokenizer, model and classifier deployments.
 
-`Ingress(model, tokenizer, classifier=None, served_model_name="gemma", classifier_name=None)` takes Serve
-DeploymentHandles (or anything with their API: `await h.method.remote(...)`, and
-`h.options(stream=True).method.remote(...)` async-iterable) and builds its FastAPI app in `__init__`; Serve
-gets it from `__serve_build_asgi_app__` (`serve.deployment(serve.ingress()(Ingress))`). No model logic here:
-text becomes ids through the tokenizer handle, ids become outputs through the model handle.
+`Ingress(model, tokenizer, classifier=None, served_model_name="gemma", classifier_name=None, limits=None,
+api_keys=None, log_prompts=False, metrics=None)` takes Serve DeploymentHandles (or anything with their API:
+`await h.method.remote(...)`, and `h.options(stream=True).method.remote(...)` async-iterable) and builds its
+FastAPI app in `__init__`; Serve gets it from `__serve_build_asgi_app__` (`serve.deployment(serve.ingress()(Ingress))`).
+No model logic here: text becomes ids through the tokenizer handle, ids become outputs through the model handle.
 
-Contracts (errors and request ids: deployments/http_util.py):
+Contracts (errors and request ids: deployments/http_util.py; API keys, limits, access log: deployments/guards.py):
 - The response `id` is the request id (`X-Request-Id`). Unknown model names are 404s; everything the engine
   would reject (context length, token ids out of the vocabulary) is a 400 naming the field before any stream
   starts, using the model's `model_info()` (fetched once).
 - Prompts and `n` run concurrently; choice `index` is `prompt_index * n + i`.
+- Limits (`guards.Limits`) are checked before any work they bound; past `request_timeout_s` the generation is
+  aborted: a 408, or in a stream an in-band error (code 408) before [DONE].
 - Streams are SSE: one event per model output as it arrives (chat opens with a role event per choice), the
   choice's last with its `finish_reason`, a usage event with `stream_options.include_usage`, then
   `data: [DONE]`; an error after the first event is sent in-band as an error event before [DONE]. Text that
   could be the start of a stop string is held back until it cannot, so the deltas add up to the
   non-streamed text. A client that goes away cancels the model streams and aborts their engine requests.
-- Logprobs: token strings from the tokenizer handle's `decode_tokens(ids) -> list[str]` (cached by id).
-  Completions: `{tokens, token_logprobs, top_logprobs, text_offset}`, top_logprobs holding the top-N and the
-  chosen token (vLLM's convention); chat: `content[{token, logprob, bytes, top_logprobs[N]}]`.
+- Logprobs (deployments/logprobs.py): token strings from the tokenizer handle's `decode_tokens(ids) ->
+  list[str]`, cached by id; OpenAI's completions and chat shapes.
 """
 
 from __future__ import annotations
@@ -36,6 +37,16 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from deployments import schemas as s
+from deployments.guards import (
+    AccessRecord,
+    ApiKeys,
+    Guard,
+    Limits,
+    access,
+    deadline,
+    error_type,
+    within_deadline,
+)
 from deployments.http_util import (
     EventStream,
     OpenAIApp,
@@ -45,19 +56,14 @@ from deployments.http_util import (
     json_response,
     request_id,
 )
-from deployments.streams import ModelStreams, hold_back
+from deployments.logprobs import Logprobs
+from deployments.metrics import Metrics
+from deployments.replica_logs import to_replica_log
+from deployments.streams import DeadlineExceeded, ModelStreams, hold_back
 from gemma.engine.outputs import CompletionOutput, RequestOutput
 from gemma.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-MAX_CHOICES = 256  # prompts x n (or classify inputs) per request: a bound on what one request may queue
-LOGPROB_FLOOR = -9999.0  # -inf is not JSON; vLLM clamps the same way
-
-
-def _lp(value: float | None) -> float:
-    return LOGPROB_FLOOR if value is None else max(value, LOGPROB_FLOOR)
-
 
 @dataclass
 class _Choice:
@@ -67,6 +73,7 @@ class _Choice:
     tokens: int = 0
     offset: int = 0  # text_offset of the next logprob token
     finished: bool = False
+    reason: str | None = None
 
 
 @dataclass
@@ -79,6 +86,7 @@ class _Job:
     prompts: list[list[int]]
     params: SamplingParams
     include_usage: bool = False
+    record: AccessRecord = field(default_factory=AccessRecord)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def usage(self, completion_tokens: int) -> s.UsageInfo:
@@ -98,14 +106,20 @@ class Ingress:
 
     def __init__(
         self, model: Any, tokenizer: Any, classifier: Any = None, served_model_name: str = "gemma",
-        classifier_name: str | None = None,
+        classifier_name: str | None = None, limits: Limits | dict[str, Any] | None = None,
+        api_keys: list[str] | None = None, log_prompts: bool = False, metrics: Metrics | None = None,
     ) -> None:
         self.model, self.tokenizer, self.classifier = model, tokenizer, classifier
         self.served_model_name, self.classifier_name = served_model_name, classifier_name
+        self.limits = limits if isinstance(limits, Limits) else Limits.model_validate(limits or {})
+        self.keys = ApiKeys.from_config(api_keys or [])  # plus GEMMA_API_KEYS of this replica's environment
+        self.log_prompts = log_prompts
+        self.metrics = metrics if metrics is not None else Metrics(served_model_name)
         self._model_info: dict[str, Any] | None = None  # fixed for the life of a model deployment
-        self._token_texts: dict[int, str] = {}
+        self.logprobs = Logprobs(tokenizer)
         self._background: set[asyncio.Task] = set()
         self._fastapi = self._build_app()
+        to_replica_log()
 
     @property
     def app(self) -> FastAPI:
@@ -117,26 +131,30 @@ class Ingress:
 
     def _build_app(self) -> FastAPI:
         app = OpenAIApp(title="Gemma on Ray Serve", summary="OpenAI-compatible completions, chat and classification")
-        install(app)
+        app.add_middleware(Guard, keys=self.keys, limits=self.limits, metrics=self.metrics,
+                           log_prompts=self.log_prompts)
+        install(app)  # its RequestContext goes outside the Guard, which logs the request id it gives
 
         @app.post("/v1/completions", response_model=None)
         async def completions(body: s.CompletionRequest, request: Request) -> Response:
-            return await self.create_completion(body, request)
+            return await within_deadline(request, self.limits, self.create_completion(body, request))
 
         @app.post("/v1/chat/completions", response_model=None)
         async def chat_completions(body: s.ChatCompletionRequest, request: Request) -> Response:
-            return await self.create_chat_completion(body, request)
+            return await within_deadline(request, self.limits, self.create_chat_completion(body, request))
 
         @app.post("/v1/classify", response_model=None)
         async def classify(body: s.ClassifyRequest, request: Request) -> Response:
-            return await self.classify(body, request)
+            return await within_deadline(request, self.limits, self.classify(body, request))
 
         @app.post("/v1/tokenize", response_model=None)
-        async def tokenize(body: s.TokenizeRequest) -> Response:
+        async def tokenize(body: s.TokenizeRequest, request: Request) -> Response:
+            access(request).model = self.served_model_name
             return await self.tokenize(body)
 
         @app.post("/v1/detokenize", response_model=None)
-        async def detokenize(body: s.DetokenizeRequest) -> Response:
+        async def detokenize(body: s.DetokenizeRequest, request: Request) -> Response:
+            access(request).model = self.served_model_name
             return await self.detokenize(body)
 
         @app.get("/v1/models", response_model=None)
@@ -152,42 +170,46 @@ class Ingress:
     # ---- routes ----
 
     async def create_completion(self, body: s.CompletionRequest, request: Request) -> Response:
-        self._check_model(body.model)
-        params = body.to_sampling_params()
-        _check_count(len(body.prompts) * params.n, "n")  # before any work for the prompts
+        record = self._record(request, body.model, body.stream, body.prompt)
+        params = self.limits.check_sampling(body.to_sampling_params(), len(body.prompts), "max_tokens")
         prompts = await asyncio.gather(*(
             self.tokenizer.encode.remote(p, add_special_tokens=body.add_special_tokens) if isinstance(p, str)
             else _done(list(p)) for p in body.prompts
         ))
-        await self._check_prompts(prompts, params, "prompt", "max_tokens")
-        job = _Job(request_id(request), self.served_model_name, False, prompts, params, body.include_usage)
+        record.prompt_tokens = sum(map(len, prompts))
+        params = await self._check_prompts(prompts, params, "prompt", "max_tokens")
+        job = _Job(request_id(request), self.served_model_name, False, prompts, params, body.include_usage, record)
         return await self._run(job, body.stream, request)
 
     async def create_chat_completion(self, body: s.ChatCompletionRequest, request: Request) -> Response:
-        self._check_model(body.model)
-        params = body.to_sampling_params()
-        _check_count(params.n, "n")
+        record = self._record(request, body.model, body.stream, body.chat_messages())
+        self.limits.check("max_messages", len(body.messages), "messages", " messages")
+        params = self.limits.check_sampling(body.to_sampling_params(), 1, body.max_tokens_param)
         ids = await self.tokenizer.encode_chat.remote(body.chat_messages(), add_generation_prompt=body.add_generation_prompt)
-        await self._check_prompts([ids], params, "messages", body.max_tokens_param)
-        job = _Job(request_id(request), self.served_model_name, True, [ids], params, body.include_usage)
+        record.prompt_tokens = len(ids)
+        params = await self._check_prompts([ids], params, "messages", body.max_tokens_param)
+        job = _Job(request_id(request), self.served_model_name, True, [ids], params, body.include_usage, record)
         return await self._run(job, body.stream, request)
 
     async def classify(self, body: s.ClassifyRequest, request: Request) -> Response:
         if self.classifier is None:
             raise s.RequestError("classification is not enabled on this server (it has no classifier_model)", None, 404)
         self._check_model(body.model, self.classifier_name)
-        _check_count(len(body.inputs), "input")
+        record = access(request)
+        record.model = name = body.model or self.classifier_name or self.served_model_name
+        self.limits.check("max_classify_inputs", len(body.inputs), "input", " inputs")
         results = await asyncio.gather(*(self.classifier.classify.remote(x) for x in body.inputs))
         tokens = sum(r.get("num_tokens", 0 if isinstance(x, str) else len(x)) for x, r in zip(body.inputs, results))
+        record.prompt_tokens = tokens
         data = [s.ClassifyData(index=i, label=r["label"], probs=r["probs"], num_classes=r["num_classes"])
                 for i, r in enumerate(results)]
         usage = s.UsageInfo(prompt_tokens=tokens, total_tokens=tokens)
-        name = body.model or self.classifier_name or self.served_model_name
         return json_response(s.ClassifyResponse(id=request_id(request), model=name, data=data, usage=usage))
 
     async def tokenize(self, body: s.TokenizeRequest) -> Response:
         self._check_model(body.model)
         if body.messages is not None:
+            self.limits.check("max_messages", len(body.messages), "messages", " messages")
             messages = [m.model_dump(exclude_none=True) for m in body.messages]
             ids = await self.tokenizer.encode_chat.remote(messages, add_generation_prompt=body.add_generation_prompt)
         else:
@@ -226,8 +248,19 @@ class Ingress:
         if name is not None and name not in (self.served_model_name, other):
             raise s.RequestError(f"The model `{name}` does not exist.", "model", 404)
 
-    async def _check_prompts(self, prompts: list[list[int]], params: SamplingParams, prompt: str, max_tokens: str) -> None:
-        """What the engine would reject, as 400s naming the field (before any stream starts)."""
+    def _record(self, request: Request, model: str | None, stream: bool, prompt: Any) -> AccessRecord:
+        """Check the model name, and start the request's access record."""
+        self._check_model(model)
+        record = access(request)
+        record.model, record.stream = self.served_model_name, stream
+        record.prompt = prompt if self.log_prompts else None
+        return record
+
+    async def _check_prompts(
+        self, prompts: list[list[int]], params: SamplingParams, prompt: str, max_tokens: str
+    ) -> SamplingParams:
+        """What the engine would reject, as 400s naming the field (before any stream starts), and the params with
+        `limits.max_tokens` as max_tokens when the request left it to the context length."""
         info = await self.model_info()
         limit, vocab = info["max_model_len"], info["vocab_size"]
         if any(t >= vocab for t in params.stop_token_ids):
@@ -235,6 +268,7 @@ class Ingress:
         for ids in prompts:
             if not ids:
                 raise s.RequestError(f"{prompt} is empty", prompt)
+            self.limits.check("max_prompt_tokens", len(ids), prompt, " tokens")
             if any(not 0 <= t < vocab for t in ids):
                 raise s.RequestError(f"{prompt}: token ids must be in [0, {vocab})", prompt)
             if len(ids) >= limit:
@@ -244,6 +278,10 @@ class Ingress:
                 raise s.RequestError(
                     f"this model's maximum context length is {limit} tokens, but {prompt} ({len(ids)} tokens) + "
                     f"{max_tokens} ({params.max_tokens}) = {len(ids) + params.max_tokens}: reduce one of them", max_tokens)
+        if params.max_tokens is None and self.limits.max_tokens is not None:
+            room = limit - max(map(len, prompts))
+            params = params.model_copy(update={"max_tokens": min(self.limits.max_tokens, room)})
+        return params
 
     # ---- generation ----
 
@@ -251,11 +289,12 @@ class Ingress:
         state = request.scope.get("state", {})
         suffix = "" if state.get("request_id_generated", True) else f"-{uuid.uuid4().hex[:8]}"  # client ids may repeat
         engine_ids = [f"{job.id}-{i}{suffix}" for i in range(len(job.prompts))]
-        gen = ModelStreams(self.model, job.prompts, job.params, engine_ids)
+        gen = ModelStreams(self.model, job.prompts, job.params, engine_ids, deadline(request))
         if not stream:
             try:
                 return await self._collect(job, gen)
             finally:
+                job.record.first_token_time = gen.first_token_time
                 self._spawn(gen.close())
         try:
             await gen.start()
@@ -275,6 +314,8 @@ class Ingress:
                 logprobs, _ = await self._logprobs(job, o.token_ids, o.logprobs, 0)
                 choices.append(self._choice(job, i * n + o.index, o, logprobs))
                 used += len(o.token_ids)
+                job.record.finish_reasons.append(o.finish_reason or "abort")
+        job.record.output_tokens = used
         cls = s.ChatCompletionResponse if job.chat else s.CompletionResponse
         return json_response(cls(id=job.id, created=job.created, model=job.model, choices=choices, usage=job.usage(used)))
 
@@ -297,21 +338,35 @@ class Ingress:
                     if not delta and not (logprobs and new_tokens) and not o.finished:
                         continue
                     choice.text, choice.tokens, choice.finished = max(choice.text, len(text)), len(o.token_ids), o.finished
+                    choice.reason = o.finish_reason
                     content = s.DeltaMessage(content=delta) if job.chat else delta
                     yield self._chunk(job, i * n + o.index, content, logprobs, o if o.finished else None)
             if job.include_usage:
                 usage = job.usage(sum(c.tokens for c in sent.values()))
                 cls = s.ChatCompletionChunk if job.chat else s.CompletionChunk
                 yield _sse(cls(id=job.id, created=job.created, model=job.model, choices=[], usage=usage))
-        except Exception as exc:  # the status line is sent: report in-band, as vLLM does
-            invalid = isinstance(exc, ValueError)  # a RayTaskError(ValueError) carries the original as `cause`
-            logger.log(logging.INFO if invalid else logging.ERROR, "stream %s failed", job.id, exc_info=not invalid)
-            cause = getattr(exc, "cause", None)
-            message = str(cause if isinstance(cause, BaseException) else exc) if invalid else "internal server error"
-            yield _sse(error_body(400 if invalid else 500, message))
+        except Exception as exc:  # noqa: BLE001 - the status line is sent: report in-band, as vLLM does
+            status, message = self._stream_error(job, exc)
+            job.record.error = error_type(status)
+            yield _sse(error_body(status, message))
         finally:
+            job.record.output_tokens = sum(c.tokens for c in sent.values())
+            job.record.finish_reasons = [c.reason or "abort" for c in sent.values()]
+            job.record.first_token_time = gen.first_token_time
             self._spawn(gen.close())
         yield "data: [DONE]\n\n"
+
+    def _stream_error(self, job: _Job, exc: Exception) -> tuple[int, str]:
+        """Status and message of an error after the stream began: a timeout, an invalid request, or ours."""
+        if isinstance(exc, DeadlineExceeded):
+            logger.info("stream %s ran past request_timeout_s; aborted", job.id)
+            return 408, self.limits.timeout_error().message
+        invalid = isinstance(exc, ValueError)  # a RayTaskError(ValueError) carries the original as `cause`
+        logger.log(logging.INFO if invalid else logging.ERROR, "stream %s failed", job.id, exc_info=not invalid)
+        cause = getattr(exc, "cause", None)
+        if not invalid:
+            return 500, "internal server error"
+        return 400, str(cause if isinstance(cause, BaseException) else exc)
 
     def _choice(self, job: _Job, index: int, o: CompletionOutput, logprobs: Any) -> BaseModel:
         if job.chat:
@@ -332,41 +387,9 @@ class Ingress:
     async def _logprobs(
         self, job: _Job, tokens: list[int], steps: list[dict[int, float]] | None, offset: int
     ) -> tuple[s.CompletionLogprobs | s.ChatLogprobs | None, int]:
-        """The logprobs of `tokens` (OpenAI's completions or chat shape) and the text offset after them."""
         if job.params.logprobs is None or steps is None:
             return None, offset
-        texts = await self._texts({t for step in steps for t in step} | set(tokens))
-        if job.chat:
-            top = job.params.logprobs
-            content = [
-                s.ChatLogprobToken(
-                    token=texts[t], logprob=_lp(step.get(t)), bytes=list(texts[t].encode()),
-                    top_logprobs=[s.TopLogprob(token=texts[a], logprob=_lp(v), bytes=list(texts[a].encode()))
-                                  for a, v in sorted(step.items(), key=lambda kv: -kv[1])[:top]],
-                )
-                for t, step in zip(tokens, steps)
-            ]
-            return s.ChatLogprobs(content=content), offset
-        out = s.CompletionLogprobs()
-        for t, step in zip(tokens, steps):
-            out.tokens.append(texts[t])
-            out.token_logprobs.append(_lp(step.get(t)))
-            # tokens with the same text share a key (byte-fallback pieces all read "\ufffd"): the chosen one wins
-            out.top_logprobs.append({texts[a]: _lp(v) for a, v in step.items() if a != t} | {texts[t]: _lp(step.get(t))})
-            out.text_offset.append(offset)
-            offset += len(texts[t])
-        return out, offset
-
-    async def _texts(self, ids: set[int]) -> dict[int, str]:
-        """Each token's own text, from the tokenizer's `decode_tokens`; cached (a vocabulary is finite)."""
-        missing = sorted(ids - self._token_texts.keys())
-        if missing:
-            if len(self._token_texts) + len(missing) > 1 << 18:  # bounded: start over rather than grow
-                self._token_texts.clear()
-                missing = sorted(ids)
-            texts = await self.tokenizer.decode_tokens.remote(missing)
-            self._token_texts.update(zip(missing, texts))
-        return self._token_texts
+        return await self.logprobs.build(job.chat, job.params.logprobs, tokens, steps, offset)
 
     def _spawn(self, coro: Coroutine) -> None:
         """Run cleanup in its own task: it must finish even when the request's task is being cancelled."""
@@ -377,8 +400,3 @@ class Ingress:
 
 async def _done(value: Any) -> Any:
     return value
-
-
-def _check_count(count: int, param: str) -> None:
-    if count > MAX_CHOICES:
-        raise s.RequestError(f"{param}: at most {MAX_CHOICES} completions (prompts x n) or inputs per request", param)

@@ -4,17 +4,28 @@ A plain class (Serve options are applied in deployments/app.py). The engine is i
 `EngineArgs`: with `tp_size > 1` this replica is rank 0 and ranks 1..N-1 are Ray actors in its placement group
 (deployments/tp_workers.py). `generate` streams the engine's outputs; a caller that goes away (an HTTP client
 disconnecting cancels the call) aborts its request and frees its KV blocks.
+
+Metrics (deployments/metrics.py, tagged with `served_model_name`): token counters and the per-request
+histograms are recorded from each output `generate` streams, with the engine's own timestamps. The engine's
+state (running / waiting, KV-cache usage, prefix-cache counters) is published by a small task every
+`stats_interval_s`, started on the replica's event loop by the first call (Serve's health checks make one soon
+after start): it must fall back to 0 when the replica goes idle and count waiting requests that produce no
+output, which recording on outputs alone would not, and it costs the same at any load. It runs only where
+metrics go somewhere (a Ray process, or an injected `Metrics`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from contextlib import aclosing
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments.metrics import EngineGauges, Metrics, RequestRecorder
+from deployments.replica_logs import to_replica_log
 from gemma.engine import AsyncLLMEngine, EngineConfig, LLMEngine, RequestOutput
 from gemma.sampling import SamplingParams
 
@@ -59,9 +70,16 @@ def build_engine(args: EngineArgs) -> AsyncLLMEngine:
 
 
 class ModelDeployment:
-    def __init__(self, args: EngineArgs | dict[str, Any] | None = None, engine: AsyncLLMEngine | None = None) -> None:
+    def __init__(
+        self, args: EngineArgs | dict[str, Any] | None = None, engine: AsyncLLMEngine | None = None,
+        served_model_name: str | None = None, metrics: Metrics | None = None, stats_interval_s: float = 1.0,
+    ) -> None:
+        to_replica_log()
         self.args = EngineArgs.model_validate(args or {})
         self.engine = engine if engine is not None else build_engine(self.args)
+        self.metrics = metrics if metrics is not None else Metrics(served_model_name or self.args.model)
+        self.stats_interval_s = stats_interval_s
+        self._stats_task: asyncio.Task | None = None
         logger.info("model %s ready (tp_size %d)", self.args.model, self.args.tp_size)
 
     async def generate(
@@ -70,10 +88,17 @@ class ModelDeployment:
         """Stream the request's outputs (deltas in `outputs[i].new_token_ids` / `new_text`); ValueError if invalid."""
         if not isinstance(params, SamplingParams):
             params = SamplingParams.model_validate(params or {})
-        # aclosing: a caller that leaves (aclose, cancellation) aborts the request now, not at garbage collection
-        async with aclosing(self.engine.generate(list(prompt_token_ids), params, request_id)) as stream:
-            async for out in stream:
-                yield out
+        self._publish_stats()
+        recorder = RequestRecorder(self.metrics, params.n)
+        try:
+            # aclosing: a caller that leaves (aclose, cancellation) aborts the request now, not at garbage collection
+            async with aclosing(self.engine.generate(list(prompt_token_ids), params, request_id)) as stream:
+                async for out in stream:
+                    recorder.output(out)
+                    yield out
+        except (GeneratorExit, asyncio.CancelledError):
+            recorder.left()
+            raise
 
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
@@ -100,14 +125,37 @@ class ModelDeployment:
 
     async def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy and Serve replaces it."""
+        self._publish_stats()
         self.engine.check_health()
 
+    def _publish_stats(self) -> None:
+        """Start the task that publishes the engine's state (once, on the replica's loop; see the module doc)."""
+        if self._stats_task is not None or not self.metrics.live:
+            return
+        gauges = EngineGauges(self.metrics, self.engine.engine)
+
+        async def publish() -> None:
+            while True:
+                try:
+                    gauges.publish()
+                except Exception:  # metrics must never take the replica down
+                    logger.exception("publishing engine metrics failed")
+                await asyncio.sleep(self.stats_interval_s)
+
+        self._stats_task = asyncio.get_running_loop().create_task(publish(), name="gemma-engine-metrics")
+
     def shutdown(self) -> None:
-        """Stop the tensor-parallel workers; Serve calls `__del__` when it stops the replica."""
+        """Stop the metrics task and the tensor-parallel workers; Serve calls `__del__` when it stops the replica."""
+        task = getattr(self, "_stats_task", None)
+        if task is not None and not task.done():
+            try:  # Serve may call this from another thread than the replica's loop
+                task.get_loop().call_soon_threadsafe(task.cancel)
+            except RuntimeError:  # that loop is closed, and the task with it
+                pass
         self.engine.engine.shutdown()
 
     def __del__(self) -> None:
         try:
             self.shutdown()
-        except Exception:  # noqa: BLE001 - best effort at teardown; the placement group removal kills the actors
+        except Exception:  # best effort at teardown; the placement group removal kills the actors
             logger.exception("shutting down the engine failed")

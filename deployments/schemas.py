@@ -121,7 +121,8 @@ class SamplingFields(Request):
     def _sampling_params(self, extra: dict[str, Any], rename: dict[str, str]) -> SamplingParams:
         fields = set(SamplingParams.model_fields) & set(SamplingFields.model_fields)
         values = {f: getattr(self, f) for f in fields if getattr(self, f) is not None}
-        values |= {k: v for k, v in extra.items() if v is not None}
+        # max_tokens None is meaningful (up to the context length), not "SamplingParams' default of 16"
+        values |= {k: v for k, v in extra.items() if v is not None or k == "max_tokens"}
         try:
             return SamplingParams(**values)
         except ValidationError as exc:

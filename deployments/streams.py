@@ -2,13 +2,15 @@
 
 `ModelStreams` starts one `generate` stream per prompt on a model deployment handle and reads them together,
 in the order outputs arrive. `close()` is the one way to end it early: it cancels the handle streams and
-aborts the engine requests that did not finish (cancellation alone may not reach a replica).
+aborts the engine requests that did not finish (cancellation alone may not reach a replica). With a `deadline`
+(on the event loop's clock), waiting for an output past it raises `DeadlineExceeded`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +18,10 @@ from gemma.engine.outputs import RequestOutput
 from gemma.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+
+class DeadlineExceeded(TimeoutError):
+    """The request's deadline passed while it waited for the model."""
 
 
 class ModelStreams:
@@ -26,9 +32,13 @@ class ModelStreams:
     engine requests that did not finish; it is idempotent.
     """
 
-    def __init__(self, model: Any, prompts: list[list[int]], params: SamplingParams, engine_ids: list[str]) -> None:
-        self.model, self.engine_ids = model, engine_ids
+    def __init__(
+        self, model: Any, prompts: list[list[int]], params: SamplingParams, engine_ids: list[str],
+        deadline: float | None = None,
+    ) -> None:
+        self.model, self.engine_ids, self.deadline = model, engine_ids, deadline
         self.finished: set[int] = set()
+        self.first_token_time: float | None = None  # time.monotonic() when the first token arrived
         self._queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
         self._pending: list[tuple[int, RequestOutput | BaseException | None]] = []
         self._open = set(range(len(prompts)))
@@ -40,6 +50,8 @@ class ModelStreams:
     async def _pump(self, i: int, stream: Any) -> None:
         try:
             async for out in stream:
+                if self.first_token_time is None and any(o.new_token_ids for o in out.outputs):
+                    self.first_token_time = time.monotonic()
                 self._queue.put_nowait((i, out))
             self._queue.put_nowait((i, None))
         except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it
@@ -48,7 +60,7 @@ class ModelStreams:
     async def start(self) -> None:
         waiting = set(self._open)
         while waiting:
-            event = await self._queue.get()
+            event = await self._get()
             if isinstance(event[1], BaseException):
                 raise event[1]
             self._pending.append(event)
@@ -56,7 +68,7 @@ class ModelStreams:
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         while self._open:
-            i, item = self._pending.pop(0) if self._pending else await self._queue.get()
+            i, item = self._pending.pop(0) if self._pending else await self._get()
             if isinstance(item, BaseException):
                 raise item
             if item is None:
@@ -65,6 +77,14 @@ class ModelStreams:
             if item.finished:
                 self.finished.add(i)
             yield i, item
+
+    async def _get(self) -> tuple[int, RequestOutput | BaseException | None]:
+        if self.deadline is None:
+            return await self._queue.get()
+        try:
+            return await asyncio.wait_for(self._queue.get(), max(self.deadline - asyncio.get_running_loop().time(), 0))
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded("the request's deadline passed") from None
 
     async def close(self) -> None:
         for task in self._tasks:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from deployments.replica_logs import to_replica_log
 from gemma.tokenizer import GemmaTokenizer
 
 logger = logging.getLogger(__name__)
@@ -16,6 +17,7 @@ logger = logging.getLogger(__name__)
 
 class TokenizerDeployment:
     def __init__(self, model: str = "gemma-3-270m", tokenizer: GemmaTokenizer | None = None) -> None:
+        to_replica_log()
         self.tokenizer = tokenizer if tokenizer is not None else GemmaTokenizer.from_pretrained(model)
         logger.info("tokenizer for %s ready (%d tokens)", model, len(self.tokenizer))
 

@@ -134,3 +134,19 @@ def tiny_classifier_dir(tmp_path_factory) -> Path:
         path, task="classify", vocab_size=len(tok), num_labels=3, pad_token_id=0,
         id2label={0: "negative", 1: "neutral", 2: "positive"}, label2id={"negative": 0, "neutral": 1, "positive": 2},
     )
+
+
+# ---- the ingress without Ray (tests/fakes.py) -----------------------------------------------------------------
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"  # the anyio pytest plugin runs `async def` tests marked anyio on asyncio
+
+
+@pytest.fixture(scope="module")
+def lm():
+    """A tiny model and tokenizer for a real engine behind the ingress."""
+    from fakes import tiny_model_and_tokenizer
+
+    return tiny_model_and_tokenizer()

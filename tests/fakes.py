@@ -234,3 +234,37 @@ class FakeClassifier:
 
     async def info(self) -> dict[str, Any]:
         return {"id2label": dict(enumerate(self.labels)), "num_labels": 2}
+
+
+class MetricsRecorder:
+    """A `deployments.metrics.Metrics` factory that keeps what is recorded instead of exporting it, and checks
+    tags as Ray does (every tag key given, no other). `values(name, **tags)`: the recorded values of a metric
+    (by its short name) whose tags include `tags`."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[str, str] = {}
+        self.records: list[tuple[str, float, dict[str, str]]] = []
+
+    def __call__(self, kind: str, name: str, description: str, tag_keys: tuple[str, ...], boundaries: Any) -> Any:
+        assert name.startswith("gemma_") and description and (kind == "histogram") == (boundaries is not None)
+        self.kinds[name.removeprefix("gemma_")] = kind
+        recorder = self
+
+        class Metric:
+            def _record(self, value: float, tags: dict[str, str]) -> None:
+                assert set(tags) == set(tag_keys), (name, tags, tag_keys)
+                recorder.records.append((name.removeprefix("gemma_"), value, dict(tags)))
+
+            inc = set = observe = lambda self, value, tags: self._record(value, tags)
+
+        return Metric()
+
+    def values(self, name: str, **tags: str) -> list[float]:
+        return [v for n, v, t in self.records if n == name and tags.items() <= t.items()]
+
+    def total(self, name: str, **tags: str) -> float:
+        return sum(self.values(name, **tags))
+
+    def last(self, name: str, **tags: str) -> float | None:
+        values = self.values(name, **tags)
+        return values[-1] if values else None

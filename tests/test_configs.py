@@ -198,7 +198,9 @@ def test_serve_config_builds_the_app(config):
     from ray.serve._private.build_app import build_app as build_deployments
 
     args = config["applications"][0]["args"]
-    app_module.AppArgs.model_validate(args)
+    assert app_module.AppArgs.model_validate(args) == app_module.AppArgs()  # "every field, at its default"
+    assert set(args) == set(app_module.AppArgs.model_fields)
+    assert set(args["limits"]) == set(app_module.Limits.model_fields)
     app = app_module.build_app(args)
     assert isinstance(app, Application)
     names = {d.name for d in build_deployments(app, name="gemma").deployments}

@@ -17,7 +17,6 @@ from fakes import (
     LocalHandle,
     RecordingModel,
     tiny_engine,
-    tiny_model_and_tokenizer,
 )
 from fastapi import FastAPI, Request
 
@@ -33,16 +32,6 @@ from gemma.sampling import SamplingParams
 pytestmark = pytest.mark.anyio
 GREEDY = {"temperature": 0, "ignore_eos": True}
 MAX_MODEL_LEN = 96
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return tiny_model_and_tokenizer()
 
 
 @dataclass
@@ -205,6 +194,16 @@ async def test_chat_completion_and_its_stream(server):
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert streamed_texts(events, chat=True) == {0: choice["message"]["content"]}
     assert finish_reasons(events)[0][-1] == "length" and events[-2]["usage"] == whole["usage"]
+
+
+async def test_without_max_tokens_chat_and_null_max_tokens_run_to_the_context_length(server):
+    r = await server.post("/v1/chat/completions", {"messages": CHAT, **GREEDY})
+    usage = r.json()["usage"]
+    assert usage["total_tokens"] == MAX_MODEL_LEN and r.json()["choices"][0]["finish_reason"] == "length"
+    r = await server.post("/v1/completions", {"prompt": [1, 2, 3], "max_tokens": None, **GREEDY})
+    assert r.json()["usage"]["completion_tokens"] == MAX_MODEL_LEN - 3
+    r = await server.post("/v1/completions", {"prompt": [1, 2, 3], **GREEDY})
+    assert r.json()["usage"]["completion_tokens"] == 16  # OpenAI's default for completions
 
 
 async def test_chat_logprobs_shape(server):

@@ -18,7 +18,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from gemma.engine.block_manager import KVCacheManager, split_kv_budget
-from gemma.engine.launcher import LocalLauncher, WorkerHandle, WorkerSpec, start_tensor_parallel
+from gemma.engine.launcher import (
+    LocalLauncher,
+    WorkerHandle,
+    WorkerSpec,
+    start_tensor_parallel,
+)
 from gemma.engine.model_runner import KVLayout, ModelRunner
 from gemma.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from gemma.engine.scheduler import Scheduler
@@ -234,6 +239,7 @@ class LLMEngine:
         params, stream = seq.params, self.streams[seq.seq_id]
         seq.output_token_ids.append(token)
         seq.first_token_time = seq.first_token_time or now
+        seq.last_token_time = now
         if stream.logprobs is not None:
             stream.logprobs.append({**(top or {}), token: chosen})
         if stream.decoder is not None:
@@ -296,6 +302,7 @@ class LLMEngine:
             arrival_time=first.arrival_time,
             first_scheduled_time=min((s.first_scheduled_time for s in seqs if s.first_scheduled_time), default=None),
             first_token_time=min((s.first_token_time for s in seqs if s.first_token_time), default=None),
+            last_token_time=max((s.last_token_time for s in seqs if s.last_token_time), default=None),
             finish_time=max((s.finish_time or 0.0) for s in seqs) if all(s.is_finished for s in seqs) else None,
             num_preemptions=sum(s.num_preemptions for s in seqs),
         )

@@ -28,6 +28,7 @@ class RequestMetrics:
     arrival_time: float
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    last_token_time: float | None = None  # when the latest token was sampled (the newest of the n sequences')
     finish_time: float | None = None
     num_preemptions: int = 0
 
@@ -38,6 +39,10 @@ class RequestMetrics:
     @property
     def queue_time(self) -> float | None:
         return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
+
+    @property
+    def e2e_latency(self) -> float | None:
+        return None if self.finish_time is None else self.finish_time - self.arrival_time
 
 
 @dataclass
