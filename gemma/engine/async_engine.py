@@ -4,7 +4,9 @@
         ...  # out.outputs[0].new_token_ids / new_text, out.metrics; out.finished on the last one
 
 Each step runs in a worker thread (PyTorch releases the GIL), so the event loop keeps accepting requests and
-streaming tokens while the model computes. Leaving the `async for` early, cancelling the task, or
+streaming tokens while the model computes. It is always the same thread: CPU kernels run on an OpenMP team per
+calling thread, and the idle team of a previous thread keeps spinning while a new one starts, so hopping between
+a pool's threads (asyncio.to_thread) slows every step. Leaving the `async for` early, cancelling the task, or
 `await engine.abort(request_id)` aborts the request and frees its KV blocks. A request that cannot be served
 raises from `generate` and affects no other request; if a step itself fails, the requests in it get the
 error and the loop keeps serving the others.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator
 
 from gemma.engine.llm_engine import LLMEngine
@@ -34,6 +37,7 @@ class AsyncLLMEngine:
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._lock = asyncio.Lock()  # engine state is touched between steps only
+        self._stepper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gemma-engine-step")
 
     @property
     def is_running(self) -> bool:
@@ -100,7 +104,7 @@ class AsyncLLMEngine:
                 continue
             async with self._lock:
                 try:
-                    outputs = await asyncio.to_thread(self.engine.step)
+                    outputs = await asyncio.get_running_loop().run_in_executor(self._stepper, self.engine.step)
                 except Exception as exc:  # noqa: BLE001 - a failed step must not stop the server
                     logger.exception("engine step failed")
                     self._fail_running(exc)
