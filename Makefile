@@ -1,7 +1,7 @@
 # The two quick-start commands of the README: `make serve` and `make test` (each sets up .venv first).
 VENV := .venv
 
-.PHONY: serve test
+.PHONY: serve test audit
 
 # the README's install commands; redone when pyproject.toml changes
 $(VENV)/.installed: pyproject.toml
@@ -16,3 +16,8 @@ serve: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q
+
+# known-vulnerable installed packages, from PyPI's advisory data (needs pypi.org's JSON API; see docs/reliability.md)
+audit: $(VENV)/.installed
+	$(VENV)/bin/pip install -q pip-audit
+	$(VENV)/bin/pip-audit

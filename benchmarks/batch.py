@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 from common import (
+    cpu_name,
     fmt,
     load_average_warning,
     log,
@@ -223,7 +224,7 @@ def report(args: argparse.Namespace, name: str, rows: list[dict], load: float) -
 
     batch, http = rows
     same = sum(batch["texts"].get(i) == t for i, t in http["texts"].items())
-    device = f"cpu ({os.cpu_count()} cores, {args.threads} torch threads)"
+    device = cpu_name(args.threads)
     print_table(rows, f"Batch benchmark: {name}, {args.dtype}, {device}; {args.prompts} prompts of "
                       f"{args.prompt_len[0]}-{args.prompt_len[1]} tokens, outputs {args.max_tokens[0]}-"
                       f"{args.max_tokens[1]} tokens, engine max_num_seqs {args.max_num_seqs}, "

@@ -71,6 +71,20 @@ def tiny_tokenizer(directory: str, vocab: int = 4096) -> str:
     return directory
 
 
+def cpu_name(threads: int) -> str:
+    """The CPU in words for a results table: model, cores, torch threads, vector ISA (the figures depend on
+    whether bf16 matmuls are native: see gemma.parallel)."""
+    model = "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return (f"{model} ({os.cpu_count()} cores, {threads} threads, {torch.backends.cpu.get_cpu_capability()}, "
+            f"{'native' if native else 'no native'} bf16)")
+
+
 def load_average_warning() -> float:
     """The 1-minute load average, with a warning when other processes already use the CPU."""
     load = os.getloadavg()[0]

@@ -45,7 +45,6 @@ import argparse
 import gc
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -57,7 +56,7 @@ import torch
 from tqdm import tqdm
 
 from common import FIRST_ID  # noqa: F401 - re-exported: benchmarks/gpu_check.py reads bench.FIRST_ID
-from common import Request, load_average_warning, log, make_requests, parse_range, pyplot, tiny_checkpoint
+from common import Request, cpu_name, load_average_warning, log, make_requests, parse_range, pyplot, tiny_checkpoint
 from common import fmt as _fmt
 from gemma import GemmaForCausalLM, GemmaTokenizer, SamplingParams
 from gemma.engine import EngineConfig, LLMEngine
@@ -384,7 +383,7 @@ def report(args: argparse.Namespace, name: str, device: torch.device, rows: list
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:
-        device_name = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+        device_name = cpu_name(torch.get_num_threads())
     bound = bandwidth / wbytes
     print_table(rows, f"engine benchmark: {name}, {args.dtype}, {device_name}")
 

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import Request, fmt, load_average_warning, log, make_requests, parse_range, results_dir, tiny_checkpoint
+from common import Request, cpu_name, fmt, load_average_warning, log, make_requests, parse_range, results_dir, tiny_checkpoint
 from common import pyplot, tiny_tokenizer
 from deployments.app import AppArgs
 from gemma.registry import resolve_checkpoint
@@ -415,7 +415,7 @@ def report(args: argparse.Namespace, name: str, levels: list[int], direct: dict,
         deltas[c] = {**compare(c, direct[c][0], served[c][0]), "throughput_change_pct": change,
                      **{f"{k.replace('_p', '_added_p', 1)}": diff(k)
                         for k in ("ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s")}}
-    device = f"cpu ({os.cpu_count()} cores, {args.threads} torch threads)"
+    device = cpu_name(args.threads)
     print_table(rows, deltas, f"Serve benchmark: {name}, {args.dtype}, {device}; closed loop, "
                               f"prompts {args.prompt_len[0]}-{args.prompt_len[1]}, "
                               f"outputs {args.max_tokens[0]}-{args.max_tokens[1]} tokens")

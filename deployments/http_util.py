@@ -5,7 +5,8 @@ leaving.
   validation errors and any ValueError (ours: `schemas.RequestError` with its status and param; Ray's
   `RayTaskError(ValueError)` from a deployment: its cause's message) are 400s, Starlette's HTTP errors keep
   their status (404 unknown route, 405), a full queue behind us (Serve's BackPressureError) is a 503 with
-  Retry-After, and anything else is a logged 500 whose body names only the request.
+  Retry-After, so is a replica behind us that died or whose model step failed (`replica_failed`: Serve is
+  replacing it, a retry is served), and anything else is a logged 500 whose body names only the request.
 - Every response carries `X-Request-Id`: the client's when it is printable ASCII of at most 128 characters,
   else a generated `cmpl-<hex>` / `chatcmpl-<hex>` / `classify-<hex>` / `req-<hex>`; handlers read it with
   `request_id(request)`. In a Serve replica, Serve's HTTP server has already done this (the client's id or a
@@ -25,12 +26,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments import schemas as s
 from deployments.replica_logs import in_serve_replica
+from gemma.engine.async_engine import EngineStepError
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +67,8 @@ def install(app: FastAPI, echo_request_id: bool | None = None) -> None:
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(ValueError, _on_value_error)
     app.add_exception_handler(BackPressureError, _on_backpressure)
+    app.add_exception_handler(RayActorError, _on_replica_failed)
+    app.add_exception_handler(RayTaskError, _on_replica_failed)
 
 
 def error_body(
@@ -128,6 +133,30 @@ async def _on_value_error(request: Request, exc: ValueError) -> Response:
         status, message, param = 400, str(cause if isinstance(cause, BaseException) else exc), None
     logger.info("request %s rejected (%d): %s", request_id(request), status, message)
     return error_response(status, message, param)
+
+
+REPLICA_FAILED = "the replica serving this request failed and is being replaced; retry"
+
+
+def replica_failed(exc: BaseException) -> bool:
+    """A fault of the replica, not of the request: its actor died or went away (a killed or crashed replica,
+    a lost node), or its engine step failed (a tensor-parallel worker died): the request may be retried."""
+    if isinstance(exc, RayActorError):
+        return True
+    cause = getattr(exc, "cause", None) if isinstance(exc, RayTaskError) else None
+    return isinstance(cause, (RayActorError, EngineStepError))
+
+
+async def _on_replica_failed(request: Request, exc: Exception) -> Response:
+    """Also picks up a RayTaskError(ValueError) first (its class puts RayTaskError before ValueError)."""
+    if not replica_failed(exc):
+        if isinstance(exc, ValueError):
+            return await _on_value_error(request, exc)
+        raise exc  # any other error inside a deployment: ours, a logged 500 (RequestContext)
+    logger.warning("request %s failed with its replica: %r", request_id(request), exc)
+    response = error_response(503, REPLICA_FAILED)
+    response.headers["Retry-After"] = "1"
+    return response
 
 
 async def _on_backpressure(request: Request, exc: BackPressureError) -> Response:

@@ -48,12 +48,14 @@ from deployments.guards import (
     within_deadline,
 )
 from deployments.http_util import (
+    REPLICA_FAILED,
     EventStream,
     OpenAIApp,
     error_body,
     error_response,
     install,
     json_response,
+    replica_failed,
     request_id,
 )
 from deployments.logprobs import Logprobs
@@ -171,6 +173,7 @@ class Ingress:
 
     async def create_completion(self, body: s.CompletionRequest, request: Request) -> Response:
         record = self._record(request, body.model, body.stream, body.prompt)
+        _check_text(body.prompts, "prompt")
         params = self.limits.check_sampling(body.to_sampling_params(), len(body.prompts), "max_tokens")
         prompts = await asyncio.gather(*(
             self.tokenizer.encode.remote(p, add_special_tokens=body.add_special_tokens) if isinstance(p, str)
@@ -198,6 +201,7 @@ class Ingress:
         record = access(request)
         record.model = name = body.model or self.classifier_name or self.served_model_name
         self.limits.check("max_classify_inputs", len(body.inputs), "input", " inputs")
+        _check_text(body.inputs, "input")
         results = await asyncio.gather(*(self.classifier.classify.remote(x) for x in body.inputs))
         tokens = sum(r.get("num_tokens", 0 if isinstance(x, str) else len(x)) for x, r in zip(body.inputs, results))
         record.prompt_tokens = tokens
@@ -361,6 +365,9 @@ class Ingress:
         if isinstance(exc, DeadlineExceeded):
             logger.info("stream %s ran past request_timeout_s; aborted", job.id)
             return 408, self.limits.timeout_error().message
+        if replica_failed(exc):
+            logger.warning("stream %s failed with its replica: %r", job.id, exc)
+            return 503, REPLICA_FAILED
         invalid = isinstance(exc, ValueError)  # a RayTaskError(ValueError) carries the original as `cause`
         logger.log(logging.INFO if invalid else logging.ERROR, "stream %s failed", job.id, exc_info=not invalid)
         cause = getattr(exc, "cause", None)
@@ -396,6 +403,12 @@ class Ingress:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _check_text(items: list[Any], param: str) -> None:
+    """A text prompt that is empty or only whitespace asks for nothing: a 400, as an empty token list is."""
+    if any(isinstance(x, str) and not x.strip() for x in items):
+        raise s.RequestError(f"{param} is empty or only whitespace", param)
 
 
 async def _done(value: Any) -> Any:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any, Literal
@@ -48,6 +49,7 @@ class EngineArgs(BaseModel):
     block_size: int = Field(16, ge=1)
     enable_prefix_caching: bool = True
     seed: int = 0
+    fp32_matmul: Literal["auto", "on", "off"] = "auto"  # see gemma.engine.EngineConfig
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(**self.model_dump(exclude={"model", "dtype", "device", "tp_size"}))
@@ -121,6 +123,7 @@ class ModelDeployment:
             "kv_blocks_total": sum(g.num_blocks for g in kv.groups),
             "prefix_cache_queries": kv.prefix_queries,
             "prefix_cache_hits": kv.prefix_hits,
+            "rss_bytes": _rss_bytes(),
         }
 
     async def check_health(self) -> None:
@@ -159,3 +162,12 @@ class ModelDeployment:
             self.shutdown()
         except Exception:  # best effort at teardown; the placement group removal kills the actors
             logger.exception("shutting down the engine failed")
+
+
+def _rss_bytes() -> int | None:
+    """This process's resident memory now (Linux; None elsewhere): soak tests watch it across rounds."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None

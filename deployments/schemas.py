@@ -20,6 +20,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from gemma.sampling import SamplingParams
@@ -35,6 +36,25 @@ class RequestError(ValueError):
 
 class Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _encodable(cls, data: Any) -> Any:
+        """JSON may escape a lone surrogate (`"\\ud800"`), which Python's json decodes into a str no tokenizer
+        can encode: refused here, as a 400 naming the field. A loop, not recursion: nesting is attacker-chosen."""
+        stack: list[tuple[Any, str]] = [(data, "")]
+        while stack:
+            value, where = stack.pop()
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(f"{where or 'a string'} is not valid Unicode (it holds a lone surrogate)") from None
+            elif isinstance(value, dict):
+                stack += [(k, where) for k in value] + [(v, f"{where}.{k}".strip(".")) for k, v in value.items()]
+            elif isinstance(value, list):
+                stack += [(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return data
 
 
 class Response(BaseModel):

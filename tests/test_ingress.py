@@ -314,7 +314,7 @@ ERRORS = [
     ("/v1/detokenize", {"tokens": [10**6]}, 400, None),
     ("/v1/detokenize", {"tokens": "abc"}, 400, "tokens"),
     ("/v1/classify", {"input": ""}, 400, "input"),
-    ("/v1/classify", {"input": ["ok", " "]}, 400, None),  # the classifier's ValueError
+    ("/v1/classify", {"input": ["ok", " "]}, 400, "input"),  # whitespace only
     ("/v1/classify", {"input": "x", "model": "tiny-other"}, 404, "model"),
 ]
 

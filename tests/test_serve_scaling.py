@@ -7,12 +7,12 @@ does. Figures (replica counts over time, time to recovery) are printed; `pytest 
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import httpx
 import pytest
 
+from loadgen import Load, tally
 from serve_utils import app_config, deploy, running_replicas, wait_for
 
 pytest.importorskip("ray")
@@ -46,37 +46,6 @@ def alive_workers() -> list[dict]:
     return [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(WORKER_PREFIX)]
 
 
-class Load:
-    """`workers` threads sending streamed completions back to back until stopped; counts outcomes."""
-
-    def __init__(self, url: str, workers: int, max_tokens: int = 48) -> None:
-        self.url, self.max_tokens = url, max_tokens
-        self.ok = self.failed = 0
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(workers)]
-        for t in self.threads:
-            t.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                completion(self.url, self.max_tokens, timeout=60.0)
-                with self._lock:
-                    self.ok += 1
-            except Exception as exc:  # noqa: BLE001 - every failure is counted and reported
-                with self._lock:
-                    self.failed += 1
-                    self.errors.append(repr(exc)[:200])
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self.threads:
-            t.join(timeout=90)
-        assert not any(t.is_alive() for t in self.threads), "a request hung past its timeout"
-
-
 def scale_config(model_dir, model_options: dict) -> dict:
     args = {"model": str(model_dir), "served_model_name": "tiny", "dtype": "float32", "tp_size": 2,
             "kv_cache_memory": "16MiB", "max_model_len": 256}
@@ -99,20 +68,20 @@ def test_model_autoscales_up_under_load_and_back_down(scale_app):
         return n
 
     assert sample() == 1
-    load = Load(scale_app, workers=6)
+    load = Load(f"{scale_app}/{APP}", workers=6, kinds=("completion_stream",), max_tokens=48)
     try:
         wait_for(lambda: sample() >= 2, 90, "a second model replica under load")
         time.sleep(2)
         sample()
     finally:
-        load.stop()
+        outcomes = tally(load.stop())
     up = timeline[-1][0]
     wait_for(lambda: sample() == 1, 90, "scaling back to one replica when idle")
     # the removed replica took its TP worker with it: no leaked actors
     wait_for(lambda: len(alive_workers()) == 1, 30, "the removed replica's TP worker to stop")
     print(f"\nautoscaling timeline (s, running model replicas): {timeline}")
-    print(f"load: {load.ok} ok, {load.failed} failed; reached 2 replicas by {up} s")
-    assert load.ok > 0 and load.failed == 0, load.errors[:3]
+    print(f"load: {dict(outcomes)}; reached 2 replicas by {up} s")
+    assert outcomes["ok"] > 0 and set(outcomes) == {"ok"}, [o for o in load.outcomes if o.result != "ok"][:3]
 
 
 def test_killed_tp_worker_is_replaced_while_the_other_replica_serves(scale_app, tiny_lm_dir):
@@ -122,12 +91,12 @@ def test_killed_tp_worker_is_replaced_while_the_other_replica_serves(scale_app, 
     wait_for(lambda: running_replicas(APP, "model") == 2, 120, "two model replicas")
 
     wait_for(lambda: len(alive_workers()) == 2, 60, "a TP worker per replica")
-    load = Load(scale_app, workers=4, max_tokens=32)
+    load = Load(f"{scale_app}/{APP}", workers=4, kinds=("completion_stream",), max_tokens=32)
     time.sleep(2)
     victim = alive_workers()[0]
     ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]))
     killed_at = time.monotonic()
-    ok_at_kill = load.ok
+    ok_at_kill = tally(load.snapshot())["ok"]
 
     def recovered() -> bool:
         alive = [a for a in alive_workers() if a["name"] != victim["name"]]
@@ -136,9 +105,10 @@ def test_killed_tp_worker_is_replaced_while_the_other_replica_serves(scale_app, 
     wait_for(recovered, 120, "Serve to replace the replica whose TP worker died")
     recovery_s = time.monotonic() - killed_at
     time.sleep(2)
-    load.stop()
-    print(f"\nTP worker killed: replica replaced in {recovery_s:.1f} s; requests {load.ok} ok "
-          f"({load.ok - ok_at_kill} after the kill), {load.failed} failed: {load.errors[:3]}")
-    assert load.ok - ok_at_kill > 0  # the healthy replica kept serving
+    outcomes = tally(load.stop())
+    print(f"\nTP worker killed: replica replaced in {recovery_s:.1f} s; requests {dict(outcomes)} "
+          f"({outcomes['ok'] - ok_at_kill} ok after the kill)")
+    assert outcomes["ok"] - ok_at_kill > 0  # the healthy replica kept serving
+    assert outcomes["hung"] == 0 and outcomes["unclear"] == 0  # failures are clean 503s
     assert completion(scale_app)  # and the app as a whole is healthy again
     assert httpx.get(f"{scale_app}/{APP}/health", timeout=30).status_code == 200

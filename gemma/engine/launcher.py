@@ -60,8 +60,8 @@ def run_worker(spec: WorkerSpec, rank: int) -> None:
 
     tp = TPGroup.connect(rank, spec.world_size, spec.host, spec.port, spec.backend, spec.timeout_s)
     model = GemmaForCausalLM.from_pretrained(spec.model, dtype=DTYPES[spec.dtype], device=spec.device_of(rank), tp=tp)
-    layout = tp.broadcast_object(None)
-    ModelRunner(model, layout).serve()
+    layout, fp32_matmul = tp.broadcast_object(None)
+    ModelRunner(model, layout, fp32_matmul).serve()
     logger.info("tensor-parallel rank %d stopped", rank)
 
 

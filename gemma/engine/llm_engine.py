@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import count
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +30,7 @@ from gemma.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from gemma.engine.scheduler import Scheduler
 from gemma.engine.sequence import Sequence
 from gemma.model import GemmaForCausalLM
+from gemma.parallel import slow_half_matmul
 from gemma.sampling import SamplingParams, sample
 from gemma.tokenizer import GemmaTokenizer, IncrementalDecoder
 from gemma.weights import DTYPES, parse_size
@@ -48,6 +50,9 @@ class EngineConfig(BaseModel):
     kv_cache_memory: int | str = "1GiB"  # KV pool budget: bytes, or "512MiB", "2GB", ...
     enable_prefix_caching: bool = True  # share full blocks of identical prompt prefixes (global-attention models)
     seed: int = 0  # of the generator behind unseeded sampling
+    # batched matmuls in fp32 from fp32 copies of bf16/fp16 weights (2x their bytes more memory): "auto" where the
+    # CPU lacks native half-precision matmuls (gemma.parallel's module doc), several times faster there
+    fp32_matmul: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass
@@ -86,8 +91,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         layout = KVLayout([group_windows.index(w) for w in windows], group_windows,
                           [s.num_blocks for s in specs], config.block_size)
-        model.tp.broadcast_object(layout)  # the other ranks build the same pools (a no-op without TP)
-        self.runner = ModelRunner(model, layout)
+        fp32 = config.fp32_matmul == "on" or (
+            config.fp32_matmul == "auto" and slow_half_matmul(model.device, model.dtype))
+        model.tp.broadcast_object((layout, fp32))  # the other ranks build the same runner (a no-op without TP)
+        self.runner = ModelRunner(model, layout, fp32)
         self.workers = workers
         self.generator = torch.Generator(device=model.device).manual_seed(config.seed)
         self.requests: dict[str, tuple[list[Sequence], str | None]] = {}
