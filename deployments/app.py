@@ -41,7 +41,7 @@ class AppArgs(BaseModel):
     block_size: int = Field(16, ge=1)
     enable_prefix_caching: bool = True
     seed: int = 0
-    fp32_matmul: Literal["auto", "on", "off"] = "auto"  # batched matmuls in fp32 on CPUs without native bf16
+    cpu_matmul: Literal["auto", "kernel", "fp32", "torch"] = "auto"  # half-precision matmuls on CPUs without native bf16
     classifier_model: str | None = None  # a GemmaForSequenceClassification HF directory; None: no /v1/classify
     served_classifier_name: str | None = None  # the classifier's name in /v1/models and /v1/classify; default: its path
     classifier_dtype: Literal["float32", "bfloat16", "float16"] = "float32"

@@ -94,7 +94,7 @@ class BatchArgs(BaseModel):
     block_size: int = Field(16, ge=1)
     enable_prefix_caching: bool = True
     seed: int = 0  # of the engine's generator (rows without a sampling seed)
-    fp32_matmul: Literal["auto", "on", "off"] = "auto"  # see gemma.engine.EngineConfig
+    cpu_matmul: Literal["auto", "kernel", "fp32", "torch"] = "auto"  # see gemma.engine.EngineConfig
     sampling_params: dict[str, Any] = {}  # defaults for every row (SamplingParams fields); rows override them
     classifier_batch_size: int = Field(16, ge=1)  # rows per classifier forward
     return_token_ids: bool = False  # add `completion_token_ids` to generate/chat output

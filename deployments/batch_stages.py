@@ -32,6 +32,7 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 
 from deployments.schemas import ChatMessage
+from gemma import torch_thread
 from gemma.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -193,7 +194,8 @@ class GenerateStage:
                 errors[i] = error_message(exc)
                 continue
             pending[request_id] = i
-        for request_id, out in self.engine.run_to_completion(pending).items():
+        # on the thread that loaded the model (gemma.torch_thread says why)
+        for request_id, out in torch_thread.call(self.engine.run_to_completion, pending).items():
             i, o = pending[request_id], out.outputs[0]
             completion[i], finish[i] = list(o.token_ids), o.finish_reason
             stops[i] = o.stop_reason if isinstance(o.stop_reason, str) else None

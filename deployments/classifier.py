@@ -14,6 +14,7 @@ import torch
 from ray import serve
 
 from deployments.replica_logs import to_replica_log
+from gemma import torch_thread
 from gemma.model import GemmaForSequenceClassification
 from gemma.tokenizer import GemmaTokenizer
 from gemma.weights import DTYPES
@@ -30,7 +31,9 @@ class ClassifierDeployment:
         if dtype not in DTYPES:
             raise ValueError(f"classifier dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.tokenizer = GemmaTokenizer.from_pretrained(model)
-        self.model = GemmaForSequenceClassification.from_pretrained(model, dtype=DTYPES[dtype], device=device).eval()
+        # loaded and run on one thread, off the event loop (gemma.torch_thread says why)
+        self.model = torch_thread.call(
+            lambda: GemmaForSequenceClassification.from_pretrained(model, dtype=DTYPES[dtype], device=device).eval())
         config = self.model.config
         self.id2label = {int(k): v for k, v in config.id2label.items()}
         self.pad = config.pad_token_id if config.pad_token_id is not None else 0
@@ -63,6 +66,11 @@ class ClassifierDeployment:
             raise ValueError(f"input has {len(ids)} tokens; the classifier takes at most {self.max_len}")
         return ids
 
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            logits = self.model(input_ids.to(self.model.device), attention_mask=mask.to(self.model.device)).logits
+        return torch.softmax(logits.float(), dim=-1).cpu()
+
     async def _classify_batch(self, batch: list[list[int]]) -> list[dict[str, Any]]:
         width = max(len(ids) for ids in batch)
         # right padding with the pad id: the model reads each row at its last non-pad token
@@ -71,9 +79,7 @@ class ClassifierDeployment:
         for i, ids in enumerate(batch):
             input_ids[i, : len(ids)] = torch.tensor(ids)
             mask[i, : len(ids)] = 1
-        with torch.inference_mode():
-            logits = self.model(input_ids.to(self.model.device), attention_mask=mask.to(self.model.device)).logits
-        probs = torch.softmax(logits.float(), dim=-1).cpu()
+        probs = await torch_thread.run(self._forward, input_ids, mask)
         return [
             {"label": self.id2label[int(p.argmax())], "probs": p.tolist(), "num_classes": len(self.id2label)}
             for p in probs

@@ -49,7 +49,7 @@ class EngineArgs(BaseModel):
     block_size: int = Field(16, ge=1)
     enable_prefix_caching: bool = True
     seed: int = 0
-    fp32_matmul: Literal["auto", "on", "off"] = "auto"  # see gemma.engine.EngineConfig
+    cpu_matmul: Literal["auto", "kernel", "fp32", "torch"] = "auto"  # see gemma.engine.EngineConfig
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(**self.model_dump(exclude={"model", "dtype", "device", "tp_size"}))
@@ -67,8 +67,8 @@ def build_engine(args: EngineArgs) -> AsyncLLMEngine:
     # Ray gives each GPU actor one visible device: every rank's device is cuda:0 in its own process.
     device = "cuda:0" if args.device == "cuda" else args.device
     kwargs = {"launcher": launcher} if launcher is not None else {}
-    engine = LLMEngine.from_pretrained(args.model, args.dtype, device, args.tp_size, args.engine_config(), host=host, **kwargs)
-    return AsyncLLMEngine(engine)
+    return AsyncLLMEngine.from_engine_factory(lambda: LLMEngine.from_pretrained(
+        args.model, args.dtype, device, args.tp_size, args.engine_config(), host=host, **kwargs))
 
 
 class ModelDeployment:

@@ -37,12 +37,12 @@ class LLM:
         block_size: int = 16,
         enable_prefix_caching: bool = True,
         seed: int = 0,
-        fp32_matmul: Literal["auto", "on", "off"] = "auto",
+        cpu_matmul: Literal["auto", "kernel", "fp32", "torch"] = "auto",
     ) -> None:
         config = EngineConfig(
             max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
             max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
-            enable_prefix_caching=enable_prefix_caching, seed=seed, fp32_matmul=fp32_matmul,
+            enable_prefix_caching=enable_prefix_caching, seed=seed, cpu_matmul=cpu_matmul,
         )
         self.engine = LLMEngine.from_pretrained(str(model), dtype, device, tp_size, config)
         self.tokenizer, self.model = self.engine.tokenizer, self.engine.model

@@ -11,12 +11,15 @@ Each layer's `load_shard(full)` cuts its slice out of a checkpoint tensor, so a 
 shard (the checkpoint itself is memory-mapped).
 
 On a CPU without native bf16 / fp16 matrix instructions (no AVX-512-BF16 or AMX: AVX2 machines, most AMD EPYCs
-before Zen 4), PyTorch's half-precision matmul runs at ~17 GFLOP/s on 2 cores against ~120 for fp32: a batch of
-rows (prefill, batched decode) is several times slower in bf16 than in fp32, while one row (single-stream decode)
-is faster in bf16, being bound by reading the weights. `use_fp32_matmul(model)` gives each linear layer an fp32
-copy of its weight for inputs of `FP32_MATMUL_MIN_ROWS` rows or more: the products of bf16 values are computed
-in fp32 and rounded back to bf16, as a bf16 GEMM with fp32 accumulation does, at the cost of 2x the weights'
-bytes in memory. The engine turns it on where `slow_half_matmul` says so.
+before Zen 4), PyTorch's half-precision matmul is slow: on 2 AVX2 cores it computes ~17 GFLOP/s against ~40-100 for
+fp32, and reads a bf16 weight for one row at ~11-16 GB/s of the memory's ~25-29. `set_cpu_matmul(model, mode)`
+picks the matmul of every `Linear`:
+- "kernel": gemma.cpu_kernels' AVX2 bf16 kernel (fp32 accumulation, no extra memory), for bf16 weights;
+- "fp32": an fp32 copy of each half-precision weight for inputs of `FP32_MATMUL_MIN_ROWS` rows or more (the
+  products of bf16 values computed in fp32 and rounded back, as a bf16 GEMM with fp32 accumulation does, at 2x
+  the weights' bytes in memory); fewer rows keep the half-precision weight, being bound by reading it;
+- "torch": PyTorch's own;
+- "auto": the kernel where `slow_half_matmul` and it builds, else "fp32" where `slow_half_matmul`, else "torch".
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from gemma import cpu_kernels
 
 
 class TPGroup:
@@ -145,11 +150,14 @@ def slow_half_matmul(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class Linear(nn.Linear):
-    """nn.Linear that may hold an fp32 copy of its half-precision weight for inputs of many rows."""
+    """nn.Linear whose matmul `set_cpu_matmul` may route to the bf16 CPU kernel or to an fp32 copy of its weight."""
 
     fp32_weight: torch.Tensor | None = None
+    bf16_kernel: bool = False
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bf16_kernel:
+            return cpu_kernels.linear_bf16(x, self.weight)
         w = self.fp32_weight
         if w is not None and x.numel() >= FP32_MATMUL_MIN_ROWS * self.in_features:
             return F.linear(x.float(), w).to(x.dtype)
@@ -160,15 +168,32 @@ class Linear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
-def use_fp32_matmul(model: nn.Module) -> int:
-    """Give every half-precision `Linear` of `model` an fp32 copy of its weight (see the module doc); call it
-    after the weights are loaded and placed. Returns the bytes the copies take."""
+CPU_MATMUL_MODES = ("auto", "kernel", "fp32", "torch")
+
+
+def set_cpu_matmul(model: nn.Module, mode: str = "auto") -> tuple[str, int]:
+    """Choose the matmul of every `Linear` in `model` (see the module doc); call it after the weights are loaded
+    and placed. Returns the mode applied ("kernel", "fp32" or "torch") and the bytes of any fp32 copies."""
+    if mode not in CPU_MATMUL_MODES:
+        raise ValueError(f"cpu_matmul must be one of {CPU_MATMUL_MODES}, got {mode!r}")
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    half = [m for m in linears if m.weight.dtype in (torch.bfloat16, torch.float16)]
+    if mode == "auto":
+        slow = any(slow_half_matmul(m.weight.device, m.weight.dtype) for m in half)
+        bf16 = bool(half) and all(m.weight.dtype == torch.bfloat16 for m in half)
+        mode = "torch" if not slow else "kernel" if bf16 and cpu_kernels.available() else "fp32"
+    for m in linears:
+        m.fp32_weight, m.bf16_kernel = None, False
     added = 0
-    for module in model.modules():
-        if isinstance(module, Linear) and module.weight.dtype in (torch.bfloat16, torch.float16):
-            module.fp32_weight = module.weight.detach().float()
-            added += module.fp32_weight.nbytes
-    return added
+    if mode == "kernel":
+        cpu_kernels.load()  # raises, naming why, where the kernel cannot be built
+        for m in half:
+            m.bf16_kernel = cpu_kernels.usable(m.weight)
+    elif mode == "fp32":
+        for m in half:
+            m.fp32_weight = m.weight.detach().float()
+            added += m.fp32_weight.nbytes
+    return mode, added
 
 
 class ColumnParallelLinear(Linear):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
 
 from conftest import load_hf, write_hf_checkpoint
-from gemma import GemmaForCausalLM, GemmaTokenizer
+from gemma import GemmaForCausalLM, GemmaTokenizer, torch_thread
 from gemma.engine import AsyncLLMEngine, EngineConfig, LLMEngine
 from gemma.sampling import SamplingParams
 from tokenizer_fixtures import write_trained_tokenizer_json
@@ -221,3 +222,33 @@ def test_async_streaming_equals_non_streaming_and_abort_frees(model, tokenizer):
         assert text == last.text == tokenizer.decode(tokens, skip_special_tokens=True)
         assert last.finished and last.metrics.first_token_time is not None
     assert usage == 0.0
+
+
+def test_async_engine_loads_and_steps_on_one_pytorch_thread(model, tokenizer):
+    """A second thread running kernels makes a second OpenMP team and slows every step (gemma.torch_thread):
+    the engine is built, and every step runs, on the one PyTorch thread, never on the event loop's."""
+    threads = {}
+
+    def factory() -> LLMEngine:
+        threads["load"] = threading.get_ident()
+        engine = LLMEngine(model, tokenizer, EngineConfig(block_size=4))
+        step = engine.step
+
+        def recorded_step():
+            threads.setdefault("steps", set()).add(threading.get_ident())
+            return step()
+
+        engine.step = recorded_step
+        return engine
+
+    async def main():
+        engine = AsyncLLMEngine.from_engine_factory(factory)
+        async for _ in engine.generate(prompts(1, seed=3)[0], SamplingParams(max_tokens=4, **GREEDY), "t"):
+            pass
+        await engine.shutdown()
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(main())
+    assert threads["steps"] == {threads["load"]}
+    assert threads["load"] != loop_thread
+    assert torch_thread.call(torch_thread.on_thread) and not torch_thread.on_thread()

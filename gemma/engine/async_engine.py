@@ -3,10 +3,10 @@
     async for out in engine.generate(prompt_token_ids, params, request_id):
         ...  # out.outputs[0].new_token_ids / new_text, out.metrics; out.finished on the last one
 
-Each step runs in a worker thread (PyTorch releases the GIL), so the event loop keeps accepting requests and
-streaming tokens while the model computes. It is always the same thread: CPU kernels run on an OpenMP team per
-calling thread, and the idle team of a previous thread keeps spinning while a new one starts, so hopping between
-a pool's threads (asyncio.to_thread) slows every step. Leaving the `async for` early, cancelling the task, or
+Each step runs on the process's PyTorch thread (gemma.torch_thread; PyTorch releases the GIL), so the event
+loop keeps accepting requests and streaming tokens while the model computes. Load the engine on that same thread
+(`AsyncLLMEngine.from_engine_factory`, or `torch_thread.call`): CPU kernels run on an OpenMP team per calling
+thread, and a second team makes every step ~1.5x slower (gemma.torch_thread's doc has the figures). Leaving the `async for` early, cancelling the task, or
 `await engine.abort(request_id)` aborts the request and frees its KV blocks. A request that cannot be served
 raises from `generate` and affects no other request; if a step itself fails, the requests in it get the
 error and the loop keeps serving the others.
@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+
+from gemma import torch_thread
 
 from gemma.engine.llm_engine import LLMEngine
 from gemma.engine.outputs import RequestOutput
@@ -37,7 +38,11 @@ class AsyncLLMEngine:
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._lock = asyncio.Lock()  # engine state is touched between steps only
-        self._stepper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gemma-engine-step")
+
+    @classmethod
+    def from_engine_factory(cls, factory: Callable[[], LLMEngine]) -> AsyncLLMEngine:
+        """Build the engine on the PyTorch thread that will run its steps (see the module doc)."""
+        return cls(torch_thread.call(factory))
 
     @property
     def is_running(self) -> bool:
@@ -104,7 +109,7 @@ class AsyncLLMEngine:
                 continue
             async with self._lock:
                 try:
-                    outputs = await asyncio.get_running_loop().run_in_executor(self._stepper, self.engine.step)
+                    outputs = await torch_thread.run(self.engine.step)
                 except Exception as exc:  # noqa: BLE001 - a failed step must not stop the server
                     logger.exception("engine step failed")
                     self._fail_running(exc)

@@ -56,12 +56,13 @@ def run_worker(spec: WorkerSpec, rank: int) -> None:
     """The body of rank `rank` (>= 1): join, load this rank's shard, build the KV pools rank 0 describes, serve."""
     from gemma.engine.model_runner import ModelRunner
     from gemma.model import GemmaForCausalLM
-    from gemma.parallel import TPGroup
+    from gemma.parallel import TPGroup, set_cpu_matmul
 
     tp = TPGroup.connect(rank, spec.world_size, spec.host, spec.port, spec.backend, spec.timeout_s)
     model = GemmaForCausalLM.from_pretrained(spec.model, dtype=DTYPES[spec.dtype], device=spec.device_of(rank), tp=tp)
-    layout, fp32_matmul = tp.broadcast_object(None)
-    ModelRunner(model, layout, fp32_matmul).serve()
+    layout, cpu_matmul = tp.broadcast_object(None)
+    set_cpu_matmul(model, cpu_matmul)
+    ModelRunner(model, layout).serve()
     logger.info("tensor-parallel rank %d stopped", rank)
 
 
@@ -95,7 +96,7 @@ class LocalLauncher:
 def start_tensor_parallel(spec: WorkerSpec, launcher: type = LocalLauncher):
     """Start ranks 1..N-1 with `launcher`, join as rank 0, load rank 0's shard; returns (model, workers)."""
     from gemma.model import GemmaForCausalLM
-    from gemma.parallel import TPGroup
+    from gemma.parallel import TPGroup, set_cpu_matmul
 
     if spec.port == 0:
         spec = WorkerSpec(**{**spec.__dict__, "port": free_port(spec.host)})

@@ -30,7 +30,7 @@ from gemma.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from gemma.engine.scheduler import Scheduler
 from gemma.engine.sequence import Sequence
 from gemma.model import GemmaForCausalLM
-from gemma.parallel import slow_half_matmul
+from gemma.parallel import set_cpu_matmul
 from gemma.sampling import SamplingParams, sample
 from gemma.tokenizer import GemmaTokenizer, IncrementalDecoder
 from gemma.weights import DTYPES, parse_size
@@ -50,9 +50,9 @@ class EngineConfig(BaseModel):
     kv_cache_memory: int | str = "1GiB"  # KV pool budget: bytes, or "512MiB", "2GB", ...
     enable_prefix_caching: bool = True  # share full blocks of identical prompt prefixes (global-attention models)
     seed: int = 0  # of the generator behind unseeded sampling
-    # batched matmuls in fp32 from fp32 copies of bf16/fp16 weights (2x their bytes more memory): "auto" where the
-    # CPU lacks native half-precision matmuls (gemma.parallel's module doc), several times faster there
-    fp32_matmul: Literal["auto", "on", "off"] = "auto"
+    # the matmul of half-precision weights on CPUs without native bf16/fp16 instructions (gemma.parallel's module
+    # doc): "kernel" (gemma.cpu_kernels, AVX2), "fp32" (fp32 weight copies for batches), "torch", or "auto"
+    cpu_matmul: Literal["auto", "kernel", "fp32", "torch"] = "auto"
 
 
 @dataclass
@@ -91,10 +91,11 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         layout = KVLayout([group_windows.index(w) for w in windows], group_windows,
                           [s.num_blocks for s in specs], config.block_size)
-        fp32 = config.fp32_matmul == "on" or (
-            config.fp32_matmul == "auto" and slow_half_matmul(model.device, model.dtype))
-        model.tp.broadcast_object((layout, fp32))  # the other ranks build the same runner (a no-op without TP)
-        self.runner = ModelRunner(model, layout, fp32)
+        self.cpu_matmul, added = set_cpu_matmul(model, config.cpu_matmul)  # rank 0 decides for every rank
+        if self.cpu_matmul != "torch":
+            logger.info("engine: cpu_matmul %s (%.0f MB of fp32 weight copies)", self.cpu_matmul, added / 1e6)
+        model.tp.broadcast_object((layout, self.cpu_matmul))  # the other ranks build the same (a no-op without TP)
+        self.runner = ModelRunner(model, layout)
         self.workers = workers
         self.generator = torch.Generator(device=model.device).manual_seed(config.seed)
         self.requests: dict[str, tuple[list[Sequence], str | None]] = {}

@@ -22,7 +22,6 @@ import torch
 from gemma.engine.block_manager import KVCacheManager
 from gemma.engine.scheduler import ScheduledBatch
 from gemma.model import GemmaForCausalLM
-from gemma.parallel import use_fp32_matmul
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +81,8 @@ class PagedBatch:
 
 
 class ModelRunner:
-    def __init__(self, model: GemmaForCausalLM, layout: KVLayout, fp32_matmul: bool = False) -> None:
-        """`fp32_matmul`: batched matmuls in fp32 from fp32 copies of the weights (gemma.parallel's doc)."""
+    def __init__(self, model: GemmaForCausalLM, layout: KVLayout) -> None:
         self.model = model
-        if fp32_matmul:
-            added = use_fp32_matmul(model)
-            logger.info("engine: fp32 copies of the weights for batched matmuls on this CPU: %.0f MB", added / 1e6)
         self.tp = model.tp
         self.device, self.dtype = model.device, model.dtype
         self.layout = layout

@@ -1,0 +1,139 @@
+"""Half-precision matmuls on CPUs without native bf16 (gemma.parallel's `set_cpu_matmul`): the AVX2 bf16 kernel
+(gemma.cpu_kernels) and fp32 weight copies give the products of the same bf16 values, summed in fp32."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import write_hf_checkpoint
+
+from gemma import GemmaForCausalLM, cpu_kernels
+from gemma.engine import EngineConfig, LLMEngine
+from gemma.parallel import (
+    FP32_MATMUL_MIN_ROWS,
+    ColumnParallelLinear,
+    ParallelLMHead,
+    set_cpu_matmul,
+    slow_half_matmul,
+)
+from gemma.sampling import SamplingParams
+
+needs_kernel = pytest.mark.skipif(not cpu_kernels.cpu_supported(), reason="the bf16 kernel needs an AVX2 CPU")
+
+
+def fp32_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x.float() @ w.float().t()
+
+
+@needs_kernel
+def test_the_kernel_builds_on_an_avx2_cpu():
+    assert cpu_kernels.available(), cpu_kernels._error  # a broken build must fail here, not fall back silently
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 15, 16, 17, 40])
+@pytest.mark.parametrize("out_features", [4, 37, 300])
+def test_kernel_matches_fp32_maths_to_one_bf16_rounding(rows, out_features):
+    g = torch.Generator().manual_seed(rows * 1000 + out_features)
+    w = torch.randn(out_features, 96, generator=g).to(torch.bfloat16)
+    x = torch.randn(rows, 96, generator=g).to(torch.bfloat16)
+    got = cpu_kernels.linear_bf16(x, w)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
+    want = fp32_reference(x, w)
+    # the same products summed in another order: at most one bf16 rounding step apart
+    torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=1e-4)
+    assert (got.float() - want).abs().mean() < 2**-9 * want.abs().mean()  # most are exactly the rounded sum
+
+
+@needs_kernel
+def test_kernel_rows_are_batch_invariant():
+    """Each output row is computed in the same order whatever the batch: batched decode equals one at a time."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(130, 64, generator=g).to(torch.bfloat16)
+    x = torch.randn(33, 64, generator=g).to(torch.bfloat16)
+    batched = cpu_kernels.linear_bf16(x, w)
+    for i in (0, 1, 2, 15, 16, 32):
+        assert torch.equal(batched[i : i + 1], cpu_kernels.linear_bf16(x[i : i + 1], w))
+        assert torch.equal(batched[i : i + 3], cpu_kernels.linear_bf16(x[i : i + 3], w))
+
+
+@needs_kernel
+def test_kernel_mode_routes_bf16_linears_and_keeps_shapes():
+    torch.manual_seed(0)
+    layer = ColumnParallelLinear(64, 48).to(torch.bfloat16)
+    head = ParallelLMHead(64, 100).to(torch.bfloat16)
+    odd = ColumnParallelLinear(12, 8).to(torch.bfloat16)  # in_features not a multiple of 8: PyTorch's matmul
+    assert set_cpu_matmul(torch.nn.ModuleList([layer, head, odd]), "kernel") == ("kernel", 0)
+    assert layer.bf16_kernel and head.bf16_kernel and not odd.bf16_kernel
+    x = torch.randn(2, 5, 64).to(torch.bfloat16)
+    assert layer(x).shape == (2, 5, 48) and head(x).shape == (2, 5, 100)
+    torch.testing.assert_close(layer(x).float(), fp32_reference(x, layer.weight), rtol=2**-7, atol=1e-4)
+    assert set_cpu_matmul(layer, "torch") == ("torch", 0) and not layer.bf16_kernel
+
+
+def test_fp32_mode_copies_weights_for_many_rows_and_keeps_bf16_for_one():
+    torch.manual_seed(0)
+    layer = ColumnParallelLinear(64, 48).to(torch.bfloat16)
+    head = ParallelLMHead(64, 100).to(torch.bfloat16)
+    assert set_cpu_matmul(torch.nn.ModuleList([layer, head]), "fp32") == ("fp32", (64 * 48 + 64 * 100) * 4)
+    w = layer.weight
+    many = torch.randn(2, FP32_MATMUL_MIN_ROWS, 64).to(torch.bfloat16)
+    assert torch.equal(layer(many), F.linear(many.float(), w.float()).to(torch.bfloat16))
+    assert torch.equal(head(many), F.linear(many.float(), head.weight.float()).to(torch.bfloat16))
+    one = many[:1, :1]
+    assert torch.equal(layer(one), F.linear(one, w))
+    assert set_cpu_matmul(ColumnParallelLinear(8, 8), "fp32") == ("fp32", 0)  # fp32 weights need no copy
+
+
+def test_auto_leaves_fp32_models_to_torch_and_bad_modes_are_refused():
+    assert set_cpu_matmul(ColumnParallelLinear(8, 8), "auto") == ("torch", 0)
+    with pytest.raises(ValueError, match="cpu_matmul"):
+        set_cpu_matmul(ColumnParallelLinear(8, 8), "fast")
+    with pytest.raises(ValueError, match="cpu_matmul"):
+        EngineConfig(cpu_matmul="fast")
+
+
+def test_only_half_precision_on_cpu_can_be_slow():
+    assert not slow_half_matmul(torch.device("cpu"), torch.float32)
+    assert not slow_half_matmul(torch.device("cuda"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("mode", [pytest.param("kernel", marks=needs_kernel), "fp32"])
+def test_model_logits_stay_within_bf16_error_of_fp32(tmp_path, mode):
+    path = write_hf_checkpoint(tmp_path, num_attention_heads=4, num_key_value_heads=1, head_dim=16)
+    ref = GemmaForCausalLM.from_pretrained(path)
+    half = GemmaForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    set_cpu_matmul(half, "torch")
+    fast = copy.deepcopy(half)
+    assert set_cpu_matmul(fast, mode)[0] == mode
+    ids = torch.randint(10, ref.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(input_ids=ids).logits
+        err_native = (half(input_ids=ids).logits.float() - want).abs().max().item()
+        err_fast = (fast(input_ids=ids).logits.float() - want).abs().max().item()
+    assert err_fast <= 2 * err_native + 1e-3, (err_fast, err_native)
+
+
+@pytest.mark.parametrize("mode", [pytest.param("kernel", marks=needs_kernel), "fp32"])
+def test_engine_greedy_tokens_equal_generate_under_each_mode(tmp_path, mode):
+    path = write_hf_checkpoint(tmp_path, num_attention_heads=4, num_key_value_heads=1, head_dim=16)
+    model = GemmaForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    engine = LLMEngine(model, None, EngineConfig(kv_cache_memory="4MiB", cpu_matmul=mode))
+    assert engine.cpu_matmul == mode
+    assert (engine.model.lm_head.fp32_weight is not None) == (mode == "fp32")
+    assert engine.model.lm_head.bf16_kernel == (mode == "kernel")
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    prompts = {str(i): list(range(10, 20 + 3 * i)) for i in range(6)}
+    for rid, ids in prompts.items():
+        engine.add_request(rid, ids, params)
+    outs = engine.run_to_completion(list(prompts))
+    assert engine.kv.usage == 0.0
+    if mode == "kernel":  # its rows do not depend on the batch: the engine's batches equal one at a time
+        for rid, ids in prompts.items():
+            alone = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):]
+            assert outs[rid].token_ids == alone.tolist(), rid
+    else:
+        assert all(len(outs[rid].token_ids) == 6 for rid in prompts)
