@@ -1,4 +1,5 @@
-"""A hand-written bf16 matmul for x86 CPUs with AVX2 but no native bf16 instructions (`gemma/csrc/bf16_linear.cpp`).
+"""Hand-written CPU kernels for x86 CPUs with AVX2 but no native bf16 instructions (`gemma/csrc/`): a bf16 matmul
+(`bf16_linear.cpp`) and fused RMSNorm and rotary embedding (`decode_ops.cpp`).
 
 On such CPUs (AVX2 without AVX-512-BF16 or AMX: most AMD EPYCs before Zen 4, older Intel Xeons) PyTorch has no
 fast bf16 matmul: measured on 2 AVX2 cores, `F.linear` reads a bf16 weight at ~11-16 GB/s for one row of input
@@ -6,7 +7,11 @@ fast bf16 matmul: measured on 2 AVX2 cores, `F.linear` reads a bf16 weight at ~1
 reads twice the bytes and is slowest of all on the 262k-row tied LM head (~250 ms for 32 rows). The kernel widens
 bf16 to fp32 in registers: one-row decode reads weights at the memory's speed and big batches run at 60-90
 GFLOP/s, with no second copy of the weights. The products and the fp32 accumulation are those of any bf16 GEMM;
-only the order of the additions differs (tests/test_cpu_kernels.py compares against fp32 maths).
+only the order of the additions differs (tests/test_cpu_matmul.py compares against fp32 maths).
+
+A decode step also runs ~3000 small PyTorch ops, ~10 us of dispatch each on 2 slow cores; the fused RMSNorm (one
+call for ~11 ops) and rotary embedding (one for ~8) compute what those ops compute (the rotary embedding to the
+bit, the norm up to the order of its mean's additions).
 
 It is compiled at first use with torch's own extension builder (a C++ compiler and ninja; ~45 s, cached under
 `TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions). Where it cannot be built or run, `available()` is
@@ -24,7 +29,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "bf16_linear.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bf16_linear.cpp", "decode_ops.cpp")]
 _lock = threading.Lock()
 _module: Any = None
 _error: str | None = None
@@ -45,9 +50,9 @@ def load() -> Any:
                     raise RuntimeError(f"needs AVX2 (this CPU: {torch.backends.cpu.get_cpu_capability()})")
                 from torch.utils.cpp_extension import load as build
 
-                logger.info("cpu_kernels: building or loading %s (the first build takes ~45 s)", SOURCE.name)
+                logger.info("cpu_kernels: building or loading gemma/csrc (the first build takes ~1 min)")
                 _module = build(
-                    name="gemma_bf16_linear", sources=[str(SOURCE)],
+                    name="gemma_cpu_kernels", sources=[str(s) for s in SOURCES],
                     extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"],
                 )
             except Exception as exc:  # no compiler, no ninja, a CPU without AVX2: PyTorch's matmul stays
@@ -72,6 +77,16 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     fp32 accumulation, the result in x's dtype."""
     y = load().linear_bf16(x.reshape(-1, x.shape[-1]), weight)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm (gemma.layers.RMSNorm: fp32, scaled by `1 + weight`) of a CPU `x`, in x's dtype."""
+    return load().rms_norm(x, weight, eps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """gemma.layers.apply_rope for bf16 x (B, H, T, D) and tables (B, T, D) on the CPU, bit for bit."""
+    return load().rope_bf16(x, cos, sin)
 
 
 def usable(weight: torch.Tensor) -> bool:

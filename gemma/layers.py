@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemma import cpu_kernels
 from gemma.parallel import SINGLE, ColumnParallelLinear, RowParallelLinear, TPGroup
 
 
@@ -16,12 +17,16 @@ class RMSNorm(nn.Module):
     cast, where Llama casts first: transformers PR #29402.
     """
 
+    cpu_kernel: bool = False  # the fused CPU kernel (gemma.cpu_kernels), set by gemma.parallel.set_cpu_matmul
+
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_kernel:
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return (h * (1.0 + self.weight.float())).type_as(x)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemma import cpu_kernels
 from gemma.cache import KVCache
 from gemma.config import GemmaConfig
 from gemma.layers import GemmaMLP, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
@@ -41,6 +42,8 @@ class PagedAttention(Protocol):
 class GemmaAttention(nn.Module):
     """Self-attention; under tensor parallelism each rank holds `num_heads` of the query heads and the kv heads
     they read (replicated when there are fewer kv heads than ranks), and o_proj all-reduces."""
+
+    cpu_kernel: bool = False  # the fused bf16 rotary embedding (gemma.cpu_kernels), set by set_cpu_matmul
 
     def __init__(self, config: GemmaConfig, layer_idx: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
@@ -76,7 +79,8 @@ class GemmaAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        rotate = cpu_kernels.rope if self.cpu_kernel else apply_rope
+        q, k = rotate(q, *rope), rotate(k, *rope)
         if paged is not None:  # the engine's paged cache writes k/v and attends sequence by sequence
             out, probs = paged.attention(self.layer_idx, q, k, v, self.attend), None
         else:

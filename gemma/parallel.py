@@ -14,7 +14,8 @@ On a CPU without native bf16 / fp16 matrix instructions (no AVX-512-BF16 or AMX:
 before Zen 4), PyTorch's half-precision matmul is slow: on 2 AVX2 cores it computes ~17 GFLOP/s against ~40-100 for
 fp32, and reads a bf16 weight for one row at ~11-16 GB/s of the memory's ~25-29. `set_cpu_matmul(model, mode)`
 picks the matmul of every `Linear`:
-- "kernel": gemma.cpu_kernels' AVX2 bf16 kernel (fp32 accumulation, no extra memory), for bf16 weights;
+- "kernel": gemma.cpu_kernels' AVX2 bf16 kernel (fp32 accumulation, no extra memory), for bf16 weights, and its
+  fused RMSNorm and rotary embedding;
 - "fp32": an fp32 copy of each half-precision weight for inputs of `FP32_MATMUL_MIN_ROWS` rows or more (the
   products of bf16 values computed in fp32 and rounded back, as a bf16 GEMM with fp32 accumulation does, at 2x
   the weights' bytes in memory); fewer rows keep the half-precision weight, being bound by reading it;
@@ -182,13 +183,22 @@ def set_cpu_matmul(model: nn.Module, mode: str = "auto") -> tuple[str, int]:
         slow = any(slow_half_matmul(m.weight.device, m.weight.dtype) for m in half)
         bf16 = bool(half) and all(m.weight.dtype == torch.bfloat16 for m in half)
         mode = "torch" if not slow else "kernel" if bf16 and cpu_kernels.available() else "fp32"
+    from gemma.layers import RMSNorm  # noqa: PLC0415 - gemma.layers and gemma.model import this module
+    from gemma.model import GemmaAttention  # noqa: PLC0415
+
+    fused = [m for m in model.modules() if isinstance(m, (RMSNorm, GemmaAttention))]
     for m in linears:
         m.fp32_weight, m.bf16_kernel = None, False
+    for m in fused:
+        m.cpu_kernel = False
     added = 0
     if mode == "kernel":
         cpu_kernels.load()  # raises, naming why, where the kernel cannot be built
         for m in half:
             m.bf16_kernel = cpu_kernels.usable(m.weight)
+        for m in fused:  # the fused norm and rotary embedding of a bf16 model on the CPU
+            w = m.weight if isinstance(m, RMSNorm) else m.q_proj.weight
+            m.cpu_kernel = w.device.type == "cpu" and (isinstance(m, RMSNorm) or w.dtype == torch.bfloat16)
     elif mode == "fp32":
         for m in half:
             m.fp32_weight = m.weight.detach().float()

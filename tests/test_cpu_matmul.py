@@ -12,6 +12,7 @@ from conftest import write_hf_checkpoint
 
 from gemma import GemmaForCausalLM, cpu_kernels
 from gemma.engine import EngineConfig, LLMEngine
+from gemma.layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 from gemma.parallel import (
     FP32_MATMUL_MIN_ROWS,
     ColumnParallelLinear,
@@ -74,6 +75,33 @@ def test_kernel_mode_routes_bf16_linears_and_keeps_shapes():
     assert set_cpu_matmul(layer, "torch") == ("torch", 0) and not layer.bf16_kernel
 
 
+@needs_kernel
+def test_fused_rope_is_bit_identical_to_apply_rope():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 5, 16, generator=g).to(torch.bfloat16).transpose(1, 2)  # (B, H, T, D), not contiguous
+    positions = torch.tensor([[0, 1, 2], [7, 100, 4000]])
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(16, 10000.0), torch.bfloat16)
+    assert torch.equal(cpu_kernels.rope(x, cos, sin), apply_rope(x, cos, sin))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_rms_norm_matches_the_module(dtype):
+    g = torch.Generator().manual_seed(3)
+    norm = RMSNorm(640, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(640, generator=g) * 0.5)
+    norm = norm.to(dtype)
+    x = (torch.randn(4, 7, 640, generator=g) * 3).to(dtype)
+    want = norm(x)
+    got = cpu_kernels.rms_norm(x, norm.weight, norm.eps)
+    assert got.dtype == dtype and got.shape == x.shape
+    # the mean's additions in another order: fp32 rounding apart, so at most one bf16 step
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)
+    if dtype == torch.bfloat16:
+        assert (got == want).float().mean() > 0.99
+
+
 def test_fp32_mode_copies_weights_for_many_rows_and_keeps_bf16_for_one():
     torch.manual_seed(0)
     layer = ColumnParallelLinear(64, 48).to(torch.bfloat16)
@@ -125,6 +153,8 @@ def test_engine_greedy_tokens_equal_generate_under_each_mode(tmp_path, mode):
     assert engine.cpu_matmul == mode
     assert (engine.model.lm_head.fp32_weight is not None) == (mode == "fp32")
     assert engine.model.lm_head.bf16_kernel == (mode == "kernel")
+    layer = engine.model.model.layers[0]  # the fused norm and rotary embedding come with the kernel
+    assert layer.input_layernorm.cpu_kernel == layer.self_attn.cpu_kernel == (mode == "kernel")
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     prompts = {str(i): list(range(10, 20 + 3 * i)) for i in range(6)}
     for rid, ids in prompts.items():

@@ -112,7 +112,3 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w) {
   });
   return y.to(x.scalar_type());
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear_bf16", &linear_bf16, "x (M, K) @ w (N, K)^T for a bf16 w, fp32 accumulation, in x's dtype");
-}
