@@ -6,10 +6,11 @@
 Each step runs on the process's PyTorch thread (gemma.torch_thread; PyTorch releases the GIL), so the event
 loop keeps accepting requests and streaming tokens while the model computes. Load the engine on that same thread
 (`AsyncLLMEngine.from_engine_factory`, or `torch_thread.call`): CPU kernels run on an OpenMP team per calling
-thread, and a second team makes every step ~1.5x slower (gemma.torch_thread's doc has the figures). Leaving the `async for` early, cancelling the task, or
-`await engine.abort(request_id)` aborts the request and frees its KV blocks. A request that cannot be served
-raises from `generate` and affects no other request; if a step itself fails, the requests in it get the
-error and the loop keeps serving the others.
+thread, and a second team makes every step ~1.5x slower (gemma.torch_thread's doc has the figures).
+
+Leaving the `async for` early, cancelling the task, or `await engine.abort(request_id)` aborts the request and
+frees its KV blocks. A request that cannot be served raises from `generate` and affects no other request; if a
+step itself fails, the requests in it get the error and the loop keeps serving the others.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from gemma import torch_thread
-
 from gemma.engine.llm_engine import LLMEngine
 from gemma.engine.outputs import RequestOutput
 from gemma.sampling import SamplingParams

@@ -96,7 +96,7 @@ class LocalLauncher:
 def start_tensor_parallel(spec: WorkerSpec, launcher: type = LocalLauncher):
     """Start ranks 1..N-1 with `launcher`, join as rank 0, load rank 0's shard; returns (model, workers)."""
     from gemma.model import GemmaForCausalLM
-    from gemma.parallel import TPGroup, set_cpu_matmul
+    from gemma.parallel import TPGroup
 
     if spec.port == 0:
         spec = WorkerSpec(**{**spec.__dict__, "port": free_port(spec.host)})
