@@ -89,6 +89,16 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return load().rope_bf16(x, cos, sin)
 
 
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, allowed: torch.Tensor, scale: float,
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    """Attention of one query per row, reading keys and values in place: q (n, H, D), k/v (B, P, Hkv, D) pools
+    (B == 1: one pool for every row, B == n: one per row), slots (n, S) int64, allowed (n, S) bool. Row i attends
+    the keys at slots[i, j] where allowed[i, j], in fp32 (scores soft-capped when `softcap`); (n, H, D) bf16."""
+    return load().decode_attention(q, k, v, slots, allowed, scale, softcap)
+
+
 def usable(weight: torch.Tensor) -> bool:
     """Whether `weight` has the layout the kernel takes."""
     return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2

@@ -63,6 +63,9 @@ class GemmaMLP(nn.Module):
     (see `gemma.config.TANH_GELU_NAMES`).
     """
 
+    # gate and up's weights as one matrix (theirs are views into it) for one bf16-kernel call, set by set_cpu_matmul
+    gate_up_weight: torch.Tensor | None = None
+
     def __init__(self, hidden_size: int, intermediate_size: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.gate_proj = ColumnParallelLinear(hidden_size, intermediate_size, tp)
@@ -70,4 +73,8 @@ class GemmaMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        if self.gate_up_weight is not None:
+            gate, up = cpu_kernels.linear_bf16(x, self.gate_up_weight).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)

@@ -33,7 +33,7 @@ class PagedAttention(Protocol):
 
     Given one layer's flat queries/keys/values (1, H, T, D) for all scheduled tokens of all sequences, it
     writes the keys/values into the cache and returns the attention output (1, H, T, D), calling `attend`
-    (the layer's own attention maths) on each sequence's queries and cached keys with a mask it builds.
+    (the layer's `attend_slots`) on each group of sequences' queries with the cache slots of their keys.
     """
 
     def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: Any) -> torch.Tensor: ...
@@ -44,6 +44,8 @@ class GemmaAttention(nn.Module):
     they read (replicated when there are fewer kv heads than ranks), and o_proj all-reduces."""
 
     cpu_kernel: bool = False  # the fused bf16 rotary embedding (gemma.cpu_kernels), set by set_cpu_matmul
+    # q, k and v's weights as one matrix (theirs are views into it) for one bf16-kernel call, set by set_cpu_matmul
+    qkv_weight: torch.Tensor | None = None
 
     def __init__(self, config: GemmaConfig, layer_idx: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
@@ -74,15 +76,20 @@ class GemmaAttention(nn.Module):
         paged: PagedAttention | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_weight is not None:
+            sizes = (self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features)
+            q, k, v = cpu_kernels.linear_bf16(x, self.qkv_weight).split(sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         rotate = cpu_kernels.rope if self.cpu_kernel else apply_rope
         q, k = rotate(q, *rope), rotate(k, *rope)
         if paged is not None:  # the engine's paged cache writes k/v and attends sequence by sequence
-            out, probs = paged.attention(self.layer_idx, q, k, v, self.attend), None
+            out, probs = paged.attention(self.layer_idx, q, k, v, self.attend_slots), None
         else:
             if cache is not None:
                 k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D)
@@ -96,6 +103,15 @@ class GemmaAttention(nn.Module):
         """softmax(q k^T * scale [soft-capped] + mask) v for q (B, H, T, D), k/v (B, Hkv, S, D), mask (B, 1, T, S)."""
         dropout = self.dropout if self.training else 0.0
         groups = self.num_heads // self.num_kv_heads
+        if self.cpu_kernel and q.shape[2] == 1 and not output_attentions and not self.training:
+            # one query per row (KV-cached decode): the fused kernel, as the engine's paged decode runs it
+            B, S = k.shape[0], k.shape[2]
+            slots = torch.arange(S, device=k.device).expand(B, S)
+            out = cpu_kernels.decode_attention(
+                q[:, :, 0], k.transpose(1, 2), v.transpose(1, 2), slots, mask[:, 0, 0] == 0, self.scaling,
+                self.softcap or 0.0,
+            )
+            return out[:, :, None], None
         if output_attentions or self.softcap:  # eager: the weights come out; SDPA cannot soft-cap
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, D)
             scores = q @ k.transpose(-1, -2) * self.scaling  # (B, H, T, S)
@@ -115,6 +131,21 @@ class GemmaAttention(nn.Module):
             q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scaling, enable_gqa=groups > 1
         )
         return out, None
+
+
+    def attend_slots(
+        self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, allowed: torch.Tensor,
+        bias: torch.Tensor,
+    ) -> torch.Tensor:
+        """Attention of q (n, H, Q, D) over keys and values kept in pools (P, Hkv, D), at `slots` (n, K) (the
+        engine's paged cache); `allowed` (n, 1, Q, K) bool and `bias` its additive form. Returns (n, H, Q, D)."""
+        if self.cpu_kernel and q.shape[2] == 1 and not self.training:  # decode: the kernel reads the pools in place
+            out = cpu_kernels.decode_attention(
+                q[:, :, 0], k_pool[None], v_pool[None], slots, allowed[:, 0, 0], self.scaling, self.softcap or 0.0
+            )
+            return out[:, :, None]
+        k, v = k_pool[slots].transpose(1, 2), v_pool[slots].transpose(1, 2)  # (n, Hkv, K, D)
+        return self.attend(q, k, v, bias)[0]
 
 
 class GemmaDecoderLayer(nn.Module):

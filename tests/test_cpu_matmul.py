@@ -148,6 +148,20 @@ def test_model_logits_stay_within_bf16_error_of_fp32(tmp_path, mode):
 @pytest.mark.parametrize("mode", [pytest.param("kernel", marks=needs_kernel), "fp32"])
 def test_engine_greedy_tokens_equal_generate_under_each_mode(tmp_path, mode):
     path = write_hf_checkpoint(tmp_path, num_attention_heads=4, num_key_value_heads=1, head_dim=16)
+    engine_equals_generate(path, mode)
+
+
+@needs_kernel
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_kernel_mode_engine_equals_generate_with_sliding_windows_and_soft_capping(tmp_path, family):
+    """Prompts longer than the window: the decode-attention kernel reads only the window's keys from the paged pools,
+    and with Gemma 2's soft-capped scores, exactly as it reads them from generate's cache."""
+    from test_gemma23_parity import FAMILIES
+
+    engine_equals_generate(write_hf_checkpoint(tmp_path, family=family, **FAMILIES[family]), "kernel")
+
+
+def engine_equals_generate(path, mode: str) -> None:
     model = GemmaForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     engine = LLMEngine(model, None, EngineConfig(kv_cache_memory="4MiB", cpu_matmul=mode))
     assert engine.cpu_matmul == mode
@@ -163,7 +177,79 @@ def test_engine_greedy_tokens_equal_generate_under_each_mode(tmp_path, mode):
     assert engine.kv.usage == 0.0
     if mode == "kernel":  # its rows do not depend on the batch: the engine's batches equal one at a time
         for rid, ids in prompts.items():
-            alone = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):]
-            assert outs[rid].token_ids == alone.tolist(), rid
+            alone = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=[])
+            assert outs[rid].token_ids == alone[0, len(ids) :].tolist(), rid
     else:
         assert all(len(outs[rid].token_ids) == 6 for rid in prompts)
+
+
+def reference_attention(q, k, v, slots, allowed, scale, softcap=0.0):
+    """fp32 softmax attention of each row's query over its allowed keys: q (n, H, D), k/v (B, P, Hkv, D)."""
+    n, H, _ = q.shape
+    out = torch.zeros(n, H, q.shape[-1])
+    groups = H // k.shape[2]
+    for i in range(n):
+        pool = 0 if k.shape[0] == 1 else i
+        keys = slots[i][allowed[i]]
+        for h in range(H):
+            kk, vv = k[pool, keys, h // groups].float(), v[pool, keys, h // groups].float()
+            scores = kk @ q[i, h].float() * scale
+            if softcap:
+                scores = softcap * torch.tanh(scores / softcap)
+            out[i, h] = scores.softmax(-1) @ vv
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("pools", ["shared", "per row"])
+@pytest.mark.parametrize("softcap", [0.0, 5.0])
+def test_decode_attention_matches_fp32_attention_over_the_allowed_slots(pools, softcap):
+    g = torch.Generator().manual_seed(3)
+    n, H, Hkv, D, P, S = 5, 4, 2, 32, 40, 12
+    q = torch.randn(n, H, D, generator=g).to(torch.bfloat16)
+    shape = (1 if pools == "shared" else n, P, Hkv, D)
+    k = torch.randn(shape, generator=g).to(torch.bfloat16)
+    v = torch.randn(shape, generator=g).to(torch.bfloat16)
+    slots = torch.stack([torch.randperm(P, generator=g)[:S] for _ in range(n)])  # keys anywhere in the pool
+    allowed = torch.rand(n, S, generator=g) < 0.7
+    allowed[:, 0] = True
+    got = cpu_kernels.decode_attention(q, k, v, slots, allowed, 0.2, softcap)
+    assert got.dtype == torch.bfloat16 and got.shape == (n, H, D)
+    want = reference_attention(q, k, v, slots, allowed, 0.2, softcap)
+    torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=1e-3)  # one bf16 rounding of the fp32 result
+    # a row's result depends only on its own keys: alone, with its keys elsewhere in a pool, it is the same bits
+    for i in range(n):
+        keys = slots[i][allowed[i]]
+        alone = cpu_kernels.decode_attention(
+            q[i : i + 1], k[[0 if pools == "shared" else i]][:, keys], v[[0 if pools == "shared" else i]][:, keys],
+            torch.arange(len(keys))[None], torch.ones(1, len(keys), dtype=torch.bool), 0.2, softcap,
+        )
+        assert torch.equal(alone[0], got[i])
+
+
+@needs_kernel
+def test_fused_rms_norm_reads_strided_rows():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 6, 3, 16, generator=g).to(torch.bfloat16).transpose(1, 2)  # (B, H, T, D), rows strided
+    w = torch.randn(16, generator=g)
+    assert torch.equal(cpu_kernels.rms_norm(x, w, 1e-6), cpu_kernels.rms_norm(x.contiguous(), w, 1e-6))
+
+
+@needs_kernel
+def test_kernel_mode_joins_qkv_and_gate_up_into_views_of_one_matrix(tmp_path):
+    path = write_hf_checkpoint(tmp_path, num_attention_heads=4, num_key_value_heads=1, head_dim=16)
+    model = GemmaForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    x = torch.randn(3, 5, model.config.hidden_size).to(torch.bfloat16)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    set_cpu_matmul(model, "kernel")
+    separate = [m(x) for m in (attn.q_proj, attn.k_proj, attn.v_proj)], [mlp.gate_proj(x), mlp.up_proj(x)]
+    assert attn.qkv_weight is not None and mlp.gate_up_weight is not None
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.qkv_weight.untyped_storage().data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp.gate_up_weight.untyped_storage().data_ptr()
+    joined = cpu_kernels.linear_bf16(x, attn.qkv_weight), cpu_kernels.linear_bf16(x, mlp.gate_up_weight)
+    assert torch.equal(joined[0], torch.cat(separate[0], -1)) and torch.equal(joined[1], torch.cat(separate[1], -1))
+    after = model.state_dict()  # same names, same values: saving or reloading is unaffected
+    assert after.keys() == before.keys() and all(torch.equal(after[k], t) for k, t in before.items())
+    set_cpu_matmul(model, "torch")
+    assert attn.qkv_weight is None and mlp.gate_up_weight is None

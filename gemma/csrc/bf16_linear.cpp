@@ -5,110 +5,204 @@
 // y = x w^T for x (M, K), w (N, K) row-major. Every bf16 value is widened to fp32 exactly (a 16-bit shift), the
 // products are summed in fp32 and the result is rounded to x's dtype once, as a bf16 GEMM with fp32 accumulation
 // does; only the order of the additions differs from other implementations.
-// - M < 16 (decode): bound by reading w; one weight row at a time (one sequential stream per thread), each element
-//   widened as it is used, against up to four rows of x.
+//
+// The order of the additions, the same in every path: k is cut into chunks of 8 lanes; chunk c goes to partial sum
+// c % 4, each partial a chain of FMAs in increasing c; then (p0 + p1) + (p2 + p3) and one tree across the lanes.
+// Four independent chains hide the FMA latency (one chain capped one-row decode at ~8-10 GB/s per core), and a
+// row's result does not depend on the other rows of x: batched decode equals one sequence at a time, bit for bit.
+// - M < 16 (decode): bound by reading w; one weight row at a time (one sequential stream per thread), each chunk
+//   widened once and used against up to three rows of x.
 // - M >= 16 (prefill, big batches): bound by arithmetic; each block of w is widened once into a per-thread fp32
-//   buffer that stays in L2 while every row of x passes over it, four rows of w against three of x at a time.
-// Every output element is one fp32 accumulator over k in steps of 8 lanes, then the same tree of additions across the
-// lanes, in both paths: a row's result does not depend on the other rows of x (batched decode equals one at a time).
+//   buffer in L2, then four rows of w stay in L1 while every row of x passes over them, three at a time.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+
+#include <cstring>
+#include <vector>
 
 namespace {
 
 inline __m256 load8(const uint16_t* p) {  // 8 bf16 -> 8 fp32 (exact: bf16 is fp32's upper half)
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 
-inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {  // {sum a0, sum a1, sum a2, sum a3}
-  __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-
-inline float hsum1(__m256 a) {  // the same additions, in the same order, as hsum4 gives each of its sums
+inline float hsum1(__m256 a) {  // the tree across the lanes
   __m256 h = _mm256_hadd_ps(a, a);
   h = _mm256_hadd_ps(h, h);
   return _mm_cvtss_f32(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
 }
 
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-
-// y[m + c, n + r] for r < 4, c < C: four weight rows against C rows of x, 4*C accumulators.
-// `w` points at weight row n (bf16, converted on load, or an fp32 copy of the block).
-template <int C, typename W>
-inline void tile4(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t m, int64_t n) {
-  __m256 acc[4][C];
-  for (int r = 0; r < 4; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
-  const W* w0 = w;
-  const float* x0 = x + m * K;
-  for (int64_t k = 0; k < K; k += 8) {
-    __m256 wv[4];
-    for (int r = 0; r < 4; ++r) wv[r] = load8(w0 + r * K + k);
-    for (int c = 0; c < C; ++c) {
-      __m256 xv = _mm256_loadu_ps(x0 + c * K + k);
-      for (int r = 0; r < 4; ++r) acc[r][c] = _mm256_fmadd_ps(wv[r], xv, acc[r][c]);
-    }
-  }
-  for (int c = 0; c < C; ++c) _mm_storeu_ps(y + (m + c) * N + n, hsum4(acc[0][c], acc[1][c], acc[2][c], acc[3][c]));
+inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {  // {hsum1(a0), ..., hsum1(a3)}, same additions
+  __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
-// y[m + c, n] for c < C: one weight row against C rows of x. Reading w one row after the other (one stream) is what
-// lets one-row decode reach the memory's bandwidth; four interleaved rows read ~35% slower.
+inline __m256 combine(const __m256* p) { return _mm256_add_ps(_mm256_add_ps(p[0], p[1]), _mm256_add_ps(p[2], p[3])); }
+
+inline uint16_t to_bf16(float f) {  // round to nearest even, as c10::BFloat16 does
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;  // NaN
+  return uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+struct Out {  // y (M, N) in x's dtype: fp32 or bf16
+  float* f;
+  uint16_t* h;
+  int64_t N;
+  void put(int64_t m, int64_t n, float v) const {
+    if (h) h[m * N + n] = to_bf16(v);
+    else f[m * N + n] = v;
+  }
+};
+
+// y[m + c, n] for c < C: one weight row (bf16) against C rows of x, four partial sums each.
 template <int C>
-inline void row1(const float* x, const uint16_t* w, float* y, int64_t K, int64_t N, int64_t m, int64_t n) {
-  __m256 acc[C];
-  for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
+inline void row1(const float* x, const uint16_t* w, const Out& y, int64_t K, int64_t m, int64_t n) {
+  __m256 acc[C][4];
+  for (int c = 0; c < C; ++c)
+    for (int p = 0; p < 4; ++p) acc[c][p] = _mm256_setzero_ps();
   const uint16_t* w0 = w + n * K;
   const float* x0 = x + m * K;
-  for (int64_t k = 0; k < K; k += 8) {
-    __m256 wv = load8(w0 + k);
-    for (int c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + c * K + k), acc[c]);
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32)
+    for (int p = 0; p < 4; ++p) {
+      const __m256 wv = load8(w0 + k + 8 * p);
+      for (int c = 0; c < C; ++c) acc[c][p] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + c * K + k + 8 * p), acc[c][p]);
+    }
+  for (int p = 0; k < K; k += 8, ++p) {
+    const __m256 wv = load8(w0 + k);
+    for (int c = 0; c < C; ++c) acc[c][p] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + c * K + k), acc[c][p]);
   }
-  for (int c = 0; c < C; ++c) y[(m + c) * N + n] = hsum1(acc[c]);
+  for (int c = 0; c < C; ++c) y.put(m + c, n, hsum1(combine(acc[c])));
+}
+
+// The chunks of a row of k, reordered so that each partial's chunks are contiguous: those with c % 4 == 0 in
+// increasing c, then c % 4 == 1, ... The batched path stores x and the weight blocks so, and each pass reads one
+// sequential stream.
+struct Passes {
+  int64_t off[5];
+  explicit Passes(int64_t K) {
+    const int64_t C = K / 8;
+    off[0] = 0;
+    for (int p = 0; p < 4; ++p) off[p + 1] = off[p] + 8 * ((C - p + 3) / 4);
+  }
+  template <typename T>
+  void reorder(const T* src, float* dst, int64_t K) const {  // one row, widened to fp32
+    for (int p = 0; p < 4; ++p)
+      for (int64_t k = 8 * p, o = off[p]; k < K; k += 32, o += 8) _mm256_storeu_ps(dst + o, load8(src + k));
+  }
+};
+
+// y[m + c, n + r] for r < 4, c < C: four reordered fp32 weight rows `w` against C reordered rows of x, one pass
+// per partial sum (4 * C accumulators), adding in the order row1 adds.
+template <int C>
+inline void tile4(const float* x, const float* w, const Out& y, int64_t K, const Passes& ps, int64_t m, int64_t n) {
+  __m256 part[4][4][C];  // [p][r][c]
+  const float* x0 = x + m * K;
+  for (int p = 0; p < 4; ++p) {
+    __m256 acc[4][C];
+    for (int r = 0; r < 4; ++r)
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+    for (int64_t k = ps.off[p]; k < ps.off[p + 1]; k += 8) {
+      __m256 wv[4];
+      for (int r = 0; r < 4; ++r) wv[r] = _mm256_loadu_ps(w + r * K + k);
+      for (int c = 0; c < C; ++c) {
+        const __m256 xv = _mm256_loadu_ps(x0 + c * K + k);
+        for (int r = 0; r < 4; ++r) acc[r][c] = _mm256_fmadd_ps(wv[r], xv, acc[r][c]);
+      }
+    }
+    for (int r = 0; r < 4; ++r)
+      for (int c = 0; c < C; ++c) part[p][r][c] = acc[r][c];
+  }
+  for (int c = 0; c < C; ++c) {
+    __m256 s[4];
+    for (int r = 0; r < 4; ++r) {
+      const __m256 pr[4] = {part[0][r][c], part[1][r][c], part[2][r][c], part[3][r][c]};
+      s[r] = combine(pr);
+    }
+    float v[4];
+    _mm_storeu_ps(v, hsum4(s[0], s[1], s[2], s[3]));
+    for (int r = 0; r < 4; ++r) y.put(m + c, n + r, v[r]);
+  }
+}
+
+void rows_of_x(const float* x, const uint16_t* w, const Out& y, int64_t M, int64_t K, int64_t n) {
+  int64_t m = 0;
+  for (; m + 3 <= M; m += 3) row1<3>(x, w, y, K, m, n);
+  if (M - m == 2) row1<2>(x, w, y, K, m, n);
+  else if (M - m == 1) row1<1>(x, w, y, K, m, n);
 }
 
 }  // namespace
 
-// x (M, K), w (N, K) bf16, K % 8 == 0 -> x w^T (M, N), accumulated in fp32, returned in x's dtype.
+// x (M, K) fp32 or bf16, w (N, K) bf16, K % 8 == 0 -> x w^T (M, N), accumulated in fp32, returned in x's dtype.
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2 && w.is_contiguous(), "w: contiguous 2-D bf16");
   TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1) && w.size(1) % 8 == 0, "x: (M, K) with K % 8 == 0");
-  auto xf = x.to(at::kFloat).contiguous();
-  const int64_t M = xf.size(0), K = xf.size(1), N = w.size(0);
-  auto y = torch::empty({M, N}, xf.options());
-  const float* xp = xf.data_ptr<float>();
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  float* yp = y.data_ptr<float>();
-  // blocks of weight rows small enough to stay in L2 while every row of x passes over them
-  const int64_t rows = std::max<int64_t>(4, std::min<int64_t>(256, (256 * 1024 / (4 * K)) / 4 * 4));
-  std::vector<float> block(M >= 16 ? at::get_num_threads() * rows * K : 0);
-  at::parallel_for(0, (N + rows - 1) / rows, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * rows, n1 = std::min(N, n0 + rows);
-      const int64_t n4 = n0 + (n1 - n0) / 4 * 4;
-      if (M < 16) {  // few rows: bound by reading the weights, convert each element as it is used
-        for (int64_t n = n0; n < n1; ++n) {
-          int64_t m = 0;
-          for (; m + 4 <= M; m += 4) row1<4>(xp, wp, yp, K, N, m, n);
-          if (M - m == 3) row1<3>(xp, wp, yp, K, N, m, n);
-          else if (M - m == 2) row1<2>(xp, wp, yp, K, N, m, n);
-          else if (M - m == 1) row1<1>(xp, wp, yp, K, N, m, n);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "x: bf16 or fp32");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  // x in fp32, widened once here rather than by an ATen op (each op costs ~10 us of dispatch on small inputs)
+  std::vector<float> xbuf;
+  const float* xp;
+  if (x.scalar_type() == at::kFloat && x.is_contiguous()) {
+    xp = x.data_ptr<float>();
+  } else {
+    xbuf.resize(M * K);
+    if (x.scalar_type() == at::kFloat) {
+      auto xc = x.contiguous();
+      std::memcpy(xbuf.data(), xc.data_ptr<float>(), M * K * sizeof(float));
+    } else {
+      const int64_t s0 = x.stride(0), s1 = x.stride(1);
+      const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+      for (int64_t m = 0; m < M; ++m)
+        if (s1 == 1) {
+          for (int64_t k = 0; k < K; k += 8) _mm256_storeu_ps(&xbuf[m * K + k], load8(src + m * s0 + k));
+        } else {
+          for (int64_t k = 0; k < K; ++k) {
+            uint32_t u = uint32_t(src[m * s0 + k * s1]) << 16;
+            std::memcpy(&xbuf[m * K + k], &u, 4);
+          }
         }
-      } else {  // many rows: convert the block to fp32 once, then every row of x reuses it from cache
-        float* buf = block.data() + at::get_thread_num() * rows * K;
-        const uint16_t* src = wp + n0 * K;
-        for (int64_t i = 0; i < (n4 - n0) * K; i += 8) _mm256_storeu_ps(buf + i, load8(src + i));
+    }
+    xp = xbuf.data();
+  }
+  const Out out{x.scalar_type() == at::kFloat ? y.data_ptr<float>() : nullptr,
+                x.scalar_type() == at::kFloat ? nullptr : reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), N};
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  const int64_t threads = at::get_num_threads();
+  if (M < 16) {  // few rows: bound by reading the weights; an even share of rows per thread
+    at::parallel_for(0, N, std::max<int64_t>(16, N / threads), [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) rows_of_x(xp, wp, out, M, K, n);
+    });
+    return y;
+  }
+  // many rows: x and blocks of weight rows (small enough to stay in L2) widened to fp32 once, chunks reordered
+  const Passes ps(K);
+  std::vector<float> xr(M * K);
+  for (int64_t m = 0; m < M; ++m) ps.reorder(xp + m * K, xr.data() + m * K, K);
+  const int64_t rows = std::max<int64_t>(4, std::min<int64_t>(256, (256 * 1024 / (4 * K)) / 4 * 4));
+  std::vector<float> block(threads * rows * K);
+  const int64_t units = (N + 3) / 4;  // threads take whole groups of four weight rows
+  at::parallel_for(0, units, std::max<int64_t>(1, units / threads), [&](int64_t u0, int64_t u1) {
+    float* buf = block.data() + at::get_thread_num() * rows * K;
+    for (int64_t b0 = u0 * 4; b0 < std::min(N, u1 * 4); b0 += rows) {
+      const int64_t b1 = std::min({N, u1 * 4, b0 + rows});
+      const int64_t b4 = b0 + (b1 - b0) / 4 * 4;
+      for (int64_t n = b0; n < b4; ++n) ps.reorder(wp + n * K, buf + (n - b0) * K, K);
+      for (int64_t n = b0; n < b4; n += 4) {
+        const float* wt = buf + (n - b0) * K;
         int64_t m = 0;
-        for (; m + 3 <= M; m += 3)
-          for (int64_t n = n0; n < n4; n += 4) tile4<3>(xp, buf + (n - n0) * K, yp, K, N, m, n);
-        for (; m < M; ++m)
-          for (int64_t n = n0; n < n4; n += 4) tile4<1>(xp, buf + (n - n0) * K, yp, K, N, m, n);
-        for (int64_t n = n4; n < n1; ++n)
-          for (int64_t mm = 0; mm < M; ++mm) row1<1>(xp, wp, yp, K, N, mm, n);
+        for (; m + 3 <= M; m += 3) tile4<3>(xr.data(), wt, out, K, ps, m, n);
+        if (M - m == 2) tile4<2>(xr.data(), wt, out, K, ps, m, n);
+        else if (M - m == 1) tile4<1>(xr.data(), wt, out, K, ps, m, n);
       }
+      for (int64_t n = b4; n < b1; ++n) rows_of_x(xp, wp, out, M, K, n);
     }
   });
-  return y.to(x.scalar_type());
+  return y;
 }

@@ -9,8 +9,10 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w);  // bf16_linear.cpp
 
@@ -30,27 +32,49 @@ inline uint16_t to_bf16(float f) {  // round to nearest even, as c10::BFloat16 d
   return uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
+inline float hsum8(__m256 a) {  // the lane tree of bf16_linear.cpp's hsum1
+  __m256 h = _mm256_hadd_ps(a, a);
+  h = _mm256_hadd_ps(h, h);
+  return _mm_cvtss_f32(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
+
 inline float round_bf16(float f) { return from_bf16(to_bf16(f)); }
 
 }  // namespace
 
-// x (..., D) float/bf16, w (D,) zero-centred -> Gemma's RMSNorm of each row, in x's dtype.
+// x (..., D) fp32 or bf16 (rows may be strided, D contiguous), w (D,) zero-centred -> Gemma's RMSNorm of each
+// row, contiguous, in x's dtype. Reads and writes x's dtype directly: no conversion ops around it.
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   TORCH_CHECK(w.dim() == 1 && x.size(-1) == w.size(0), "rms_norm: w must be (D,) for x (..., D)");
-  auto xf = x.to(at::kFloat).contiguous();
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "rms_norm: fp32 or bf16 x");
+  const int64_t D = x.size(-1);
+  auto x2 = x.stride(-1) == 1 ? x : x.contiguous();
+  const int64_t R = D ? x2.numel() / D : 0, nd = x2.dim();
+  auto row_offset = [&](int64_t r) {  // element offset of row r of the leading dims, whatever their strides
+    int64_t off = 0;
+    for (int64_t i = nd - 2; i >= 0; --i) {
+      off += (r % x2.size(i)) * x2.stride(i);
+      r /= x2.size(i);
+    }
+    return off;
+  };
   auto scale = (w.to(at::kFloat) + 1.0).contiguous();  // PyTorch's 1.0 + weight.float(), the same fp32 values
-  const int64_t D = xf.size(-1), R = D ? xf.numel() / D : 0;
-  auto out = torch::empty_like(xf);
-  const float* xp = xf.data_ptr<float>();
+  auto out = torch::empty(x.sizes(), x.options());
   const float* sp = scale.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+  const bool half = x.scalar_type() == at::kBFloat16;
+  const uint16_t* xh = half ? reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>()) : nullptr;
+  const float* xf = half ? nullptr : x2.data_ptr<float>();
+  uint16_t* oh = half ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
+  float* of = half ? nullptr : out.data_ptr<float>();
   at::parallel_for(0, R, std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1)), [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(D);
     for (int64_t r = r0; r < r1; ++r) {
-      const float* row = xp + r * D;
+      const int64_t o = row_offset(r);
+      for (int64_t d = 0; d < D; ++d) row[d] = half ? from_bf16(xh[o + d]) : xf[o + d];
       __m256 acc = _mm256_setzero_ps();
       int64_t d = 0;
       for (; d + 8 <= D; d += 8) {
-        __m256 v = _mm256_loadu_ps(row + d);
+        __m256 v = _mm256_loadu_ps(row.data() + d);
         acc = _mm256_fmadd_ps(v, v, acc);
       }
       float lanes[8];
@@ -59,11 +83,14 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
       for (int i = 0; i < 8; ++i) sum += lanes[i];
       for (; d < D; ++d) sum += row[d] * row[d];
       const float inv = 1.0f / std::sqrt(sum / float(D) + float(eps));
-      float* o = op + r * D;
-      for (d = 0; d < D; ++d) o[d] = (row[d] * inv) * sp[d];
+      for (d = 0; d < D; ++d) {
+        const float v = (row[d] * inv) * sp[d];
+        if (half) oh[r * D + d] = to_bf16(v);
+        else of[r * D + d] = v;
+      }
     }
   });
-  return out.to(x.scalar_type());
+  return out;
 }
 
 // x (B, H, T, D) bf16, cos/sin (B, T, D) bf16 -> the rotated x (B, H, T, D), contiguous.
@@ -98,8 +125,93 @@ torch::Tensor rope_bf16(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   return out;
 }
 
+// Attention of one query per row over keys picked by slot, reading the (paged) KV pools in place. q (n, H, D) bf16,
+// k/v (Bp, P, Hkv, D) bf16 (pool row b = 0 when Bp == 1, else b = i for query row i; D contiguous), slots (n, S)
+// int64 and allowed (n, S) bool: row i attends keys slots[i, j] where allowed[i, j], in increasing j. Scores, the
+// softmax and the weighted sum of values are fp32, the output is rounded to bf16 once; each (row, kv head) is one
+// thread's, its additions in key order, so a row's result depends only on its own keys (batch-invariant).
+// Query head h reads kv head h / (H / Hkv). softcap > 0: scores become softcap * tanh(scores / softcap).
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor slots,
+                               torch::Tensor allowed, double scale, double softcap) {
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
+              v.scalar_type() == at::kBFloat16, "decode_attention: bf16 q, k, v");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes(), "decode_attention: q (n, H, D), k/v (B, P, Hkv, D)");
+  const int64_t n = q.size(0), H = q.size(1), D = q.size(2), Bp = k.size(0), Hkv = k.size(2);
+  TORCH_CHECK(k.size(3) == D && D % 8 == 0 && H % Hkv == 0, "decode_attention: head sizes");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: D contiguous");
+  TORCH_CHECK(Bp == 1 || Bp == n, "decode_attention: one pool, or one per row");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && allowed.scalar_type() == at::kBool && slots.dim() == 2 &&
+              slots.size(0) == n && allowed.sizes() == slots.sizes(), "decode_attention: slots/allowed (n, S)");
+  auto sl = slots.contiguous();
+  auto al = allowed.contiguous();
+  const int64_t S = sl.size(1), G = H / Hkv;
+  auto out = torch::empty({n, H, D}, q.options());
+  const uint16_t* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
+  const uint16_t* kp = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
+  const uint16_t* vp = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t* slp = sl.data_ptr<int64_t>();
+  const bool* alp = al.data_ptr<bool>();
+  at::parallel_for(0, n * Hkv, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<float> qf(G * D), acc(G * D), score(G * S);
+    std::vector<int64_t> keys(S);
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t i = w / Hkv, hk = w % Hkv, b = Bp == 1 ? 0 : i;
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = from_bf16(qp[i * q.stride(0) + (hk * G + g) * q.stride(1) + d]);
+      int64_t nk = 0;
+      for (int64_t j = 0; j < S; ++j)
+        if (alp[i * S + j]) keys[nk++] = slp[i * S + j];
+      std::fill(acc.begin(), acc.end(), 0.f);
+      if (nk > 0) {
+        for (int64_t j = 0; j < nk; ++j) {  // scores: fp32 dots, four partial sums as the matmul kernel adds
+          const uint16_t* kr = kp + b * k.stride(0) + keys[j] * k.stride(1) + hk * k.stride(2);
+          for (int64_t g = 0; g < G; ++g) {
+            const float* qg = qf.data() + g * D;
+            __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int64_t d = 0; d < D; d += 8) {
+              const __m256 kv = _mm256_castsi256_ps(
+                  _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(kr + d))), 16));
+              a[(d / 8) % 4] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(qg + d), a[(d / 8) % 4]);
+            }
+            float s = hsum8(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]))) * float(scale);
+            if (softcap > 0) s = float(softcap) * std::tanh(s / float(softcap));
+            score[g * S + j] = s;
+          }
+        }
+        for (int64_t g = 0; g < G; ++g) {  // softmax numerators, in place
+          float* sg = score.data() + g * S;
+          float mx = sg[0];
+          for (int64_t j = 1; j < nk; ++j) mx = std::max(mx, sg[j]);
+          for (int64_t j = 0; j < nk; ++j) sg[j] = std::exp(sg[j] - mx);
+        }
+        for (int64_t j = 0; j < nk; ++j) {  // weighted sum of the values, key by key
+          const uint16_t* vr = vp + b * v.stride(0) + keys[j] * v.stride(1) + hk * v.stride(2);
+          for (int64_t d = 0; d < D; d += 8) {
+            const __m256 vv = _mm256_castsi256_ps(
+                _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(vr + d))), 16));
+            for (int64_t g = 0; g < G; ++g) {
+              float* ag = acc.data() + g * D + d;
+              _mm256_storeu_ps(ag, _mm256_fmadd_ps(_mm256_set1_ps(score[g * S + j]), vv, _mm256_loadu_ps(ag)));
+            }
+          }
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float total = 0.f;
+        for (int64_t j = 0; j < nk; ++j) total += score[g * S + j];
+        const float inv = nk > 0 ? 1.0f / total : 0.f;
+        uint16_t* o = op + (i * H + hk * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = to_bf16(acc[g * D + d] * inv);
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "x (M, K) @ w (N, K)^T for a bf16 w, fp32 accumulation, in x's dtype");
   m.def("rms_norm", &rms_norm, "Gemma's RMSNorm (fp32, (1 + w)) of each row of x, in x's dtype");
+  m.def("decode_attention", &decode_attention, "one query per row over keys read by slot from the KV pools");
   m.def("rope_bf16", &rope_bf16, "x * cos + rotate_half(x) * sin for bf16 x (B, H, T, D), cos/sin (B, T, D)");
 }

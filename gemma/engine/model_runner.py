@@ -31,6 +31,7 @@ class SubBatch:
     q_index: torch.Tensor  # (n, Q) flat token indices of the sub-batch's queries
     kv_slots: list[torch.Tensor]  # per KV group: (n, K) cache slots of the keys, padded with slot 0
     masks: list[torch.Tensor]  # per KV group: (n, 1, Q, K) bool, True where a query may attend
+    biases: list[torch.Tensor] = field(default_factory=list)  # the masks' additive form (filled on the device)
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,7 @@ class PagedBatch:
         out = torch.empty_like(q)  # (1, H, T, D)
         for sb in self.subbatches:
             qs = q[0][:, sb.q_index].transpose(0, 1)  # (n, H, Q, D)
-            ks = kp[sb.kv_slots[g]].transpose(1, 2)  # (n, Hkv, K, D)
-            vs = vp[sb.kv_slots[g]].transpose(1, 2)
-            o, _ = attend(qs, ks, vs, sb.masks[g])  # (n, H, Q, D)
+            o = attend(qs, kp, vp, sb.kv_slots[g], sb.masks[g], sb.biases[g])  # (n, H, Q, D)
             out[0][:, sb.q_index.reshape(-1)] = o.transpose(0, 1).reshape(o.shape[1], -1, o.shape[-1])
         return out
 
@@ -122,8 +121,11 @@ class ModelRunner:
         """Every rank: the forward pass of one step; returns the logits (len(logits_at), V) in fp32."""
         dev = self.device
         to_dev = lambda t: t.to(dev, non_blocking=True)  # noqa: E731
-        subbatches = [replace(sb, q_index=to_dev(sb.q_index), kv_slots=[to_dev(t) for t in sb.kv_slots],
-                              masks=[self._bias(to_dev(t)) for t in sb.masks]) for sb in step.subbatches]
+        subbatches = []
+        for sb in step.subbatches:
+            masks = [to_dev(t) for t in sb.masks]
+            subbatches.append(replace(sb, q_index=to_dev(sb.q_index), kv_slots=[to_dev(t) for t in sb.kv_slots],
+                                      masks=masks, biases=[self._bias(m) for m in masks]))
         paged = PagedBatch(self.k_pools, self.v_pools, self.layout.group_of_layer,
                            [to_dev(t) for t in step.write_slots], subbatches)
         out = self.model(
