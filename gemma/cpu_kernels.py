@@ -72,10 +72,12 @@ def available() -> bool:
     return True
 
 
-def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight)` for a contiguous bf16 `weight` (N, K) with K % 8 == 0 and x (..., K) on the CPU:
-    fp32 accumulation, the result in x's dtype."""
-    y = load().linear_bf16(x.reshape(-1, x.shape[-1]), weight)
+    fp32 accumulation, the result in x's dtype. `out` (contiguous, x's dtype or fp32) receives it instead, fp32
+    holding exactly `result.float()`."""
+    flat = out.view(-1, weight.shape[0]) if out is not None else None
+    y = load().linear_bf16(x.reshape(-1, x.shape[-1]), weight, flat)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 

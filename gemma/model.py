@@ -382,9 +382,7 @@ class GemmaForCausalLM(GemmaPreTrainedModel):
             h = h[:, logits_to_keep]
         elif logits_to_keep:
             h = h[:, -logits_to_keep:]
-        logits = self.lm_head(h)  # (B, T, V)
-        if cap := self.config.final_logit_softcapping:  # Gemma 2: cap * tanh(logits / cap)
-            logits = torch.tanh(logits / cap) * cap
+        logits = self.compute_logits(h)  # (B, T, V)
         loss = None
         if labels is not None:
             # token t predicts label t+1; the last position has nothing to predict
@@ -392,6 +390,18 @@ class GemmaForCausalLM(GemmaPreTrainedModel):
             loss = F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten().to(logits.device), ignore_index=-100)
         result = CausalLMOutputWithPast(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
         return result if return_dict is not False else result.to_tuple()
+
+    def compute_logits(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The LM head (and Gemma 2's soft-capping) over final hidden states h (..., C). `out`, an fp32 tensor of
+        the logits' shape, receives them as `logits.float()` would give them (the serving engine reuses one buffer;
+        the bf16 CPU kernel writes it directly)."""
+        cap = self.config.final_logit_softcapping
+        if out is not None and not cap and self.lm_head.bf16_kernel and self.tp.size == 1:
+            return cpu_kernels.linear_bf16(h, self.lm_head.weight, out=out)
+        logits = self.lm_head(h)
+        if cap:  # Gemma 2: cap * tanh(logits / cap)
+            logits = torch.tanh(logits / cap) * cap
+        return logits if out is None else out.copy_(logits)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.LongTensor, **kwargs: Any) -> torch.LongTensor:

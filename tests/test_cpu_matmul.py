@@ -43,6 +43,8 @@ def test_kernel_matches_fp32_maths_to_one_bf16_rounding(rows, out_features):
     x = torch.randn(rows, 96, generator=g).to(torch.bfloat16)
     got = cpu_kernels.linear_bf16(x, w)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
+    into = torch.full((rows, out_features), float("nan"))  # fp32 `out`: exactly the bf16 result, widened
+    assert cpu_kernels.linear_bf16(x, w, out=into) is not None and torch.equal(into, got.float())
     want = fp32_reference(x, w)
     # the same products summed in another order: at most one bf16 rounding step apart
     torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=1e-4)

@@ -48,13 +48,21 @@ inline uint16_t to_bf16(float f) {  // round to nearest even, as c10::BFloat16 d
   return uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
-struct Out {  // y (M, N) in x's dtype: fp32 or bf16
+inline float widen(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+struct Out {  // y (M, N): bf16, or fp32 (`round`: the fp32 value of the bf16 result, as x's dtype then .float())
   float* f;
   uint16_t* h;
   int64_t N;
+  bool round;
   void put(int64_t m, int64_t n, float v) const {
     if (h) h[m * N + n] = to_bf16(v);
-    else f[m * N + n] = v;
+    else f[m * N + n] = round ? widen(to_bf16(v)) : v;
   }
 };
 
@@ -138,13 +146,18 @@ void rows_of_x(const float* x, const uint16_t* w, const Out& y, int64_t M, int64
 
 }  // namespace
 
-// x (M, K) fp32 or bf16, w (N, K) bf16, K % 8 == 0 -> x w^T (M, N), accumulated in fp32, returned in x's dtype.
-torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w) {
+// x (M, K) fp32 or bf16, w (N, K) bf16, K % 8 == 0 -> x w^T (M, N), accumulated in fp32, returned in x's dtype;
+// or written into `out` (M, N), contiguous: in x's dtype, or fp32 holding the values x's dtype would round them to
+// (the engine's logits, written once into a buffer it reuses, with no conversion op and no fresh pages).
+torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> out_opt) {
   TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2 && w.is_contiguous(), "w: contiguous 2-D bf16");
   TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1) && w.size(1) % 8 == 0, "x: (M, K) with K % 8 == 0");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "x: bf16 or fp32");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  auto y = torch::empty({M, N}, x.options());
+  auto y = out_opt.has_value() ? *out_opt : torch::empty({M, N}, x.options());
+  TORCH_CHECK(y.dim() == 2 && y.size(0) == M && y.size(1) == N && y.is_contiguous() &&
+              (y.scalar_type() == x.scalar_type() || y.scalar_type() == at::kFloat), "out: (M, N), contiguous, "
+              "x's dtype or fp32");
   if (M == 0 || N == 0) return y;
   // x in fp32, widened once here rather than by an ATen op (each op costs ~10 us of dispatch on small inputs)
   std::vector<float> xbuf;
@@ -171,8 +184,10 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w) {
     }
     xp = xbuf.data();
   }
-  const Out out{x.scalar_type() == at::kFloat ? y.data_ptr<float>() : nullptr,
-                x.scalar_type() == at::kFloat ? nullptr : reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), N};
+  const bool fp32_out = y.scalar_type() == at::kFloat;
+  const Out out{fp32_out ? y.data_ptr<float>() : nullptr,
+                fp32_out ? nullptr : reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), N,
+                fp32_out && x.scalar_type() == at::kBFloat16};
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   const int64_t threads = at::get_num_threads();
   if (M < 16) {  // few rows: bound by reading the weights; an even share of rows per thread

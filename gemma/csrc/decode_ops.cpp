@@ -14,7 +14,7 @@
 #include <cstring>
 #include <vector>
 
-torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w);  // bf16_linear.cpp
+torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> out);  // bf16_linear.cpp
 
 namespace {
 
@@ -210,7 +210,8 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear_bf16", &linear_bf16, "x (M, K) @ w (N, K)^T for a bf16 w, fp32 accumulation, in x's dtype");
+  m.def("linear_bf16", &linear_bf16, "x (M, K) @ w (N, K)^T for a bf16 w, fp32 accumulation, in x's dtype",
+        py::arg("x"), py::arg("w"), py::arg("out") = py::none());
   m.def("rms_norm", &rms_norm, "Gemma's RMSNorm (fp32, (1 + w)) of each row of x, in x's dtype");
   m.def("decode_attention", &decode_attention, "one query per row over keys read by slot from the KV pools");
   m.def("rope_bf16", &rope_bf16, "x * cos + rotate_half(x) * sin for bf16 x (B, H, T, D), cos/sin (B, T, D)");
