@@ -1,17 +1,20 @@
 """Hand-written CPU kernels for x86 CPUs with AVX2 but no native bf16 instructions (`gemma/csrc/`): a bf16 matmul
-(`bf16_linear.cpp`) and fused RMSNorm and rotary embedding (`decode_ops.cpp`).
+(`bf16_linear.cpp`), fused RMSNorm and rotary embedding, and decode attention over the paged KV pools
+(`decode_ops.cpp`).
 
 On such CPUs (AVX2 without AVX-512-BF16 or AMX: most AMD EPYCs before Zen 4, older Intel Xeons) PyTorch has no
 fast bf16 matmul: measured on 2 AVX2 cores, `F.linear` reads a bf16 weight at ~11-16 GB/s for one row of input
 (the memory can give ~25-29) and computes ~13-17 GFLOP/s for many; the fp32 path (MKL) computes 40-100 GFLOP/s but
 reads twice the bytes and is slowest of all on the 262k-row tied LM head (~250 ms for 32 rows). The kernel widens
-bf16 to fp32 in registers: one-row decode reads weights at the memory's speed and big batches run at 60-90
-GFLOP/s, with no second copy of the weights. The products and the fp32 accumulation are those of any bf16 GEMM;
-only the order of the additions differs (tests/test_cpu_matmul.py compares against fp32 maths).
+bf16 to fp32 in registers: one-row decode reads weights at ~20-24 GB/s and big batches run at 70-95 GFLOP/s, with
+no second copy of the weights. The products and the fp32 accumulation are those of any bf16 GEMM; only the order
+of the additions differs (tests/test_cpu_matmul.py compares against fp32 maths).
 
-A decode step also runs ~3000 small PyTorch ops, ~10 us of dispatch each on 2 slow cores; the fused RMSNorm (one
+A decode step also runs ~2000 small PyTorch ops, ~5-10 us of dispatch each on 2 slow cores; the fused RMSNorm (one
 call for ~11 ops) and rotary embedding (one for ~8) compute what those ops compute (the rotary embedding to the
-bit, the norm up to the order of its mean's additions).
+bit, the norm up to the order of its mean's additions). `decode_attention` replaces the engine's per-layer gather
+of every sequence's keys and values into a padded copy (~40 ms a step at 32 sequences) by reading the pools where
+they are, in fp32.
 
 It is compiled at first use with torch's own extension builder (a C++ compiler and ninja; ~45 s, cached under
 `TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions). Where it cannot be built or run, `available()` is
