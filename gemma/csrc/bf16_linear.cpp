@@ -115,11 +115,12 @@ inline void tile4(const float* x, const float* w, const Out& y, int64_t K, const
     for (int r = 0; r < 4; ++r)
       for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
     for (int64_t k = ps.off[p]; k < ps.off[p + 1]; k += 8) {
-      __m256 wv[4];
-      for (int r = 0; r < 4; ++r) wv[r] = _mm256_loadu_ps(w + r * K + k);
-      for (int c = 0; c < C; ++c) {
-        const __m256 xv = _mm256_loadu_ps(x0 + c * K + k);
-        for (int r = 0; r < 4; ++r) acc[r][c] = _mm256_fmadd_ps(wv[r], xv, acc[r][c]);
+      // C rows of x in registers, then one weight row at a time: 4 * C + C + 1 <= 16 ymm registers, no spills
+      __m256 xv[C];
+      for (int c = 0; c < C; ++c) xv[c] = _mm256_loadu_ps(x0 + c * K + k);
+      for (int r = 0; r < 4; ++r) {
+        const __m256 wv = _mm256_loadu_ps(w + r * K + k);
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(wv, xv[c], acc[r][c]);
       }
     }
     for (int r = 0; r < 4; ++r)

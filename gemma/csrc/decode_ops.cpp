@@ -40,6 +40,42 @@ inline float hsum8(__m256 a) {  // the lane tree of bf16_linear.cpp's hsum1
 
 inline float round_bf16(float f) { return from_bf16(to_bf16(f)); }
 
+inline __m256 widen8(const uint16_t* p) {  // 8 bf16 -> 8 fp32
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+inline void store8_bf16(uint16_t* p, __m256 v) {  // to_bf16 of 8 lanes: round to nearest even, NaN -> 0x7FC0
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  _mm_storeu_si128((__m128i*)p, packed);
+}
+
+// acc[g][d .. d + 8 * DN) = sum over keys j, in order from zero, of e[g][j] * v_j[d ..] for GN heads: the block's
+// 2 * GN accumulators stay in registers while every key passes (one per element, each its own chain of FMAs).
+template <int GN, int DN>
+inline void value_block(const uint16_t* vb, int64_t vstride, const int64_t* keys, int64_t nk, const float* e,
+                        int64_t S, int64_t d, float* acc, int64_t D) {
+  __m256 a[GN][DN];
+  for (int g = 0; g < GN; ++g)
+    for (int c = 0; c < DN; ++c) a[g][c] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < nk; ++j) {
+    const uint16_t* vr = vb + keys[j] * vstride + d;
+    __m256 vv[DN];
+    for (int c = 0; c < DN; ++c)
+      vv[c] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(vr + 8 * c))), 16));
+    for (int g = 0; g < GN; ++g) {
+      const __m256 w = _mm256_set1_ps(e[g * S + j]);
+      for (int c = 0; c < DN; ++c) a[g][c] = _mm256_fmadd_ps(w, vv[c], a[g][c]);
+    }
+  }
+  for (int g = 0; g < GN; ++g)
+    for (int c = 0; c < DN; ++c) _mm256_storeu_ps(acc + g * D + 8 * c, a[g][c]);
+}
+
 }  // namespace
 
 // x (..., D) fp32 or bf16 (rows may be strided, D contiguous), w (D,) zero-centred -> Gemma's RMSNorm of each
@@ -70,7 +106,10 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
     std::vector<float> row(D);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t o = row_offset(r);
-      for (int64_t d = 0; d < D; ++d) row[d] = half ? from_bf16(xh[o + d]) : xf[o + d];
+      int64_t d0 = 0;
+      if (half)
+        for (; d0 + 8 <= D; d0 += 8) _mm256_storeu_ps(row.data() + d0, widen8(xh + o + d0));
+      for (int64_t d = d0; d < D; ++d) row[d] = half ? from_bf16(xh[o + d]) : xf[o + d];
       __m256 acc = _mm256_setzero_ps();
       int64_t d = 0;
       for (; d + 8 <= D; d += 8) {
@@ -83,7 +122,13 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
       for (int i = 0; i < 8; ++i) sum += lanes[i];
       for (; d < D; ++d) sum += row[d] * row[d];
       const float inv = 1.0f / std::sqrt(sum / float(D) + float(eps));
-      for (d = 0; d < D; ++d) {
+      d = 0;
+      if (half)
+        for (; d + 8 <= D; d += 8)
+          store8_bf16(oh + r * D + d,
+                      _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(row.data() + d), _mm256_set1_ps(inv)),
+                                    _mm256_loadu_ps(sp + d)));
+      for (; d < D; ++d) {
         const float v = (row[d] * inv) * sp[d];
         if (half) oh[r * D + d] = to_bf16(v);
         else of[r * D + d] = v;
@@ -185,17 +230,25 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
           for (int64_t j = 1; j < nk; ++j) mx = std::max(mx, sg[j]);
           for (int64_t j = 0; j < nk; ++j) sg[j] = std::exp(sg[j] - mx);
         }
-        for (int64_t j = 0; j < nk; ++j) {  // weighted sum of the values, key by key
-          const uint16_t* vr = vp + b * v.stride(0) + keys[j] * v.stride(1) + hk * v.stride(2);
-          for (int64_t d = 0; d < D; d += 8) {
-            const __m256 vv = _mm256_castsi256_ps(
-                _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(vr + d))), 16));
-            for (int64_t g = 0; g < G; ++g) {
-              float* ag = acc.data() + g * D + d;
-              _mm256_storeu_ps(ag, _mm256_fmadd_ps(_mm256_set1_ps(score[g * S + j]), vv, _mm256_loadu_ps(ag)));
+        // weighted sum of the values: blocks of up to 4 heads x 16 dims held in registers while every key passes
+        const uint16_t* vb = vp + b * v.stride(0) + hk * v.stride(2);
+        for (int64_t g0 = 0; g0 < G; g0 += 4)
+          for (int64_t d = 0; d < D; d += 16) {
+            const int64_t gn = std::min<int64_t>(4, G - g0);
+            float* a = acc.data() + g0 * D + d;
+            const float* e = score.data() + g0 * S;
+            if (D - d >= 16) {
+              if (gn == 4) value_block<4, 2>(vb, v.stride(1), keys.data(), nk, e, S, d, a, D);
+              else if (gn == 3) value_block<3, 2>(vb, v.stride(1), keys.data(), nk, e, S, d, a, D);
+              else if (gn == 2) value_block<2, 2>(vb, v.stride(1), keys.data(), nk, e, S, d, a, D);
+              else value_block<1, 2>(vb, v.stride(1), keys.data(), nk, e, S, d, a, D);
+            } else {
+              if (gn == 4) value_block<4, 1>(vb, v.stride(1), keys.data(), nk, e, S, d, a, D);
+              else if (gn == 3) value_block<3, 1>(vb, v.stride(1), keys.data(), nk, e, S, d, a, D);
+              else if (gn == 2) value_block<2, 1>(vb, v.stride(1), keys.data(), nk, e, S, d, a, D);
+              else value_block<1, 1>(vb, v.stride(1), keys.data(), nk, e, S, d, a, D);
             }
           }
-        }
       }
       for (int64_t g = 0; g < G; ++g) {
         float total = 0.f;

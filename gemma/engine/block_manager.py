@@ -152,13 +152,17 @@ class BlockManager:
         if not 0 <= start <= end:
             raise ValueError(f"bad position range [{start}, {end})")
         bs, table = self.block_size, st.table
-        slots = []
-        for p in range(start, end):
+        slots: list[int] = []
+        p = start
+        while p < end:  # a block's positions at a time: this runs for every sequence's keys at every step
             i = p // bs
             b = table[i] if i < len(table) else -1
             if b < 0:
                 raise IndexError(f"sequence {seq_id!r}: position {p} is not backed by a KV block")
-            slots.append(b * bs + p % bs)
+            stop = min(end, (i + 1) * bs)
+            offset = (b - i) * bs  # slot of position q in this block: b * bs + q % bs = offset + q
+            slots.extend(range(offset + p, offset + stop))
+            p = stop
         return slots
 
     def block_table(self, seq_id: Hashable) -> list[int]:

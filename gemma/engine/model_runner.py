@@ -188,11 +188,9 @@ class ModelRunner:
                 q_pos.append(range(start, end))
                 k_pos.append(range(first, end))
             width = max(len(r) for r in rows)
-            slots = torch.zeros(len(members), width, dtype=torch.long)
-            kp = torch.full((len(members), width), -1, dtype=torch.long)  # -1: padding, never attended
-            for r, (row, ks) in enumerate(zip(rows, k_pos)):
-                slots[r, : len(row)] = torch.tensor(row)
-                kp[r, : len(row)] = torch.tensor(ks)
+            # padded rows built as lists, one tensor each (a tensor per row costs ~100 us at 32 sequences)
+            slots = torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.long)
+            kp = torch.tensor([[*ks, *[-1] * (width - len(ks))] for ks in k_pos], dtype=torch.long)  # -1: padding
             qp = torch.tensor([list(p) for p in q_pos])  # (n, Q)
             allowed = (kp[:, None, :] >= 0) & (kp[:, None, :] <= qp[:, :, None])  # (n, Q, K)
             if window is not None:
