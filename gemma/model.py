@@ -43,7 +43,8 @@ class GemmaAttention(nn.Module):
     """Self-attention; under tensor parallelism each rank holds `num_heads` of the query heads and the kv heads
     they read (replicated when there are fewer kv heads than ranks), and o_proj all-reduces."""
 
-    cpu_kernel: bool = False  # the fused bf16 rotary embedding (gemma.cpu_kernels), set by set_cpu_matmul
+    # the fused bf16 rotary embedding and decode attention (gemma.cpu_kernels), set by set_cpu_matmul
+    cpu_kernel: bool = False
     # q, k and v's weights as one matrix (theirs are views into it) for one bf16-kernel call, set by set_cpu_matmul
     qkv_weight: torch.Tensor | None = None
 
@@ -103,7 +104,7 @@ class GemmaAttention(nn.Module):
         """softmax(q k^T * scale [soft-capped] + mask) v for q (B, H, T, D), k/v (B, Hkv, S, D), mask (B, 1, T, S)."""
         dropout = self.dropout if self.training else 0.0
         groups = self.num_heads // self.num_kv_heads
-        if self.cpu_kernel and q.shape[2] == 1 and not output_attentions and not self.training:
+        if self.decode_kernel(q) and not output_attentions:
             # one query per row (KV-cached decode): the fused kernel, as the engine's paged decode runs it
             B, S = k.shape[0], k.shape[2]
             slots = torch.arange(S, device=k.device).expand(B, S)
@@ -132,6 +133,9 @@ class GemmaAttention(nn.Module):
         )
         return out, None
 
+    def decode_kernel(self, q: torch.Tensor) -> bool:
+        """Whether the fused decode-attention kernel runs for q (n, H, Q, D): one query per row, inference."""
+        return self.cpu_kernel and q.shape[2] == 1 and self.head_dim % 8 == 0 and not self.training
 
     def attend_slots(
         self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, allowed: torch.Tensor,
@@ -139,7 +143,7 @@ class GemmaAttention(nn.Module):
     ) -> torch.Tensor:
         """Attention of q (n, H, Q, D) over keys and values kept in pools (P, Hkv, D), at `slots` (n, K) (the
         engine's paged cache); `allowed` (n, 1, Q, K) bool and `bias` its additive form. Returns (n, H, Q, D)."""
-        if self.cpu_kernel and q.shape[2] == 1 and not self.training:  # decode: the kernel reads the pools in place
+        if self.decode_kernel(q):  # decode: the kernel reads the pools in place
             out = cpu_kernels.decode_attention(
                 q[:, :, 0], k_pool[None], v_pool[None], slots, allowed[:, 0, 0], self.scaling, self.softcap or 0.0
             )

@@ -194,7 +194,7 @@ def set_cpu_matmul(model: nn.Module, mode: str = "auto") -> tuple[str, int]:
     for m in fused:
         m.cpu_kernel = False
     for m in joined:
-        m.qkv_weight = m.gate_up_weight = None
+        setattr(m, "qkv_weight" if isinstance(m, GemmaAttention) else "gate_up_weight", None)
     added = 0
     if mode == "kernel":
         cpu_kernels.load()  # raises, naming why, where the kernel cannot be built
