@@ -108,3 +108,14 @@ def usable(weight: torch.Tensor) -> bool:
     """Whether `weight` has the layout the kernel takes."""
     return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
             and weight.is_contiguous() and weight.shape[1] % 8 == 0)
+
+
+def loaded() -> bool:
+    """Whether the extension is already loaded in this process (never builds it): for callers such as the sampler
+    that use a kernel only where a model already made the kernels this process's path."""
+    return _module is not None
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """`x.argmax(-1)` of an fp32 (S, V) CPU tensor, the same indices (first maximum; a NaN wins), in one pass."""
+    return load().argmax_rows(x)

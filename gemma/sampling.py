@@ -29,6 +29,8 @@ from pydantic import (
     model_validator,
 )
 
+from gemma import cpu_kernels
+
 # torch.Generator.manual_seed accepts exactly this range; checking it here makes a bad seed a 4xx, not a crash.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 MAX_LOGPROBS = 20  # OpenAI's cap on top alternatives per token
@@ -152,7 +154,7 @@ def sample(
     # pending min_tokens is one argmax in the model's dtype (exact: fp32 would not reorder bf16 values).
     x = mask_stop_ids(logits, params, output_token_ids, stop_ids)
     x = apply_penalties(x, params, prompt_token_ids, output_token_ids)
-    tokens = x.argmax(-1)  # the greedy rows' tokens; sampled rows are overwritten below
+    tokens = _argmax(x)  # the greedy rows' tokens; sampled rows are overwritten below
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
     if sampled_rows:
         rows = torch.tensor(sampled_rows, device=x.device)
@@ -169,6 +171,14 @@ def sample(
         values, ids = values.tolist(), ids.tolist()
         top = [dict(zip(ids[i][:k], values[i][:k])) for i, k in enumerate(top_n)]
     return SamplerOutput(token_ids, chosen, top)
+
+
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """`x.argmax(-1)`; on fp32 CPU logits the one-pass kernel where this process loaded the CPU kernels (the same
+    indices, ~10x faster than ATen's reduction over a 262k vocabulary)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and cpu_kernels.loaded():
+        return cpu_kernels.argmax(x)
+    return x.argmax(-1)
 
 
 def mask_stop_ids(

@@ -255,3 +255,20 @@ def test_kernel_mode_joins_qkv_and_gate_up_into_views_of_one_matrix(tmp_path):
     assert after.keys() == before.keys() and all(torch.equal(after[k], t) for k, t in before.items())
     set_cpu_matmul(model, "torch")
     assert attn.qkv_weight is None and mlp.gate_up_weight is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("V", [1, 7, 8, 9, 64, 1001])
+def test_argmax_kernel_equals_torch_ties_infinities_and_nan(V):
+    g = torch.Generator().manual_seed(V)
+    for trial in range(20):
+        x = torch.randint(-3, 3, (5, V), generator=g).float()  # many ties: the first maximum must win
+        x[1] = float("-inf")
+        x[2, (trial * 7) % V] = float("nan")  # ATen: the first NaN wins
+        x[3, -1] = float("inf")
+        x[4] = torch.randn(V, generator=g)
+        assert torch.equal(cpu_kernels.argmax(x), x.argmax(-1))
+    big = torch.randn(6, 2 * 262144, generator=g)[:, ::2]  # strided columns, as a sliced view
+    assert torch.equal(cpu_kernels.argmax(big), big.argmax(-1))
+    rows = torch.randn(8, 4096, generator=g)[::2]  # strided rows
+    assert torch.equal(cpu_kernels.argmax(rows), rows.argmax(-1))

@@ -23,6 +23,12 @@
 
 namespace {
 
+// One-row decode reads each thread's share of w as one sequential stream; the hardware prefetcher stops at every
+// 4 KiB page and restarts slowly, so each 64-byte line is also prefetched 2 KiB ahead: measured on 2 AVX2 cores,
+// the 262k-row LM head went from 15.1 to 12.6-13.0 ms (22 -> 26 GB/s) and a layer stack's matrices from 12.1 to
+// 10.9 ms (median of 15 interleaved runs; 1 and 3 KiB ahead were no better).
+constexpr int64_t kPrefetchAhead = 1024;  // bf16 elements
+
 inline __m256 load8(const uint16_t* p) {  // 8 bf16 -> 8 fp32 (exact: bf16 is fp32's upper half)
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
@@ -75,11 +81,13 @@ inline void row1(const float* x, const uint16_t* w, const Out& y, int64_t K, int
   const uint16_t* w0 = w + n * K;
   const float* x0 = x + m * K;
   int64_t k = 0;
-  for (; k + 32 <= K; k += 32)
+  for (; k + 32 <= K; k += 32) {
+    _mm_prefetch((const char*)(w0 + k + kPrefetchAhead), _MM_HINT_T0);  // past the end: harmless
     for (int p = 0; p < 4; ++p) {
       const __m256 wv = load8(w0 + k + 8 * p);
       for (int c = 0; c < C; ++c) acc[c][p] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + c * K + k + 8 * p), acc[c][p]);
     }
+  }
   for (int p = 0; k < K; k += 8, ++p) {
     const __m256 wv = load8(w0 + k);
     for (int c = 0; c < C; ++c) acc[c][p] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + c * K + k), acc[c][p]);
