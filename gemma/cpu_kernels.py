@@ -119,3 +119,18 @@ def loaded() -> bool:
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """`x.argmax(-1)` of an fp32 (S, V) CPU tensor, the same indices (first maximum; a NaN wins), in one pass."""
     return load().argmax_rows(x)
+
+
+def decode_layer(
+    x: torch.Tensor, norms: list[torch.Tensor], q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
+    qkv_weight: torch.Tensor, o_weight: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor,
+    k_pool: torch.Tensor, v_pool: torch.Tensor, write_slots: torch.Tensor, slots: torch.Tensor,
+    allowed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int, eps: float,
+    scale: float, softcap: float = 0.0,
+) -> torch.Tensor:
+    """One decoder layer for n single-token decodes x (n, C) over paged KV pools (P, Hkv, D), in one call: the
+    unfused layer's kernels and ATen ops in its order, so the same bits (see `GemmaDecoderLayer.decode_paged`)."""
+    return load().decode_layer(
+        x, norms, q_norm, k_norm, qkv_weight, o_weight, gate_up_weight, down_weight, k_pool, v_pool, write_slots,
+        slots, allowed, cos, sin, num_heads, num_kv_heads, eps, scale, softcap,
+    )

@@ -10,7 +10,7 @@ The forward signatures are transformers' (`input_ids`/`inputs_embeds`, `attentio
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,21 @@ class PagedAttention(Protocol):
     """
 
     def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: Any) -> torch.Tensor: ...
+
+    def decode_inputs(self, layer_idx: int) -> DecodeInputs | None:
+        """Where every token of the step is its own sequence's single decode query (token i is row i): the
+        layer's pools and this step's slots, for a fused decode layer; else None."""
+        ...
+
+
+class DecodeInputs(NamedTuple):
+    """One layer's paged KV cache for a step of n single-token decodes."""
+
+    k_pool: torch.Tensor  # (P, Hkv, D)
+    v_pool: torch.Tensor
+    write_slots: torch.Tensor  # (n,) int64: where this step's keys and values go
+    slots: torch.Tensor  # (n, S) int64: the keys row i attends (padding: any slot, not allowed)
+    allowed: torch.Tensor  # (n, S) bool
 
 
 class GemmaAttention(nn.Module):
@@ -153,6 +168,9 @@ class GemmaAttention(nn.Module):
 
 
 class GemmaDecoderLayer(nn.Module):
+    # single-token decode steps of the engine run as one fused CPU kernel call (`decode_paged`), set by set_cpu_matmul
+    fused_decode: bool = False
+
     def __init__(self, config: GemmaConfig, layer_idx: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.self_attn = GemmaAttention(config, layer_idx, tp)
@@ -181,6 +199,37 @@ class GemmaDecoderLayer(nn.Module):
             x = x + h
             x = x + self.mlp(self.post_attention_layernorm(x))
         return x, probs
+
+    def can_fuse_decode(self) -> bool:
+        """Whether `decode_paged` can run: the bf16 CPU kernels with joined q/k/v and gate/up, no biases, no tensor
+        parallelism (its all-reduces sit between the ops). `set_cpu_matmul` stores it as `fused_decode`."""
+        attn, mlp = self.self_attn, self.mlp
+        return (
+            attn.cpu_kernel and attn.head_dim % 8 == 0 and attn.o_proj.tp.size == 1
+            and attn.qkv_weight is not None and mlp.gate_up_weight is not None
+            and attn.o_proj.bf16_kernel and attn.o_proj.bias is None
+            and mlp.down_proj.bf16_kernel and mlp.down_proj.bias is None
+            and all(m.cpu_kernel for m in self._norms())
+        )
+
+    def _norms(self) -> list[RMSNorm]:
+        attn = self.self_attn
+        norms = [self.input_layernorm, self.post_attention_layernorm]
+        if self.sandwich:
+            norms += [self.pre_feedforward_layernorm, self.post_feedforward_layernorm]
+        return norms + ([attn.q_norm, attn.k_norm] if hasattr(attn, "q_norm") else [])
+
+    def decode_paged(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: DecodeInputs) -> torch.Tensor:
+        """`forward` for n single-token decodes x (n, C) over the engine's paged cache, as one fused CPU kernel
+        call (`can_fuse_decode()` must hold): the same kernels and ops in the same order, so the same bits."""
+        attn = self.self_attn
+        norms = [m.weight for m in self._norms()]
+        layer_norms, qk = norms[: 4 if self.sandwich else 2], (norms[-2:] if hasattr(attn, "q_norm") else (None, None))
+        return cpu_kernels.decode_layer(
+            x, layer_norms, *qk, attn.qkv_weight, attn.o_proj.weight, self.mlp.gate_up_weight,
+            self.mlp.down_proj.weight, *kv, *rope, attn.num_heads, attn.num_kv_heads, self.input_layernorm.eps,
+            attn.scaling, attn.softcap or 0.0,
+        )
 
 
 class ScaledEmbedding(VocabParallelEmbedding):
@@ -326,9 +375,17 @@ class GemmaModel(GemmaPreTrainedModel):
 
         hidden_states: list[torch.Tensor] = []
         attentions: list[torch.Tensor] = []
+        # a step of single-token decodes: each layer in one fused CPU kernel call where the layers allow it
+        fused = (
+            paged is not None and not output_attentions and not self.training
+            and all(layer.fused_decode for layer in self.layers) and paged.decode_inputs(0) is not None
+        )
         for i, layer in enumerate(self.layers):
             hidden_states.append(x)
             layer_type = self.config.layer_type(i)
+            if fused:
+                x = layer.decode_paged(x[0], ropes[layer_type], paged.decode_inputs(i))[None]
+                continue
             x, probs = layer(x, ropes[layer_type], masks[layer_type], past_key_values, bool(output_attentions), paged)
             if probs is not None:
                 attentions.append(probs)

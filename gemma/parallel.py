@@ -185,7 +185,7 @@ def set_cpu_matmul(model: nn.Module, mode: str = "auto") -> tuple[str, int]:
         bf16 = bool(half) and all(m.weight.dtype == torch.bfloat16 for m in half)
         mode = "torch" if not slow else "kernel" if bf16 and cpu_kernels.available() else "fp32"
     from gemma.layers import GemmaMLP, RMSNorm  # noqa: PLC0415 - gemma.layers and gemma.model import this module
-    from gemma.model import GemmaAttention  # noqa: PLC0415
+    from gemma.model import GemmaAttention, GemmaDecoderLayer  # noqa: PLC0415
 
     fused = [m for m in model.modules() if isinstance(m, (RMSNorm, GemmaAttention))]
     joined = [m for m in model.modules() if isinstance(m, (GemmaAttention, GemmaMLP))]
@@ -212,6 +212,9 @@ def set_cpu_matmul(model: nn.Module, mode: str = "auto") -> tuple[str, int]:
         for m in half:
             m.fp32_weight = m.weight.detach().float()
             added += m.fp32_weight.nbytes
+    for m in model.modules():
+        if isinstance(m, GemmaDecoderLayer):
+            m.fused_decode = m.can_fuse_decode()
     return mode, added
 
 

@@ -272,3 +272,37 @@ def test_argmax_kernel_equals_torch_ties_infinities_and_nan(V):
     assert torch.equal(cpu_kernels.argmax(big), big.argmax(-1))
     rows = torch.randn(8, 4096, generator=g)[::2]  # strided rows
     assert torch.equal(cpu_kernels.argmax(rows), rows.argmax(-1))
+
+
+@needs_kernel
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text"])
+def test_fused_decode_layer_equals_the_unfused_layer_bit_for_bit(tmp_path, family, monkeypatch):
+    """The engine's single-token decode steps run each layer as one `cpu_kernels.decode_layer` call: with and
+    without it, the same tokens and the same logprobs to the bit (Gemma 1's norms, Gemma 2's soft-capping and
+    windows, Gemma 3's qk-norms and two rope tables), mixed prefill + decode steps included."""
+    from test_gemma23_parity import FAMILIES
+
+    extra = FAMILIES.get(family, dict(num_attention_heads=4, num_key_value_heads=1, head_dim=16))
+    model = GemmaForCausalLM.from_pretrained(write_hf_checkpoint(tmp_path, family=family, **extra), dtype=torch.bfloat16)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=3)
+    prompts = {str(i): list(range(10, 20 + 4 * i)) for i in range(5)}
+    calls = []
+    real = cpu_kernels.decode_layer
+    monkeypatch.setattr(cpu_kernels, "decode_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def run(fuse: bool) -> dict:
+        engine = LLMEngine(model, None, EngineConfig(kv_cache_memory="4MiB", cpu_matmul="kernel", max_num_seqs=4))
+        layers = engine.model.model.layers
+        assert all(layer.fused_decode for layer in layers)  # set_cpu_matmul found every layer fusable
+        for layer in layers:
+            layer.fused_decode = fuse
+        for rid, ids in prompts.items():  # 5 requests on 4 seats: the fifth prefills while the others decode
+            engine.add_request(rid, ids, params)
+        outs = engine.run_to_completion(list(prompts))
+        return {rid: (o.token_ids, o.logprobs) for rid, o in outs.items()}
+
+    fused = run(True)
+    assert calls, "no step took the fused decode layer"
+    calls.clear()
+    assert run(False) == fused
+    assert not calls

@@ -22,7 +22,7 @@ import torch
 
 from gemma.engine.block_manager import KVCacheManager
 from gemma.engine.scheduler import ScheduledBatch
-from gemma.model import GemmaForCausalLM
+from gemma.model import DecodeInputs, GemmaForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,18 @@ class PagedBatch:
     ) -> None:
         self.k_pools, self.v_pools, self.layer_group = k_pools, v_pools, layer_group
         self.write_slots, self.subbatches = write_slots, subbatches
+        # every token a single decode query, token i row i (decodes come first, in order): per group, what a
+        # fused decode layer reads
+        sb = subbatches[0] if len(subbatches) == 1 else None
+        decode_only = sb is not None and sb.q_index.shape == (len(write_slots[0]), 1)
+        self._decode = [(sb.kv_slots[g], sb.masks[g][:, 0, 0].contiguous()) for g in range(len(write_slots))] \
+            if decode_only else None
+
+    def decode_inputs(self, layer_idx: int) -> DecodeInputs | None:
+        if self._decode is None:
+            return None
+        g = self.layer_group[layer_idx]
+        return DecodeInputs(self.k_pools[layer_idx], self.v_pools[layer_idx], self.write_slots[g], *self._decode[g])
 
     def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: Any) -> torch.Tensor:
         g = self.layer_group[layer_idx]
