@@ -12,7 +12,8 @@ $(VENV)/.installed: pyproject.toml
 
 # the real Gemma 3 270M on CPU, OpenAI-compatible HTTP on :8000 (Ctrl-C stops it)
 serve: $(VENV)/.installed
-	$(VENV)/bin/serve run serve_config.yaml
+	RAY_SERVE_USE_GRPC_BY_DEFAULT=1 RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 \
+		$(VENV)/bin/serve run serve_config.yaml  # the env: deployments/app.py SERVE_ENV
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q

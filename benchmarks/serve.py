@@ -7,7 +7,8 @@
 Two phases, one after the other, so they never compete for the cores:
 1. engine direct: an `AsyncLLMEngine` built in this process by `deployments.model.build_engine` from the same
    `AppArgs` the app gets (what a model replica runs), requests through `engine.generate`, torch on --threads;
-2. through Serve: the engine is shut down and freed, then Ray starts (num_cpus = max(cores, --threads)) and
+2. through Serve: the engine is shut down and freed, then Ray starts (num_cpus = max(cores, --threads); with
+   deployments/app.py SERVE_ENV, Serve's lower-overhead request path, as cluster/ and `make serve` start Ray) and
    serve_config.yaml's application is deployed as `serve deploy` does (tests/serve_utils.py), with these args,
    every deployment at num_replicas 1 (no autoscaling during a measurement), and the model replica at
    `ray_actor_options.num_cpus` = --threads (Ray sets OMP_NUM_THREADS = num_cpus in the replica: the same torch
@@ -53,7 +54,7 @@ from tqdm import tqdm
 
 from common import Request, cpu_name, fmt, load_average_warning, log, make_requests, parse_range, results_dir, tiny_checkpoint
 from common import pyplot, tiny_tokenizer
-from deployments.app import AppArgs
+from deployments.app import AppArgs, serve_env
 from gemma.registry import resolve_checkpoint
 from gemma.sampling import SamplingParams
 
@@ -169,8 +170,9 @@ def start_serve(app_args: AppArgs, threads: int, timeout_s: float = 600.0) -> st
     app, config = serve_app_config(app_args, threads)
     t = time.perf_counter()
     # address="local": always a new cluster of our own, never one another process left running on this machine
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, threads), include_dashboard=False,
-             logging_level="WARNING", log_to_driver=False)
+    with serve_env():  # Serve's request path in every Ray process, as cluster/ and `make serve` start Ray
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, threads), include_dashboard=False,
+                 logging_level="WARNING", log_to_driver=False)
     port = free_port()
     serve.start(proxy_location="HeadOnly", http_options={**config.get("http_options", {}), "host": "127.0.0.1",
                                                          "port": port})

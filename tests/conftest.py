@@ -94,9 +94,12 @@ def ray_cluster():
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": RAY_HEAD_CPUS})
-    for _ in range(RAY_WORKER_NODES):
-        cluster.add_node(num_cpus=RAY_WORKER_CPUS)
+    from deployments.app import serve_env
+
+    with serve_env():  # the nodes' processes run Serve's request path as cluster/ starts Ray
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": RAY_HEAD_CPUS})
+        for _ in range(RAY_WORKER_NODES):
+            cluster.add_node(num_cpus=RAY_WORKER_CPUS)
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

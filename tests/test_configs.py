@@ -208,3 +208,23 @@ def test_serve_config_builds_the_app(config):
 
     with_classifier = app_module.build_app(args | {"classifier_model": "/nonexistent/classifier"})
     assert {d.name for d in build_deployments(with_classifier, name="gemma").deployments} == DEPLOYMENTS | {"classifier"}
+
+
+def test_every_place_ray_starts_sets_serves_request_path(config):
+    """deployments/app.py SERVE_ENV: in the app's runtime_env (its replicas), and where Ray starts (so the proxies
+    use it too): each RayService container, both `ray start` commands of cluster.yaml, and `make serve`."""
+    from deployments.app import SERVE_ENV
+
+    assert config["applications"][0]["runtime_env"]["env_vars"] == SERVE_ENV
+    service = yaml.safe_load(RAYSERVICE.read_text())
+    spec = service["spec"]["rayClusterConfig"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            assert {e["name"]: e["value"] for e in container["env"]} == SERVE_ENV, container["name"]
+    cluster = yaml.safe_load(CLUSTER.read_text())
+    exports = " ".join(f"{k}={v}" for k, v in SERVE_ENV.items())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = [c for c in cluster[key] if "ray start" in c]
+        assert start and all(f"export {exports};" in c for c in start), key
+    assert f"{exports} \\" in (ROOT / "Makefile").read_text()
