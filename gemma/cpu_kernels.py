@@ -14,7 +14,9 @@ A decode step also runs ~2000 small PyTorch ops, ~5-10 us of dispatch each on 2 
 call for ~11 ops) and rotary embedding (one for ~8) compute what those ops compute (the rotary embedding to the
 bit, the norm up to the order of its mean's additions). `decode_attention` replaces the engine's per-layer gather
 of every sequence's keys and values into a padded copy (~40 ms a step at 32 sequences) by reading the pools where
-they are, in fp32.
+they are, in fp32. `decode_layer` runs a whole decoder layer of an engine step of single-token decodes in one
+call (the same kernels and ATen ops in the same order as the module, so the same bits), and `argmax` is the
+sampler's greedy pick in one pass (~10x ATen's reduction over a 262k vocabulary).
 
 It is compiled at first use with torch's own extension builder (a C++ compiler and ninja; ~45 s, cached under
 `TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions). Where it cannot be built or run, `available()` is

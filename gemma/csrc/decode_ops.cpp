@@ -5,6 +5,9 @@
 //   mean's additions run in another order than PyTorch's (a difference of fp32 rounding before the bf16 one).
 // - rope_bf16: x * cos + rotate_half(x) * sin with each product and the sum rounded to bf16, as PyTorch's three
 //   bf16 ops round them: bit-identical to gemma.layers.apply_rope.
+// - decode_attention: one query per row over the paged KV pools, read in place.
+// - decode_layer: a whole decoder layer for a step of single-token decodes, one call for ~40 Python-level ops.
+// - argmax_rows: torch.argmax over fp32 logits rows in one pass.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>

@@ -4,8 +4,9 @@ A step's tokens (all scheduled sequences, flattened into one row) go through the
 attention is where sequences differ, so the model hands each layer's flat q/k/v to a `PagedBatch`, which
 writes k/v into the pools at the sequences' slots and attends per sub-batch: all decodes together (one
 query each; the CPU kernel reads their keys from the blocks in place, otherwise they are gathered and padded
-to the longest), and each prefill chunk alone (no query padding at all). Logits are computed only for the
-tokens that are sampled, into an fp32 buffer reused from step to step.
+to the longest), and each prefill chunk alone (no query padding at all). A step of single-token decodes only
+hands each layer its pools and slots instead (`PagedBatch.decode_inputs`), for the fused CPU decode layer. Logits
+are computed only for the tokens that are sampled, into an fp32 buffer reused from step to step.
 
 Under tensor parallelism every rank has a runner with its own model shard and its own KV pools (its kv
 heads). Rank 0 turns the scheduler's batch into a device-independent `StepInput` and broadcasts it; every
