@@ -8,12 +8,15 @@ normal(0, 0.02) init; `--tiny` shrinks every width to a few dozen), it checks an
 1. bf16 logits against the fp32 model on 4 prompts: max |bf16 - fp32| over max |fp32| (PASS below 5%) and the
    share of positions whose argmax agrees;
 2. engine greedy outputs against one-at-a-time `GemmaForCausalLM.generate` for 8 prompts of mixed length:
-   token-for-token in fp32 (PASS when all equal); in bf16 it reports how many tokens agree before the first
-   difference (random weights have near-tied logits that bf16 rounding can flip, so this is information);
+   token-for-token in fp32, with the decode steps replayed as CUDA graphs and run eagerly (PASS when all
+   equal); in bf16 it reports how many tokens agree before the first difference (random weights have near-tied
+   logits that bf16 rounding can flip, so this is information);
 3. the engine benchmark of benchmarks/engine.py in bf16 at concurrency 1, 16, 64 (closed loop, prompts 32-512,
-   outputs 64-256; a level adds no request after --time-cap seconds), next to our static generate and
-   transformers (same weights, loaded from our state dict) one request at a time, transformers' static batch of
-   the c=64 requests, and the memory-bandwidth bound.
+   outputs 64-256; a level adds no request after --time-cap seconds) with CUDA graphs, and eagerly
+   (`enforce_eager`) at 1 and 64, next to our static generate and transformers (same weights, loaded from our
+   state dict) one request at a time, transformers' static batch of the c=64 requests, and the
+   memory-bandwidth bound.
+A stage that raises is reported as failed and the script goes on (one device session has no time for reruns).
 Prints one report with the device name and writes gpu_check-<device>.json to --out.
 """
 
@@ -21,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import random
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -59,9 +64,10 @@ def logits_check(ref: GemmaForCausalLM, test: GemmaForCausalLM, prompts: list[li
     return {"max_rel_diff": worst, "argmax_agree": agree / total, "pass": worst < 0.05}
 
 
-def greedy_check(model: GemmaForCausalLM, prompts: list[list[int]], max_tokens: int, kv: str) -> dict:
+def greedy_check(model: GemmaForCausalLM, prompts: list[list[int]], max_tokens: int, kv: str, eager: bool) -> dict:
     """Engine (all prompts at once) against `generate` one prompt at a time; tokens equal up to the first difference."""
-    engine = LLMEngine(model, None, EngineConfig(max_num_seqs=len(prompts), kv_cache_memory=kv))
+    engine = LLMEngine(model, None, EngineConfig(max_num_seqs=len(prompts), kv_cache_memory=kv, enforce_eager=eager))
+    graphs = engine.runner.graphs is not None
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, params)
@@ -75,7 +81,17 @@ def greedy_check(model: GemmaForCausalLM, prompts: list[list[int]], max_tokens: 
         same += n
         equal += got == ref
     return {"requests_equal": equal, "requests": len(prompts), "tokens_before_difference": same,
-            "tokens": len(prompts) * max_tokens, "pass": equal == len(prompts)}
+            "tokens": len(prompts) * max_tokens, "cuda_graphs": graphs, "pass": equal == len(prompts)}
+
+
+def guarded(report: dict, name: str, fn, *args):
+    """fn(*args), or None with the error kept in report["errors"] (the run goes on)."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 (a failed stage is reported, not fatal)
+        traceback.print_exc()
+        report.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+        return None
 
 
 def transformers_twin(model: GemmaForCausalLM):
@@ -90,17 +106,26 @@ def transformers_twin(model: GemmaForCausalLM):
 
 
 def print_report(report: dict, weights: str, cap: float, budget: float) -> None:
-    lg, g32, g16 = report["logits"], report["greedy_fp32"], report["greedy_bf16"]
+    lg = report["logits"]
     ok = {True: "PASS", False: "FAIL"}
     print(f"\ngpu check on {report['device']} ({weights}), {report['seconds']:.0f} s")
     print(f"  [{ok[lg['pass']]}] bf16 vs fp32 logits: max |diff| / max |fp32| = {lg['max_rel_diff']:.2%}, "
           f"argmax agrees at {lg['argmax_agree']:.1%} of positions")
-    print(f"  [{ok[g32['pass']]}] engine == generate one at a time, fp32: {g32['requests_equal']}/{g32['requests']} "
-          f"requests equal")
-    print(f"  [info] engine vs generate one at a time, bf16: {g16['requests_equal']}/{g16['requests']} requests "
-          f"equal, {g16['tokens_before_difference']}/{g16['tokens']} tokens before the first difference")
+    for key in ("greedy_fp32", "greedy_fp32_eager", "greedy_bf16"):
+        g = report.get(key)
+        if g is None:
+            print(f"  [FAIL] {key}: {report.get('errors', {}).get(key)}")
+            continue
+        how = "CUDA graphs" if g["cuda_graphs"] else "eager"
+        tag = ok[g["pass"]] if "fp32" in key else "info"
+        print(f"  [{tag}] engine ({how}) vs generate one at a time, {key.split('_')[1]}: {g['requests_equal']}/"
+              f"{g['requests']} requests equal, {g['tokens_before_difference']}/{g['tokens']} tokens before the "
+              f"first difference")
+    for name, err in report.get("errors", {}).items():
+        if not name.startswith("greedy"):
+            print(f"  [FAIL] {name}: {err}")
     rows, bandwidth, wbytes = report["rows"], report["read_bandwidth_bytes_s"], report["weight_bytes"]
-    engine1 = next((r for r in rows if r["system"] == "engine" and r["concurrency"] == 1), None)
+    engine1 = next((r for r in rows if r["system"].startswith("engine") and r["concurrency"] == 1), None)
     decode = engine1["decode_tok_s"] if engine1 and engine1["decode_tok_s"] else float("nan")
     print(f"  memory-bandwidth bound {bandwidth / 1e9:.0f} GB/s / {wbytes / 1e9:.2f} GB = {bandwidth / wbytes:.0f} "
           f"tok/s; engine single-stream decode {decode:.0f} tok/s ({decode * wbytes / bandwidth:.0%} of it)")
@@ -115,7 +140,7 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU run of the same logic)")
     p.add_argument("--time-cap", type=float, default=None, help="seconds per level (default 20; 5 with --tiny)")
     p.add_argument("--skip-transformers", action="store_true")
-    p.add_argument("--budget", type=float, default=240.0,
+    p.add_argument("--budget", type=float, default=330.0,
                    help="seconds: a benchmark stage that would start later is skipped (the device session is short)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
@@ -142,11 +167,13 @@ def main() -> None:
 
     prompts = [[rng.randrange(bench.FIRST_ID, vocab) for _ in range(rng.randint(4, 300))] for _ in range(8)]
     max_tokens = 16 if args.tiny else 32
-    report["greedy_fp32"] = greedy_check(fp32, prompts, max_tokens, kv)
-    report["greedy_bf16"] = greedy_check(bf16, prompts, max_tokens, kv)
-    bench.log.info("greedy: fp32 %s, bf16 %s (%.0f s)", report["greedy_fp32"], report["greedy_bf16"],
-                   time.monotonic() - start)
-    del fp32
+    for key, model, eager in (("greedy_fp32", fp32, False), ("greedy_fp32_eager", fp32, True),
+                              ("greedy_bf16", bf16, False)):
+        report[key] = guarded(report, key, greedy_check, model, prompts, max_tokens, kv, eager)
+        gc.collect()  # the engine's runner and its CUDA graphs refer to each other: free its KV pools now
+        bench.log.info("%s: %s (%.0f s)", key, report[key], time.monotonic() - start)
+    del fp32, model
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -154,21 +181,34 @@ def main() -> None:
     out_len = (16, 64) if args.tiny else (64, 256)
     sets = {c: bench.make_requests(max(4, 2 * c), vocab, 1000 + c, (32, 512), out_len) for c in levels}
     warm = bench.make_requests(1, vocab, -1, (48, 48), (8, 8))
-    engine = LLMEngine(bf16, None, EngineConfig(max_num_seqs=64, kv_cache_memory=kv))
-    bench.run_engine(engine, warm, 1, desc="warm-up")
     rows, skipped = [], []
 
     def left() -> float:
         return args.budget - (time.monotonic() - start)
 
-    for c in levels:
-        if left() < 2 * cap:  # a level runs its cap plus the drain of what is in flight
-            skipped.append(f"engine c={c}")
-            continue
-        traces, wall, peak, pre = bench.run_engine(engine, sets[c], c, cap, desc=f"engine c={c}")
-        rows.append(bench.summarize("engine", c, traces, wall, peak, pre))
-        bench.log.info("engine c=%d: %.1f tok/s (%.0f s)", c, rows[-1]["output_tok_s"], time.monotonic() - start)
-    del engine
+    def bench_engine(eager: bool, levels: list[int]) -> None:
+        t0 = time.monotonic()
+        engine = LLMEngine(bf16, None, EngineConfig(max_num_seqs=64, kv_cache_memory=kv, enforce_eager=eager))
+        name = "engine (CUDA graphs)" if engine.runner.graphs is not None else "engine (eager)"
+        report.setdefault("engine_start_s", {})[name] = time.monotonic() - t0
+        if device.type == "cuda":
+            bench.log.info("%s: started in %.1f s, %.1f GB allocated, %.1f GB reserved", name, time.monotonic() - t0,
+                           torch.cuda.memory_allocated() / 1e9, torch.cuda.memory_reserved() / 1e9)
+        bench.run_engine(engine, warm, 1, desc="warm-up")
+        for c in levels:
+            if left() < 2 * cap:  # a level runs its cap plus the drain of what is in flight
+                skipped.append(f"{name} c={c}")
+                continue
+            traces, wall, peak, pre = bench.run_engine(engine, sets[c], c, cap, desc=f"{name} c={c}")
+            rows.append(bench.summarize(name, c, traces, wall, peak, pre))
+            bench.log.info("%s c=%d: %.1f tok/s (%.0f s)", name, c, rows[-1]["output_tok_s"], time.monotonic() - start)
+        del engine
+        gc.collect()  # the engine's runner and its CUDA graphs refer to each other
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    guarded(report, "engine benchmark, CUDA graphs", bench_engine, False, levels)
+    guarded(report, "engine benchmark, eager", bench_engine, True, [1, 64])
     single = sets[1][:2]
     bench.run_ours_generate(bf16, warm[0])
     ours = [bench.run_ours_generate(bf16, r) for r in single]

@@ -95,6 +95,7 @@ class BatchArgs(BaseModel):
     enable_prefix_caching: bool = True
     seed: int = 0  # of the engine's generator (rows without a sampling seed)
     cpu_matmul: Literal["auto", "kernel", "fp32", "torch"] = "auto"  # see gemma.engine.EngineConfig
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps (see gemma.engine.EngineConfig)
     sampling_params: dict[str, Any] = {}  # defaults for every row (SamplingParams fields); rows override them
     classifier_batch_size: int = Field(16, ge=1)  # rows per classifier forward
     return_token_ids: bool = False  # add `completion_token_ids` to generate/chat output

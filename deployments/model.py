@@ -50,6 +50,7 @@ class EngineArgs(BaseModel):
     enable_prefix_caching: bool = True
     seed: int = 0
     cpu_matmul: Literal["auto", "kernel", "fp32", "torch"] = "auto"  # see gemma.engine.EngineConfig
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps (see gemma.engine.EngineConfig)
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(**self.model_dump(exclude={"model", "dtype", "device", "tp_size"}))

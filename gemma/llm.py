@@ -38,11 +38,12 @@ class LLM:
         enable_prefix_caching: bool = True,
         seed: int = 0,
         cpu_matmul: Literal["auto", "kernel", "fp32", "torch"] = "auto",
+        enforce_eager: bool = False,
     ) -> None:
         config = EngineConfig(
             max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
             max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
-            enable_prefix_caching=enable_prefix_caching, seed=seed, cpu_matmul=cpu_matmul,
+            enable_prefix_caching=enable_prefix_caching, seed=seed, cpu_matmul=cpu_matmul, enforce_eager=enforce_eager,
         )
         self.engine = LLMEngine.from_pretrained(str(model), dtype, device, tp_size, config)
         self.tokenizer, self.model = self.engine.tokenizer, self.engine.model

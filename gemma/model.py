@@ -142,7 +142,7 @@ class GemmaAttention(nn.Module):
             # (B, Hkv, G, D) x (B, Hkv, S, D) product instead of a broadcast per head (~10x faster on CPU)
             q = q.view(B, self.num_kv_heads, groups, D)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scaling)
-            return out.view(B, H, 1, D), None
+            return out.reshape(B, H, 1, D), None  # some CUDA kernels return it non-contiguous
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scaling, enable_gqa=groups > 1
         )
@@ -239,9 +239,15 @@ class ScaledEmbedding(VocabParallelEmbedding):
     as in the original implementation (transformers PR #29402).
     """
 
+    _normalizer: torch.Tensor | None = None
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        normalizer = torch.tensor(self.embedding_dim**0.5, dtype=self.weight.dtype, device=self.weight.device)
-        return self.lookup(input_ids) * normalizer
+        # kept, not made per call: a host-to-device copy cannot be recorded in a CUDA graph
+        norm = self._normalizer
+        if norm is None or norm.dtype != self.weight.dtype or norm.device != self.weight.device:
+            norm = torch.tensor(self.embedding_dim**0.5, dtype=self.weight.dtype, device=self.weight.device)
+            self._normalizer = norm
+        return self.lookup(input_ids) * norm
 
 
 def attention_mask_bias(

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
 
 import pytest
 import torch
-
 from conftest import load_hf, write_hf_checkpoint
+from tokenizer_fixtures import write_trained_tokenizer_json
+
 from gemma import GemmaForCausalLM, GemmaTokenizer, torch_thread
 from gemma.engine import AsyncLLMEngine, EngineConfig, LLMEngine
 from gemma.sampling import SamplingParams
-from tokenizer_fixtures import write_trained_tokenizer_json
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -252,3 +253,58 @@ def test_async_engine_loads_and_steps_on_one_pytorch_thread(model, tokenizer):
     assert threads["steps"] == {threads["load"]}
     assert threads["load"] != loop_thread
     assert torch_thread.call(torch_thread.on_thread) and not torch_thread.on_thread()
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text"])
+def test_padded_decode_steps_of_the_cuda_graph_path_equal_eager_steps(tmp_path, family, monkeypatch):
+    """The decode step a CUDA graph records (gemma.engine.cuda_graphs: batch padded to a bucket, keys over a fixed
+    width with slots and masks made from block tables) gives the eager engine's tokens and logprobs: run here
+    without recording, with small width buckets so that steps cross several of them and Gemma 2/3's sliding
+    windows fall inside a width."""
+    from test_gemma23_parity import FAMILIES
+
+    from gemma.engine import cuda_graphs
+
+    assert cuda_graphs.batch_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 48, 64]
+    assert cuda_graphs.width_buckets(1000, 16) == [256, 512, 1008]
+    monkeypatch.setattr(cuda_graphs, "MIN_WIDTH", 4)
+    extra = FAMILIES.get(family, dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16))
+    model = GemmaForCausalLM.from_pretrained(write_hf_checkpoint(tmp_path, family=family, **extra))
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=2)
+    reqs = [(list(range(10 + i, 10 + i + n)), params) for i, n in enumerate((2, 5, 9, 14, 30))]
+
+    def engine_run(graphs: bool) -> tuple[list, LLMEngine]:
+        engine = LLMEngine(model, None, EngineConfig(max_num_seqs=3, block_size=4, max_model_len=80,
+                                                     max_num_batched_tokens=16, kv_cache_memory="2MiB"))
+        if graphs:
+            engine.runner.use_graphs(3, engine.max_model_len, record=False)
+        return run(engine, reqs, invariants), engine
+
+    eager, _ = engine_run(False)
+    padded, engine = engine_run(True)
+    used = set(engine.runner.graphs.graphs)
+    assert {b for b, _ in used} == {1, 2, 3} and len({w for _, w in used}) >= 3, used
+    for a, b in zip(eager, padded):
+        assert b.token_ids == a.token_ids
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-4 for t in x)
+    assert engine.kv.usage == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decode_steps_equal_eager_steps_on_cuda(model):
+    """On a GPU the engine records its decode steps as CUDA graphs at start-up and replays them: the same greedy
+    tokens as `enforce_eager=True`, over batches that change size as requests finish."""
+    gpu = copy.deepcopy(model).to("cuda")
+    reqs = [(p, SamplingParams(max_tokens=4 + 3 * i, **GREEDY)) for i, p in enumerate(prompts(10, seed=5))]
+
+    def engine_run(eager: bool) -> tuple[list, LLMEngine]:
+        engine = LLMEngine(gpu, None, EngineConfig(max_num_seqs=6, max_model_len=300, enforce_eager=eager))
+        return run(engine, reqs, invariants), engine
+
+    eager, engine = engine_run(True)
+    assert engine.runner.graphs is None
+    replayed, engine = engine_run(False)
+    assert engine.runner.graphs is not None and len(engine.runner.graphs.graphs) == 4 * 2  # batch 1, 2, 4, 6; width 256, 304
+    assert [o.token_ids for o in replayed] == [o.token_ids for o in eager]

@@ -53,6 +53,8 @@ class EngineConfig(BaseModel):
     # the matmul of half-precision weights on CPUs without native bf16/fp16 instructions (gemma.parallel's module
     # doc): "kernel" (gemma.cpu_kernels, AVX2), "fp32" (fp32 weight copies for batches), "torch", or "auto"
     cpu_matmul: Literal["auto", "kernel", "fp32", "torch"] = "auto"
+    # vLLM's name: True runs every step eagerly; False replays decode steps as CUDA graphs on a GPU at TP=1
+    enforce_eager: bool = False
 
 
 @dataclass
@@ -96,6 +98,8 @@ class LLMEngine:
             logger.info("engine: cpu_matmul %s (%.0f MB of fp32 weight copies)", self.cpu_matmul, added / 1e6)
         model.tp.broadcast_object((layout, self.cpu_matmul))  # the other ranks build the same (a no-op without TP)
         self.runner = ModelRunner(model, layout)
+        if not config.enforce_eager and model.device.type == "cuda" and model.tp.size == 1:
+            self.runner.use_graphs(config.max_num_seqs, self.max_model_len)
         self.workers = workers
         self.generator = torch.Generator(device=model.device).manual_seed(config.seed)
         self.requests: dict[str, tuple[list[Sequence], str | None]] = {}

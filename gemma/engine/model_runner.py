@@ -6,7 +6,8 @@ writes k/v into the pools at the sequences' slots and attends per sub-batch: all
 query each; the CPU kernel reads their keys from the blocks in place, otherwise they are gathered and padded
 to the longest), and each prefill chunk alone (no query padding at all). A step of single-token decodes only
 hands each layer its pools and slots instead (`PagedBatch.decode_inputs`), for the fused CPU decode layer. Logits
-are computed only for the tokens that are sampled, into an fp32 buffer reused from step to step.
+are computed only for the tokens that are sampled, into an fp32 buffer reused from step to step. On a GPU at
+TP=1 a step of single-token decodes replays a recorded CUDA graph instead (`use_graphs`, gemma.engine.cuda_graphs).
 
 Under tensor parallelism every rank has a runner with its own model shard and its own KV pools (its kv
 heads). Rank 0 turns the scheduler's batch into a device-independent `StepInput` and broadcasts it; every
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from gemma.engine.block_manager import KVCacheManager
+from gemma.engine.cuda_graphs import DecodeGraphs
 from gemma.engine.scheduler import ScheduledBatch
 from gemma.model import DecodeInputs, GemmaForCausalLM
 
@@ -101,12 +103,23 @@ class ModelRunner:
         self.layout = layout
         attn = model.model.layers[0].self_attn  # this rank's kv heads
         shape = (attn.num_kv_heads, attn.head_dim)
+        # one block beyond the KV manager's: the scratch block that padding rows of a CUDA-graph step write to
         self.k_pools = [
-            torch.zeros(layout.num_blocks[g] * layout.block_size, *shape, dtype=self.dtype, device=self.device)
+            torch.zeros((layout.num_blocks[g] + 1) * layout.block_size, *shape, dtype=self.dtype, device=self.device)
             for g in layout.group_of_layer
         ]
         self.v_pools = [torch.zeros_like(p) for p in self.k_pools]
         self._logits: torch.Tensor | None = None
+        self.graphs: DecodeGraphs | None = None
+
+    def use_graphs(self, max_num_seqs: int, max_model_len: int, record: bool = True) -> None:
+        """Replay decode steps as CUDA graphs (gemma.engine.cuda_graphs); `record=False` runs the same padded
+        steps eagerly (how CPU tests check them). Rank 0 only, at TP=1."""
+        if self.tp.size > 1:
+            raise ValueError("CUDA graphs of the decode step are built for tp_size 1 only")
+        self.graphs = DecodeGraphs(self, max_num_seqs, max_model_len, record)
+        if record:
+            self.graphs.capture_all()
 
     @staticmethod
     def kv_bytes_per_block_per_layer(model: GemmaForCausalLM, block_size: int) -> int:
@@ -115,6 +128,8 @@ class ModelRunner:
 
     def execute(self, batch: ScheduledBatch, kv: KVCacheManager) -> tuple[torch.Tensor, list[int]]:
         """Rank 0: run the batch on every rank; logits (S, V) in fp32 for the sampled sequences, their indices."""
+        if self.graphs is not None and self.graphs.fits(batch):
+            return self.graphs.run(batch, kv), list(range(len(batch.seqs)))
         step, sampled = self.prepare(batch, kv)
         return self.run(self.tp.broadcast_object(step)), sampled
 
