@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -146,6 +147,19 @@ inline void tile4(const float* x, const float* w, const Out& y, int64_t K, const
   }
 }
 
+// f(b0, b1) over [0, n) in chunks of `chunk`, the threads pulling chunks from a shared counter instead of taking
+// fixed shares: on a machine whose cores the OS also gives to other processes (a Serve node's proxy and ingress
+// next to the model), a preempted thread delays only the chunk it holds while the others take the rest, instead
+// of every thread waiting at the end for its fixed share. Which thread computes a row never changes the row.
+template <typename F>
+void pull_chunks(int64_t n, int64_t chunk, const F& f) {
+  std::atomic<int64_t> next{0};
+  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), (n + chunk - 1) / chunk);
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+    for (int64_t b; (b = next.fetch_add(chunk)) < n;) f(b, std::min(n, b + chunk));
+  });
+}
+
 void rows_of_x(const float* x, const uint16_t* w, const Out& y, int64_t M, int64_t K, int64_t n) {
   int64_t m = 0;
   for (; m + 3 <= M; m += 3) row1<3>(x, w, y, K, m, n);
@@ -199,8 +213,8 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch:
                 fp32_out && x.scalar_type() == at::kBFloat16};
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   const int64_t threads = at::get_num_threads();
-  if (M < 16) {  // few rows: bound by reading the weights; an even share of rows per thread
-    at::parallel_for(0, N, std::max<int64_t>(16, N / threads), [&](int64_t n0, int64_t n1) {
+  if (M < 16) {  // few rows: bound by reading the weights; chunks of consecutive rows, each one sequential stream
+    pull_chunks(N, std::max<int64_t>(16, N / (8 * threads)), [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) rows_of_x(xp, wp, out, M, K, n);
     });
     return y;
@@ -211,22 +225,18 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch:
   for (int64_t m = 0; m < M; ++m) ps.reorder(xp + m * K, xr.data() + m * K, K);
   const int64_t rows = std::max<int64_t>(4, std::min<int64_t>(256, (256 * 1024 / (4 * K)) / 4 * 4));
   std::vector<float> block(threads * rows * K);
-  const int64_t units = (N + 3) / 4;  // threads take whole groups of four weight rows
-  at::parallel_for(0, units, std::max<int64_t>(1, units / threads), [&](int64_t u0, int64_t u1) {
+  pull_chunks(N, rows, [&](int64_t b0, int64_t b1) {  // a chunk is one block (`rows` is a multiple of 4)
     float* buf = block.data() + at::get_thread_num() * rows * K;
-    for (int64_t b0 = u0 * 4; b0 < std::min(N, u1 * 4); b0 += rows) {
-      const int64_t b1 = std::min({N, u1 * 4, b0 + rows});
-      const int64_t b4 = b0 + (b1 - b0) / 4 * 4;
-      for (int64_t n = b0; n < b4; ++n) ps.reorder(wp + n * K, buf + (n - b0) * K, K);
-      for (int64_t n = b0; n < b4; n += 4) {
-        const float* wt = buf + (n - b0) * K;
-        int64_t m = 0;
-        for (; m + 3 <= M; m += 3) tile4<3>(xr.data(), wt, out, K, ps, m, n);
-        if (M - m == 2) tile4<2>(xr.data(), wt, out, K, ps, m, n);
-        else if (M - m == 1) tile4<1>(xr.data(), wt, out, K, ps, m, n);
-      }
-      for (int64_t n = b4; n < b1; ++n) rows_of_x(xp, wp, out, M, K, n);
+    const int64_t b4 = b0 + (b1 - b0) / 4 * 4;
+    for (int64_t n = b0; n < b4; ++n) ps.reorder(wp + n * K, buf + (n - b0) * K, K);
+    for (int64_t n = b0; n < b4; n += 4) {
+      const float* wt = buf + (n - b0) * K;
+      int64_t m = 0;
+      for (; m + 3 <= M; m += 3) tile4<3>(xr.data(), wt, out, K, ps, m, n);
+      if (M - m == 2) tile4<2>(xr.data(), wt, out, K, ps, m, n);
+      else if (M - m == 1) tile4<1>(xr.data(), wt, out, K, ps, m, n);
     }
+    for (int64_t n = b4; n < b1; ++n) rows_of_x(xp, wp, out, M, K, n);
   });
   return y;
 }
