@@ -10,7 +10,7 @@
 // c % 4, each partial a chain of FMAs in increasing c; then (p0 + p1) + (p2 + p3) and one tree across the lanes.
 // Four independent chains hide the FMA latency (one chain capped one-row decode at ~8-10 GB/s per core), and a
 // row's result does not depend on the other rows of x: batched decode equals one sequence at a time, bit for bit.
-// - M < 16 (decode): bound by reading w; one weight row at a time (one sequential stream per thread), each chunk
+// - M < 16 (decode): bound by reading w; one weight row at a time (sequential streams of rows per thread), each chunk
 //   widened once and used against up to three rows of x.
 // - M >= 16 (prefill, big batches): bound by arithmetic; each block of w is widened once into a per-thread fp32
 //   buffer in L2, then four rows of w stay in L1 while every row of x passes over them, three at a time.
@@ -24,7 +24,7 @@
 
 namespace {
 
-// One-row decode reads each thread's share of w as one sequential stream; the hardware prefetcher stops at every
+// One-row decode reads each thread's chunks of w as sequential streams; the hardware prefetcher stops at every
 // 4 KiB page and restarts slowly, so each 64-byte line is also prefetched 2 KiB ahead: measured on 2 AVX2 cores,
 // the 262k-row LM head went from 15.1 to 12.6-13.0 ms (22 -> 26 GB/s) and a layer stack's matrices from 12.1 to
 // 10.9 ms (median of 15 interleaved runs; 1 and 3 KiB ahead were no better).
