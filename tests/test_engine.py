@@ -306,5 +306,6 @@ def test_cuda_graph_decode_steps_equal_eager_steps_on_cuda(model):
     eager, engine = engine_run(True)
     assert engine.runner.graphs is None
     replayed, engine = engine_run(False)
-    assert engine.runner.graphs is not None and len(engine.runner.graphs.graphs) == 4 * 2  # batch 1, 2, 4, 6; width 256, 304
+    # recorded at start-up: batch sizes 1, 2, 4, 6 times key widths 256, 304
+    assert engine.runner.graphs is not None and len(engine.runner.graphs.graphs) == 4 * 2
     assert [o.token_ids for o in replayed] == [o.token_ids for o in eager]
