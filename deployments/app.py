@@ -85,6 +85,7 @@ class AppArgs(BaseModel):
     seed: int = 0
     cpu_matmul: Literal["auto", "kernel", "fp32", "torch"] = "auto"  # half-precision matmuls on CPUs without native bf16
     enforce_eager: bool = False  # on a GPU at tp_size 1 decode steps replay as CUDA graphs; True turns them off
+    engine_process: bool = True  # the engine steps in a child process of the replica (tp_size 1): see gemma.engine.engine_process
     classifier_model: str | None = None  # a GemmaForSequenceClassification HF directory; None: no /v1/classify
     served_classifier_name: str | None = None  # the classifier's name in /v1/models and /v1/classify; default: its path
     classifier_dtype: Literal["float32", "bfloat16", "float16"] = "float32"

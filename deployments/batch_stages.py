@@ -174,7 +174,8 @@ class GenerateStage:
     def __init__(self, engine_args: dict[str, Any], tally: Any = None) -> None:
         from deployments.model import EngineArgs, build_engine
 
-        self.engine = build_engine(EngineArgs.model_validate(engine_args)).engine
+        # the stage steps the engine itself (no stream to serve): in this actor's process
+        self.engine = build_engine(EngineArgs.model_validate({**engine_args, "engine_process": False})).engine
         self._ids = count()
         _ready(tally)
 

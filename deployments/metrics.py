@@ -39,7 +39,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gemma.engine import LLMEngine, RequestOutput
+    from gemma.engine import RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -154,13 +154,18 @@ class RequestRecorder:
         new = sum(len(o.new_token_ids) for o in out.outputs)
         if new:
             m.inc("generation_tokens", new)
+            # steps in this output: more than one where the stream coalesced outputs (gemma.engine.merge_outputs)
+            steps = max(len(o.new_token_ids) for o in out.outputs)
             before = previous.metrics.last_token_time if previous is not None else None
             if before is None:  # the first token(s)
                 m.inc("prompt_tokens", len(out.prompt_token_ids))
                 if out.metrics.time_to_first_token is not None:
                     m.observe("time_to_first_token_seconds", out.metrics.time_to_first_token)
-            elif out.metrics.last_token_time is not None:
-                m.observe("inter_token_latency_seconds", out.metrics.last_token_time - before)
+                before, steps = out.metrics.first_token_time, steps - 1
+            last = out.metrics.last_token_time
+            if steps > 0 and before is not None and last is not None:
+                for _ in range(steps):  # one interval per step, each the mean over the coalesced ones
+                    m.observe("inter_token_latency_seconds", (last - before) / steps)
         if out.finished and not self.done:
             self.done = True
             if out.metrics.e2e_latency is not None:
@@ -182,18 +187,19 @@ class RequestRecorder:
 
 class EngineGauges:
     """Publishes an engine's state: running / waiting sequences, KV-cache usage, and prefix-cache counters
-    (the engine keeps cumulative counts; the counters get what was added since the last call)."""
+    (the engine keeps cumulative counts; the counters get what was added since the last call). `stats` returns
+    them as `AsyncLLMEngine.stats()` does."""
 
-    def __init__(self, metrics: Metrics, engine: LLMEngine) -> None:
-        self.metrics, self.engine = metrics, engine
+    def __init__(self, metrics: Metrics, stats: Callable[[], dict[str, Any]]) -> None:
+        self.metrics, self.stats = metrics, stats
         self._queries = self._hits = 0
 
     def publish(self) -> None:
-        engine, m = self.engine, self.metrics
-        m.set("num_requests_running", engine.num_requests_running)
-        m.set("num_requests_waiting", engine.num_requests_waiting)
-        m.set("kv_cache_usage_perc", engine.kv.usage)
-        queries, hits = engine.kv.prefix_queries, engine.kv.prefix_hits
+        stats, m = self.stats(), self.metrics
+        m.set("num_requests_running", stats["num_requests_running"])
+        m.set("num_requests_waiting", stats["num_requests_waiting"])
+        m.set("kv_cache_usage_perc", stats["kv_cache_usage"])
+        queries, hits = stats["prefix_cache_queries"], stats["prefix_cache_hits"]
         m.inc("prefix_cache_queries", queries - self._queries)
         m.inc("prefix_cache_hits", hits - self._hits)
         self._queries, self._hits = queries, hits

@@ -17,8 +17,8 @@ metrics go somewhere (a Ray process, or an injected `Metrics`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import os
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any, Literal
@@ -28,6 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from deployments.metrics import EngineGauges, Metrics, RequestRecorder
 from deployments.replica_logs import to_replica_log
 from gemma.engine import AsyncLLMEngine, EngineConfig, LLMEngine, RequestOutput
+from gemma.engine.async_engine import rss_bytes
+from gemma.engine.engine_process import AsyncEngineProcess
 from gemma.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -51,13 +53,22 @@ class EngineArgs(BaseModel):
     seed: int = 0
     cpu_matmul: Literal["auto", "kernel", "fp32", "torch"] = "auto"  # see gemma.engine.EngineConfig
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps (see gemma.engine.EngineConfig)
+    # the engine steps in a child process of the replica (gemma.engine.engine_process), so streaming tokens to
+    # callers never holds up a step; tensor-parallel replicas keep rank 0 in the replica's own process
+    engine_process: bool = True
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(**self.model_dump(exclude={"model", "dtype", "device", "tp_size"}))
+        return EngineConfig(**self.model_dump(exclude={"model", "dtype", "device", "tp_size", "engine_process"}))
 
 
 def build_engine(args: EngineArgs) -> AsyncLLMEngine:
-    """Load the model (rank 0 here, ranks 1..N-1 as Ray actors in this replica's placement group)."""
+    """Load the model: in a child process (`engine_process`, tp_size 1), or here as rank 0 with ranks 1..N-1 as Ray
+    actors in this replica's placement group."""
+    # Ray gives each GPU actor one visible device: every rank's device is cuda:0 in its own process.
+    device = "cuda:0" if args.device == "cuda" else args.device
+    if args.engine_process and args.tp_size == 1:
+        return AsyncEngineProcess(functools.partial(
+            LLMEngine.from_pretrained, args.model, args.dtype, device, 1, args.engine_config()))
     launcher, host = None, "127.0.0.1"
     if args.tp_size > 1:
         import ray
@@ -65,8 +76,6 @@ def build_engine(args: EngineArgs) -> AsyncLLMEngine:
         from deployments.tp_workers import RayActorLauncher
 
         launcher, host = RayActorLauncher, ray.util.get_node_ip_address()
-    # Ray gives each GPU actor one visible device: every rank's device is cuda:0 in its own process.
-    device = "cuda:0" if args.device == "cuda" else args.device
     kwargs = {"launcher": launcher} if launcher is not None else {}
     return AsyncLLMEngine.from_engine_factory(lambda: LLMEngine.from_pretrained(
         args.model, args.dtype, device, args.tp_size, args.engine_config(), host=host, **kwargs))
@@ -107,25 +116,14 @@ class ModelDeployment:
         await self.engine.abort(request_id)
 
     async def model_info(self) -> dict[str, Any]:
-        engine = self.engine.engine
-        return {
-            "model": self.args.model, "max_model_len": engine.max_model_len,
-            "vocab_size": engine.model.config.vocab_size, "tp_size": engine.model.tp.size,
-        }
+        return {"model": self.args.model, **self.engine.info()}
 
     async def stats(self) -> dict[str, Any]:
-        engine = self.engine.engine
-        kv = engine.kv
-        return {
-            "num_requests_running": engine.num_requests_running,
-            "num_requests_waiting": engine.num_requests_waiting,
-            "kv_cache_usage": kv.usage,
-            "kv_blocks_used": sum(g.num_used_blocks for g in kv.groups),
-            "kv_blocks_total": sum(g.num_blocks for g in kv.groups),
-            "prefix_cache_queries": kv.prefix_queries,
-            "prefix_cache_hits": kv.prefix_hits,
-            "rss_bytes": _rss_bytes(),
-        }
+        """The engine's counters; `rss_bytes` is the resident memory of this replica and its engine's process."""
+        stats = self.engine.stats()
+        if isinstance(self.engine, AsyncEngineProcess):
+            stats["rss_bytes"] = (stats["rss_bytes"] or 0) + (rss_bytes() or 0)
+        return stats
 
     async def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy and Serve replaces it."""
@@ -136,7 +134,7 @@ class ModelDeployment:
         """Start the task that publishes the engine's state (once, on the replica's loop; see the module doc)."""
         if self._stats_task is not None or not self.metrics.live:
             return
-        gauges = EngineGauges(self.metrics, self.engine.engine)
+        gauges = EngineGauges(self.metrics, self.engine.stats)
 
         async def publish() -> None:
             while True:
@@ -156,7 +154,7 @@ class ModelDeployment:
                 task.get_loop().call_soon_threadsafe(task.cancel)
             except RuntimeError:  # that loop is closed, and the task with it
                 pass
-        self.engine.engine.shutdown()
+        self.engine.close()
 
     def __del__(self) -> None:
         try:
@@ -164,11 +162,3 @@ class ModelDeployment:
         except Exception:  # best effort at teardown; the placement group removal kills the actors
             logger.exception("shutting down the engine failed")
 
-
-def _rss_bytes() -> int | None:
-    """This process's resident memory now (Linux; None elsewhere): soak tests watch it across rounds."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return None

@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from gemma.engine.outputs import RequestOutput
+from gemma.engine.outputs import RequestOutput, merge_outputs
 from gemma.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -27,7 +27,8 @@ class DeadlineExceeded(TimeoutError):
 class ModelStreams:
     """The model streams of one HTTP request (one per prompt), read together in the order outputs arrive.
 
-    `start()` waits for each stream's first output so that a request the model rejects (it raises before
+    A stream whose newer output is already queued skips to it (`merge_outputs`: one event for what the reader
+    missed). `start()` waits for each stream's first output so that a request the model rejects (it raises before
     yielding) fails before any HTTP response has begun. `close()` cancels what still runs and aborts the
     engine requests that did not finish; it is idempotent.
     """
@@ -76,7 +77,23 @@ class ModelStreams:
                 continue
             if item.finished:
                 self.finished.add(i)
+            elif self._newer(i, item):
+                continue
             yield i, item
+
+    def _newer(self, i: int, item: RequestOutput) -> bool:
+        """Whether a newer output of stream `i` has arrived (then merged into it: this one need not be sent).
+
+        A reader slower than the model (a fast GPU, a busy ingress) sends one event for what it missed instead
+        of falling further behind one event per token; the outputs' text and token ids are cumulative.
+        """
+        while not self._queue.empty():
+            self._pending.append(self._queue.get_nowait())
+        for k, (j, later) in enumerate(self._pending):
+            if j == i and isinstance(later, RequestOutput):
+                self._pending[k] = (j, merge_outputs(item, later))
+                return True
+        return False
 
     async def _get(self) -> tuple[int, RequestOutput | BaseException | None]:
         if self.deadline is None:

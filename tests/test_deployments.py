@@ -12,6 +12,8 @@ from deployments.classifier import ClassifierDeployment
 from deployments.model import EngineArgs, ModelDeployment
 from deployments.tokenizer import TokenizerDeployment
 from gemma import GemmaForCausalLM, GemmaTokenizer
+from gemma.engine.async_engine import EngineStepError
+from gemma.engine.engine_process import EngineProcessError
 from gemma.sampling import SamplingParams
 
 
@@ -71,6 +73,33 @@ def test_model_deployment_streams_what_generate_gives_and_frees_blocks(checkpoin
         return streamed
 
     assert asyncio.run(main()) == expected
+
+
+def test_a_dead_engine_process_fails_its_requests_and_health_and_stopping_leaves_none(checkpoint):
+    dep = ModelDeployment(EngineArgs(model=str(checkpoint), dtype="float32", kv_cache_memory="4MiB", max_model_len=96))
+    process = dep.engine._process
+
+    async def main():
+        stream = dep.generate([2, 17, 29], SamplingParams(max_tokens=90, ignore_eos=True), "a")
+        await stream.__anext__()
+        process.kill()  # as the OOM killer would
+        with pytest.raises(EngineStepError, match="engine process"):
+            async for _ in stream:
+                pass
+        with pytest.raises(RuntimeError, match="engine process is gone"):
+            await dep.check_health()  # Serve replaces the replica
+        with pytest.raises(EngineProcessError):  # a new request fails at once instead of waiting
+            async for _ in dep.generate([2, 3], SamplingParams(max_tokens=2), "b"):
+                pass
+
+    asyncio.run(main())
+    dep.shutdown()
+
+    healthy = ModelDeployment(EngineArgs(model=str(checkpoint), dtype="float32", kv_cache_memory="4MiB"))
+    process = healthy.engine._process
+    assert process.is_alive()
+    healthy.shutdown()  # what Serve's stop of the replica calls (through __del__)
+    assert not process.is_alive() and process.exitcode == 0
 
 
 def test_tokenizer_deployment(checkpoint):

@@ -13,6 +13,7 @@ from tokenizer_fixtures import write_trained_tokenizer_json
 
 from gemma import GemmaForCausalLM, GemmaTokenizer, torch_thread
 from gemma.engine import AsyncLLMEngine, EngineConfig, LLMEngine
+from gemma.engine.async_engine import EngineStepError
 from gemma.sampling import SamplingParams
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -223,6 +224,44 @@ def test_async_streaming_equals_non_streaming_and_abort_frees(model, tokenizer):
         assert text == last.text == tokenizer.decode(tokens, skip_special_tokens=True)
         assert last.finished and last.metrics.first_token_time is not None
     assert usage == 0.0
+
+
+def test_a_slow_consumer_gets_one_output_for_the_steps_it_missed(model, tokenizer):
+    prompt = prompts(1, seed=9)[0]
+
+    async def main(fail_at: int | None):
+        llm = LLMEngine(model, tokenizer, EngineConfig(block_size=4))
+        step, calls = llm.step, []
+
+        def counted_step():
+            calls.append(1)
+            if len(calls) == fail_at:
+                raise RuntimeError("boom")
+            return step()
+
+        llm.step = counted_step
+        engine = AsyncLLMEngine(llm)
+        outs, error = [], None
+        try:
+            async for out in engine.generate(prompt, SamplingParams(max_tokens=8, **GREEDY), "slow"):
+                outs.append(out)
+                while len(outs) == 1 and len(calls) < (fail_at or 8):  # fall behind the engine's steps
+                    await asyncio.sleep(0.005)
+                await asyncio.sleep(0.05)
+        except EngineStepError as exc:
+            error = exc
+        await engine.shutdown()
+        return outs, error
+
+    outs, error = asyncio.run(main(None))
+    expected = one_at_a_time(model, prompt, 8)
+    assert error is None and [len(o.outputs[0].new_token_ids) for o in outs] == [1, 7] and outs[-1].finished
+    assert outs[0].outputs[0].new_token_ids + outs[1].outputs[0].new_token_ids == outs[1].token_ids == expected
+    assert outs[0].outputs[0].new_text + outs[1].outputs[0].new_text == outs[1].text
+    # a step fails while the consumer lags: it gets the tokens made before the failure, then the error
+    outs, error = asyncio.run(main(4))
+    assert [len(o.outputs[0].new_token_ids) for o in outs] == [1, 2] and outs[-1].token_ids == expected[:3]
+    assert isinstance(error, EngineStepError) and "boom" in str(error)
 
 
 def test_async_engine_loads_and_steps_on_one_pytorch_thread(model, tokenizer):

@@ -1,12 +1,18 @@
-"""`AsyncLLMEngine`: the engine behind a server. A background task runs `step()` while requests stream.
+"""`AsyncLLMEngine`: the engine behind a server. Steps run in the background while requests stream.
 
     async for out in engine.generate(prompt_token_ids, params, request_id):
         ...  # out.outputs[0].new_token_ids / new_text, out.metrics; out.finished on the last one
 
-Each step runs on the process's PyTorch thread (gemma.torch_thread; PyTorch releases the GIL), so the event
-loop keeps accepting requests and streaming tokens while the model computes. Load the engine on that same thread
-(`AsyncLLMEngine.from_engine_factory`, or `torch_thread.call`): CPU kernels run on an OpenMP team per calling
-thread, and a second team makes every step ~1.5x slower (gemma.torch_thread's doc has the figures).
+The steps run back to back on the process's PyTorch thread (gemma.torch_thread; PyTorch releases the GIL), and
+the event loop only hands each step's outputs to the requests' queues: streaming them on, however costly, overlaps
+the next step instead of delaying it. Adds and aborts are queued for that thread to make between two steps (the
+engine's state changes there only). Load the engine on that same thread (`AsyncLLMEngine.from_engine_factory`, or
+`torch_thread.call`): CPU kernels run on an OpenMP team per calling thread, and a second team makes every step
+~1.5x slower (gemma.torch_thread's doc has the figures). `gemma.engine.engine_process.AsyncEngineProcess` is the
+same interface over an engine in a child process, for servers whose own per-token work would hold the GIL.
+
+A consumer slower than the steps gets one output for the steps it missed (`merge_outputs`: the latest state, the
+deltas of all of them), not a backlog of one per token: a server streams as fast as it can pass messages on.
 
 Leaving the `async for` early, cancelling the task, or `await engine.abort(request_id)` aborts the request and
 frees its KV blocks. A request that cannot be served raises from `generate` and affects no other request; if a
@@ -16,15 +22,21 @@ step itself fails, the requests in it get the error and the loop keeps serving t
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
+import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from gemma import torch_thread
 from gemma.engine.llm_engine import LLMEngine
-from gemma.engine.outputs import RequestOutput
+from gemma.engine.outputs import RequestOutput, merge_outputs
 from gemma.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
+BURST_S = 0.25  # the longest the step loop holds the PyTorch thread before letting other work in
 
 
 class EngineStepError(RuntimeError):
@@ -34,10 +46,13 @@ class EngineStepError(RuntimeError):
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}  # the event loop's alone
+        # engine calls (add / abort) for the PyTorch thread to make between two steps, each with its future
+        self._commands: deque[tuple[str, Callable[[], Any], asyncio.Future]] = deque()
         self._wakeup = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_task: asyncio.Task | None = None
-        self._lock = asyncio.Lock()  # engine state is touched between steps only
+        self._stopping = False
 
     @classmethod
     def from_engine_factory(cls, factory: Callable[[], LLMEngine]) -> AsyncLLMEngine:
@@ -50,15 +65,21 @@ class AsyncLLMEngine:
 
     def start(self) -> None:
         if not self.is_running:
-            self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="gemma-engine-loop")
+            self._loop = asyncio.get_running_loop()
+            self._stopping = False
+            self._loop_task = self._loop.create_task(self._run(), name="gemma-engine-loop")
 
     async def shutdown(self) -> None:
+        """Stop stepping: the steps under way on the PyTorch thread end with their current one."""
+        self._stopping = True
         if self._loop_task is not None:
-            self._loop_task.cancel()
+            self._wakeup.set()
             try:
                 await self._loop_task
             except asyncio.CancelledError:
                 pass
+            except Exception:  # noqa: BLE001 - it stopped on an error earlier (check_health reported it)
+                logger.exception("the engine loop had failed")
             self._loop_task = None
 
     def check_health(self) -> None:
@@ -72,18 +93,28 @@ class AsyncLLMEngine:
         self, prompt_token_ids: list[int], params: SamplingParams | None, request_id: str, prompt: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs as tokens are produced; the last one has `finished=True`."""
-        self.start()
+        if request_id in self._queues:
+            raise ValueError(f"request_id {request_id!r} is already in use")
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        async with self._lock:
-            if request_id in self._queues:
-                raise ValueError(f"request_id {request_id!r} is already in use")
-            self.engine.add_request(request_id, prompt_token_ids, params, prompt=prompt)  # raises when invalid
-            self._queues[request_id] = queue
-        self._wakeup.set()
+        self._queues[request_id] = queue  # before the add: the step right after it may already have an output
+        try:  # raises ValueError (and queues nothing) when the request cannot be served
+            await self._call("add_request", request_id, prompt_token_ids, params, time.monotonic(), prompt)
+        except BaseException as exc:
+            self._queues.pop(request_id, None)
+            if isinstance(exc, asyncio.CancelledError):  # the add may still be made: undo it (calls run in order)
+                await asyncio.shield(self.abort(request_id))
+            raise
         finished = False
         try:
             while True:
                 item = await queue.get()
+                while isinstance(item, RequestOutput) and not item.finished and not queue.empty():
+                    nxt = queue.get_nowait()  # the consumer fell behind: one output for all the steps it missed
+                    if isinstance(nxt, BaseException):
+                        yield item  # what was produced, then the error
+                        item = nxt
+                        break
+                    item = merge_outputs(item, nxt)
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -92,42 +123,144 @@ class AsyncLLMEngine:
                     return
         finally:
             if not finished:  # the consumer left early, was cancelled, or the step failed
-                await self.abort(request_id)
+                await asyncio.shield(self.abort(request_id))
 
     async def abort(self, request_id: str) -> None:
-        async with self._lock:
-            queue = self._queues.pop(request_id, None)
-            out = self.engine.abort_request(request_id)
+        queue = self._queues.pop(request_id, None)
+        out = await self._abort(request_id)
         if queue is not None and out is not None:
             queue.put_nowait(out)
 
-    async def _run(self) -> None:
-        while True:
-            if not self.engine.has_unfinished_requests():
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            async with self._lock:
-                try:
-                    outputs = await torch_thread.run(self.engine.step)
-                except Exception as exc:  # noqa: BLE001 - a failed step must not stop the server
-                    logger.exception("engine step failed")
-                    self._fail_running(exc)
-                    continue
-            for out in outputs:
-                queue = self._queues.get(out.request_id)
-                if queue is not None:
-                    queue.put_nowait(out)
-                    if out.finished:
-                        del self._queues[out.request_id]
-            await asyncio.sleep(0)  # let consumers and new requests in between steps
+    def info(self) -> dict[str, Any]:
+        """What a server tells its clients: max_model_len, vocab_size, tp_size."""
+        return engine_info(self.engine)
 
-    def _fail_running(self, exc: Exception) -> None:
-        """Fail the requests that were in the failed step; their blocks are freed, the rest keep going."""
-        for seq in list(self.engine.scheduler.running):
-            request_id = seq.request_id
+    def stats(self) -> dict[str, Any]:
+        """The engine's counters now (see `engine_stats`)."""
+        return engine_stats(self.engine)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (ranks 1..N-1); the engine cannot step afterwards."""
+        self.engine.shutdown()
+
+    async def _abort(self, request_id: str) -> RequestOutput | None:
+        if self.is_running:
+            return await self._call("abort_request", request_id)
+        return self.engine.abort_request(request_id)  # nothing steps: the engine is the caller's alone
+
+    async def _call(self, name: str, *args: Any) -> Any:
+        """The engine's method `name` called with `args` on the PyTorch thread between two steps (the engine's
+        state changes there only)."""
+        future = asyncio.get_running_loop().create_future()
+        self._commands.append((name, functools.partial(getattr(self.engine, name), *args), future))
+        self.start()
+        self._wakeup.set()
+        return await future
+
+    async def _run(self) -> None:
+        burst = None
+        try:
+            while not self._stopping:
+                await self._wakeup.wait()
+                self._wakeup.clear()  # a call that comes while the steps run sets it again
+                burst = torch_thread.executor().submit(self._steps)
+                await asyncio.wrap_future(burst)
+        finally:
+            self._stopping = True
+            if burst is not None and not burst.done():  # cancelled: the thread stops after its current step
+                await asyncio.wait([asyncio.wrap_future(burst)])
+            while self._commands:  # nothing steps any more: aborts are made here, anything else refused
+                name, fn, future = self._commands.popleft()
+                if name == "abort_request":
+                    _resolve(future, fn(), None)
+                else:
+                    _resolve(future, None, RuntimeError("the engine was shut down"))
+
+    def _steps(self) -> None:
+        """On the PyTorch thread: make the queued calls, then step back to back while there is work.
+
+        The event loop only hands the outputs over (`_deliver`), so streaming them to callers, however costly,
+        overlaps the next step instead of delaying it. It returns after `BURST_S` to let other work that waits
+        for this thread in.
+        """
+        loop, engine, end = self._loop, self.engine, time.monotonic() + BURST_S
+        while not self._stopping:
+            while self._commands:
+                _, fn, future = self._commands.popleft()
+                try:
+                    loop.call_soon_threadsafe(_resolve, future, fn(), None)
+                except Exception as exc:  # noqa: BLE001 - handed to the caller
+                    loop.call_soon_threadsafe(_resolve, future, None, exc)
+            if not engine.has_unfinished_requests() or time.monotonic() > end:
+                if engine.has_unfinished_requests():
+                    loop.call_soon_threadsafe(self._wakeup.set)
+                return
+            try:
+                outputs = engine.step()
+            except Exception as exc:  # noqa: BLE001 - a failed step must not stop the server
+                logger.exception("engine step failed")
+                failed = self._fail_running()
+                loop.call_soon_threadsafe(self._deliver_error, failed, exc)
+                continue
+            loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            queue = self._queues.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
+                if out.finished:
+                    del self._queues[out.request_id]
+
+    def _fail_running(self) -> list[str]:
+        """On the PyTorch thread: abort the requests that were in the failed step (their blocks are freed)."""
+        failed = [seq.request_id for seq in list(self.engine.scheduler.running)]
+        for request_id in failed:
             self.engine.abort_request(request_id)
+        return failed
+
+    def _deliver_error(self, request_ids: list[str], exc: Exception) -> None:
+        """The failed step's requests get the error; the rest keep going."""
+        for request_id in request_ids:
             queue = self._queues.pop(request_id, None)
             if queue is not None:
-                error = EngineStepError(f"request {request_id} failed in an engine step: {exc}")
-                queue.put_nowait(error)
+                queue.put_nowait(EngineStepError(f"request {request_id} failed in an engine step: {exc}"))
+
+
+def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # its caller was cancelled
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def engine_info(engine: LLMEngine) -> dict[str, Any]:
+    return {"max_model_len": engine.max_model_len, "vocab_size": engine.model.config.vocab_size,
+            "tp_size": engine.model.tp.size}
+
+
+def engine_stats(engine: LLMEngine) -> dict[str, Any]:
+    """Requests running and waiting, KV-cache use, prefix-cache counters (cumulative), and the resident memory of
+    the process the engine runs in."""
+    kv = engine.kv
+    return {
+        "num_requests_running": engine.num_requests_running,
+        "num_requests_waiting": engine.num_requests_waiting,
+        "kv_cache_usage": kv.usage,
+        "kv_blocks_used": sum(g.num_used_blocks for g in kv.groups),
+        "kv_blocks_total": sum(g.num_blocks for g in kv.groups),
+        "prefix_cache_queries": kv.prefix_queries,
+        "prefix_cache_hits": kv.prefix_hits,
+        "rss_bytes": rss_bytes(),
+    }
+
+
+def rss_bytes() -> int | None:
+    """This process's resident memory now (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
@@ -70,3 +70,19 @@ class RequestOutput:
     @property
     def logprobs(self) -> list[dict[int, float]] | None:
         return self.outputs[0].logprobs
+
+
+def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One output in place of two consecutive ones of the same request: `later`'s state with both steps' deltas.
+
+    Every other field is cumulative, so a consumer that falls behind the engine loses nothing by receiving
+    this instead of the pair; the streams coalesce that way rather than queueing one message per token.
+    """
+    before = {o.index: o for o in earlier.outputs}
+    outputs = []
+    for o in later.outputs:
+        e = before.get(o.index)
+        if e is not None:
+            o = replace(o, new_token_ids=e.new_token_ids + o.new_token_ids, new_text=e.new_text + o.new_text)
+        outputs.append(o)
+    return replace(later, outputs=outputs)
