@@ -3,6 +3,7 @@
     python benchmarks/serve.py [--model gemma-3-270m] [--dtype bfloat16] [--concurrency 1,4,16]
                                [--requests-per-level N] [--max-tokens 64,256] [--prompt-len 32,512]
                                [--threads N] [--out benchmarks/results] [--quick]
+                               [--device cuda --random-weights gemma-3-270m]   # a GPU node
 
 Two phases, one after the other, so they never compete for the cores:
 1. engine direct: an `AsyncLLMEngine` built in this process by `deployments.model.build_engine` from the same
@@ -30,6 +31,11 @@ asserted): Serve adds <= 15 ms to the p50 TTFT at c=1, and loses <= 10% of the o
 
 `--quick` is a smoke run (~1 min): a tiny random Gemma 3 with a word-level tokenizer written to a temporary
 directory, max(2, c) requests at level c, 16-32 output tokens; results go to *-quick.json / .png.
+
+`--device cuda` runs the model on the node's GPU in both phases (the replica gets `num_gpus: 1` in a
+`{CPU: threads, GPU: 1}` bundle); `--random-weights PRESET` (for a machine without the model's files, such as a
+lent GPU node) serves random weights of that preset's shapes (`GemmaConfig.from_preset`) with a word-level
+tokenizer of its vocabulary, written to a temporary directory.
 """
 
 from __future__ import annotations
@@ -103,10 +109,15 @@ async def run_direct(app_args: AppArgs, threads: int, levels: list[int], sets: d
     from deployments.model import build_engine
 
     torch.set_num_threads(threads)
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # read by the engine's own process (engine_process), as in a replica
     t = time.perf_counter()
-    engine = build_engine(app_args.engine_args())
+    try:
+        engine = build_engine(app_args.engine_args())
+    finally:
+        os.environ.pop("OMP_NUM_THREADS") if saved is None else os.environ.update(OMP_NUM_THREADS=saved)
     load_s = time.perf_counter() - t
-    log.info("engine direct: loaded in %.1f s, %d torch threads", load_s, torch.get_num_threads())
+    log.info("engine direct: loaded in %.1f s, %d torch threads", load_s, threads)
 
     async def one(rid: str, r: Request) -> Stream:
         s = Stream(time.monotonic())
@@ -129,7 +140,7 @@ async def run_direct(app_args: AppArgs, threads: int, levels: list[int], sets: d
             log.info("engine direct c=%d: %.1f s", c, results[c][1])
     finally:
         await engine.shutdown()
-        engine.engine.shutdown()
+        engine.close()
         engine = None  # the last reference (`one` reads it too): the weights and KV pool go now
         gc.collect()
     return results, load_s
@@ -155,8 +166,9 @@ def serve_app_config(app_args: AppArgs, threads: int) -> tuple[dict, dict]:
         dep.pop("autoscaling_config", None)
         dep["num_replicas"] = 1
         if dep["name"] == "model":
-            dep["ray_actor_options"] = {"num_cpus": threads, "num_gpus": 0}
-            dep["placement_group_bundles"] = [{"CPU": threads}]
+            gpus = 1 if app_args.device == "cuda" else 0
+            dep["ray_actor_options"] = {"num_cpus": threads, "num_gpus": gpus}
+            dep["placement_group_bundles"] = [{"CPU": threads, "GPU": gpus} if gpus else {"CPU": threads}]
             dep["max_ongoing_requests"] = app_args.max_num_seqs
     return app, config
 
@@ -334,6 +346,17 @@ def plot(rows: list[dict], file: Path, title: str) -> None:
 
 # ---- the run -------------------------------------------------------------------------------------------
 
+def random_checkpoint(preset: str, directory: str) -> Path:
+    """Random bf16 weights of `preset`'s shapes in HF layout, with a word-level tokenizer of its whole vocabulary."""
+    from gemma import GemmaConfig, GemmaForCausalLM
+
+    config = GemmaConfig.from_preset(preset)
+    torch.manual_seed(0)
+    GemmaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
+    log.info("random %s weights written to %s", preset, directory)
+    return Path(tiny_tokenizer(directory, config.vocab_size))
+
+
 def vocab_size(path: Path) -> int:
     """The model's vocabulary size, from its config (an HF directory's config.json or a .gguf's metadata)."""
     if path.suffix == ".gguf":
@@ -349,6 +372,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gemma-3-270m", help="a named model, an HF directory or a .gguf")
     p.add_argument("--quick", action="store_true", help="a tiny random model, few short requests: a smoke run")
+    p.add_argument("--random-weights", default=None, metavar="PRESET",
+                   help="random weights of this preset's shapes (e.g. gemma-3-270m) instead of --model's files")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated levels")
     p.add_argument("--requests-per-level", type=int, default=None, help="default max(8, 2c) at level c")
@@ -377,6 +403,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick:
             path, name = Path(tiny_tokenizer(tiny_checkpoint(tmp))), "tiny"
+        elif args.random_weights:
+            path, name = random_checkpoint(args.random_weights, tmp), f"{args.random_weights}-random"
         else:
             path = resolve_checkpoint(args.model)
             name = args.model if path != Path(args.model) else path.stem
@@ -384,7 +412,7 @@ def main() -> None:
         app_args = AppArgs(
             model=str(path), served_model_name=name, dtype=args.dtype, seed=args.seed,
             max_num_seqs=args.max_num_seqs or max(32, *levels), kv_cache_memory=args.kv_cache_memory,
-            max_model_len=2048 if args.quick else 4096,
+            max_model_len=2048 if args.quick else 4096, device=args.device,
         )
         sets = {c: make_requests(per_level(c), vocab, args.seed * 1000 + c, args.prompt_len, args.max_tokens)
                 for c in levels}
@@ -418,6 +446,8 @@ def report(args: argparse.Namespace, name: str, levels: list[int], direct: dict,
                      **{f"{k.replace('_p', '_added_p', 1)}": diff(k)
                         for k in ("ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s")}}
     device = cpu_name(args.threads)
+    if args.device == "cuda":
+        device = f"{torch.cuda.get_device_name()}, {os.cpu_count()} CPU cores"
     print_table(rows, deltas, f"Serve benchmark: {name}, {args.dtype}, {device}; closed loop, "
                               f"prompts {args.prompt_len[0]}-{args.prompt_len[1]}, "
                               f"outputs {args.max_tokens[0]}-{args.max_tokens[1]} tokens")
@@ -434,6 +464,8 @@ def report(args: argparse.Namespace, name: str, levels: list[int], direct: dict,
     ]
     out = results_dir(args.out)
     stem = f"serve-{name}-{args.dtype}" + ("-quick" if args.quick else "")
+    if args.device == "cuda":
+        stem += "-" + torch.cuda.get_device_name().replace(" ", "_")
     result = {
         "model": name, "dtype": args.dtype, "device": device, "torch": torch.__version__, "ray": ray.__version__,
         "args": vars(args), "load_average_at_start": load, "engine_load_s": load_s,
