@@ -1,8 +1,9 @@
 """The model deployment: one replica is one tensor-parallel group serving an `AsyncLLMEngine`.
 
 A plain class (Serve options are applied in deployments/app.py). The engine is injected, or built from
-`EngineArgs`: with `tp_size > 1` this replica is rank 0 and ranks 1..N-1 are Ray actors in its placement group
-(deployments/tp_workers.py). `generate` streams the engine's outputs; a caller that goes away (an HTTP client
+`EngineArgs`: at tp_size 1 in a child process of the replica (`engine_process`, gemma.engine.engine_process: the
+replica's per-token streaming work then never holds the GIL its steps need); with `tp_size > 1` this replica is
+rank 0 and ranks 1..N-1 are Ray actors in its placement group (deployments/tp_workers.py). `generate` streams the engine's outputs; a caller that goes away (an HTTP client
 disconnecting cancels the call) aborts its request and frees its KV blocks.
 
 Metrics (deployments/metrics.py, tagged with `served_model_name`): token counters and the per-request
