@@ -13,7 +13,7 @@ from deployments.model import EngineArgs, ModelDeployment
 from deployments.tokenizer import TokenizerDeployment
 from gemma import GemmaForCausalLM, GemmaTokenizer
 from gemma.engine.async_engine import EngineStepError
-from gemma.engine.engine_process import EngineProcessError
+from gemma.engine.engine_process import EngineProcessError, portable
 from gemma.sampling import SamplingParams
 
 
@@ -100,6 +100,17 @@ def test_a_dead_engine_process_fails_its_requests_and_health_and_stopping_leaves
     assert process.is_alive()
     healthy.shutdown()  # what Serve's stop of the replica calls (through __del__)
     assert not process.is_alive() and process.exitcode == 0
+
+
+def test_an_error_the_pipe_cannot_carry_becomes_one_it_can():
+    class Unpicklable(ValueError):
+        def __reduce__(self):
+            raise TypeError("no")
+
+    assert isinstance(portable(KeyError("k")), KeyError)  # picklable: unchanged
+    converted = portable(Unpicklable("bad prompt"))
+    assert type(converted) is ValueError and "Unpicklable: bad prompt" in str(converted)  # still a 400 upstream
+    assert type(portable(type("Odd", (RuntimeError,), {"__reduce__": Unpicklable.__reduce__})("x"))) is RuntimeError
 
 
 def test_tokenizer_deployment(checkpoint):

@@ -13,7 +13,8 @@ The child builds the engine with `factory()` (spawned: a picklable callable, e.g
 `LLMEngine.from_pretrained`) on its main thread, which then runs every step, so one OpenMP team does all the
 compute (gemma.torch_thread says why that matters). Between steps it makes the calls the parent queued
 (add / abort) and, after each step, sends that step's outputs and the engine's counters in one message: one
-message per step, whatever the number of requests. The parent's reader thread hands them to the event loop.
+message per step, whatever the number of requests. The parent's reader thread hands them to the event loop, and
+its writer thread sends the calls (while the child is mid-step the pipe can fill, and the loop must not wait).
 Everything else (per-request queues, coalescing for slow consumers, aborts when a consumer leaves) is
 `AsyncLLMEngine`'s. The child exits when told to, and by itself when the parent's end of the pipe closes (the
 parent died), so a killed server leaves no engine behind. A dead child fails its requests and `check_health`.
@@ -28,6 +29,8 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import pickle
+import queue
 import threading
 import traceback
 from collections.abc import Callable
@@ -69,7 +72,9 @@ class AsyncEngineProcess(AsyncLLMEngine):
             self._process.join(5)
             raise EngineProcessError(f"the engine process failed to start:\n{payload}")
         self._info, self._stats = payload
-        self._send_lock = threading.Lock()
+        self._outbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write, name="gemma-engine-writer", daemon=True)
+        self._writer.start()
         self._next_call = 0
         self._pending: dict[int, asyncio.Future] = {}
         self._dead: str | None = None
@@ -122,10 +127,7 @@ class AsyncEngineProcess(AsyncLLMEngine):
         if self._closed:
             return
         self._closed = True
-        try:
-            self._send(("stop",))
-        except (OSError, ValueError, EngineProcessError):
-            pass
+        self._outbox.put(("stop",))
         self._process.join(timeout_s)
         if self._process.is_alive():
             logger.warning("engine process %d did not stop in %.0f s: killing it", self._process.pid, timeout_s)
@@ -139,11 +141,28 @@ class AsyncEngineProcess(AsyncLLMEngine):
     # ---- the pipe ----
 
     def _send(self, message: tuple) -> None:
-        with self._send_lock:
+        """Queue `message` for the writer thread: the pipe is full while the child is mid-step with calls unread,
+        and the event loop must not wait for that step."""
+        if self._dead is not None:
+            raise EngineProcessError(f"the engine process is gone: {self._dead}")
+        self._outbox.put(message)
+
+    def _write(self) -> None:
+        """The writer thread: sends queued messages in order until "stop" or a broken pipe."""
+        while True:
+            message = self._outbox.get()
             try:
                 self._conn.send(message)
-            except (OSError, ValueError) as exc:
-                raise EngineProcessError(f"the engine process is gone: {exc!r}") from exc
+            except OSError:  # the child is gone: the reader reports it
+                return
+            except Exception as exc:  # noqa: BLE001 - this message cannot be pickled: fail its call only
+                if self._conn.closed:
+                    return
+                if message[0] == "call":
+                    self._to_loop(self._on_message, ("result", message[1], None, exc, self._stats))
+                continue
+            if message[0] == "stop":
+                return
 
     def _read(self) -> None:
         """The reader thread: each message from the child goes to the event loop, in order."""
@@ -198,6 +217,17 @@ class AsyncEngineProcess(AsyncLLMEngine):
         self._queues.clear()
 
 
+def portable(exc: Exception) -> Exception:
+    """`exc` if it survives pickling, else a ValueError or RuntimeError with its text: an exception the pipe cannot
+    carry must fail its call, not the engine process."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001 - any pickling failure
+        kind = ValueError if isinstance(exc, ValueError) else RuntimeError
+        return kind(f"{type(exc).__name__}: {exc}")
+
+
 def _child_main(conn: Any, factory: Callable[[], LLMEngine]) -> None:
     """The engine process: build, then make queued calls and step until told to stop or orphaned."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine process %(levelname)s %(name)s: %(message)s")
@@ -222,7 +252,7 @@ def _child_main(conn: Any, factory: Callable[[], LLMEngine]) -> None:
                 try:
                     result, error = getattr(engine, name)(*args), None
                 except Exception as exc:  # noqa: BLE001 - the caller's error (ValueError for a bad request)
-                    result, error = None, exc
+                    result, error = None, portable(exc)
                 conn.send(("result", call_id, result, error, engine_stats(engine)))
             if not engine.has_unfinished_requests():
                 continue
