@@ -212,8 +212,8 @@ class AsyncEngineProcess(AsyncLLMEngine):
             if not future.done():
                 future.set_exception(error)
         self._pending.clear()
-        for request_id, queue in list(self._queues.items()):
-            queue.put_nowait(EngineStepError(f"request {request_id} failed: {error}"))
+        for request_id, stream in list(self._queues.items()):
+            stream.put_nowait(EngineStepError(f"request {request_id} failed: {error}"))
         self._queues.clear()
 
 
