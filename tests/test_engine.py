@@ -107,6 +107,22 @@ def test_seeded_sampling_ignores_batch_composition(model, tokenizer):
     assert other_seed.token_ids != alone.token_ids
 
 
+def test_warm_up_leaves_the_engine_as_it_found_it(model, tokenizer):
+    config = EngineConfig(max_num_seqs=8, block_size=4, kv_cache_memory="4MiB")
+    greedy = [(p, SamplingParams(max_tokens=8, **GREEDY)) for p in prompts(4, seed=5)]
+    unseeded = [(p, SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)) for p in prompts(3, seed=6)]
+    cold = run(LLMEngine(model, tokenizer, config), greedy + unseeded)
+    engine = LLMEngine(model, tokenizer, config)
+    assert engine.warm_up() > 0
+    assert not engine.has_unfinished_requests() and engine.kv.usage == 0.0
+    assert engine.kv.prefix_queries == engine.kv.prefix_hits == 0
+    # nothing cached, the engine's generator untouched: the same requests give the same tokens
+    assert [o.token_ids for o in run(engine, greedy + unseeded)] == [o.token_ids for o in cold]
+    engine.add_request("busy", prompts(1)[0], SamplingParams(max_tokens=2))
+    with pytest.raises(RuntimeError, match="idle engine"):
+        engine.warm_up()
+
+
 def test_n_completions_and_logprobs(model, tokenizer):
     params = SamplingParams(n=3, max_tokens=5, temperature=1.0, seed=7, logprobs=2, ignore_eos=True)
     out = run(LLMEngine(model, tokenizer), [(prompts(1)[0], params)])[0]
