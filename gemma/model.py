@@ -164,6 +164,13 @@ class GemmaAttention(nn.Module):
             )
             return out[:, :, None]
         k, v = k_pool[slots].transpose(1, 2), v_pool[slots].transpose(1, 2)  # (n, Hkv, K, D)
+        groups = self.num_heads // self.num_kv_heads
+        if q.is_cuda and q.shape[2] > 1 and groups > 1 and not self.softcap:
+            # Several queries per row under a mask: SDPA's memory-efficient kernel takes a mask but not
+            # enable_gqa (with both, SDPA falls back to the math kernel or to cuDNN's, which builds a plan per
+            # new shape), so the kv heads are expanded here; the engine's runner picks the kernels on a GPU.
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scaling)
         return self.attend(q, k, v, bias)[0]
 
 

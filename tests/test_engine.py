@@ -346,6 +346,55 @@ def test_padded_decode_steps_of_the_cuda_graph_path_equal_eager_steps(tmp_path, 
     assert engine.kv.usage == 0.0
 
 
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text"])
+def test_prefill_chunks_attending_as_one_padded_sub_batch_equal_one_by_one(tmp_path, family):
+    """How a GPU runs a step's prefills (`group_prefills`: chunks of different lengths padded to the longest, the
+    padding dropped) gives the tokens and logprobs of each chunk attending alone (the CPU's way)."""
+    from types import SimpleNamespace
+
+    from test_gemma23_parity import FAMILIES
+
+    from gemma.engine.model_runner import group_chunks
+
+    extra = FAMILIES.get(family, dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16))
+    model = GemmaForCausalLM.from_pretrained(write_hf_checkpoint(tmp_path, family=family, **extra))
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=2)
+    reqs = [(list(range(10 + i, 10 + i + n)), params) for i, n in enumerate((3, 5, 6, 9, 14, 30, 31))]
+    padded_steps = []
+
+    def engine_run(grouped: bool) -> list:
+        engine = LLMEngine(model, None, EngineConfig(max_num_seqs=8, block_size=4, max_model_len=80,
+                                                     max_num_batched_tokens=48, kv_cache_memory="2MiB"))
+        engine.runner.group_prefills = grouped
+        describe = engine.runner._describe
+
+        def spy(batch, kv, step):
+            describe(batch, kv, step)
+            padded_steps.extend(sb for sb in step.subbatches if sb.q_real is not None)
+
+        engine.runner._describe = spy
+        return run(engine, reqs, invariants)
+
+    alone = engine_run(False)
+    assert not padded_steps
+    grouped = engine_run(True)
+    assert padded_steps  # some chunks of different lengths did attend together
+    for a, b in zip(alone, grouped):
+        assert b.token_ids == a.token_ids
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-4 for t in x)
+
+    def batch(*sizes):  # (new tokens, computed before)
+        return SimpleNamespace(num_new=[q for q, _ in sizes],
+                               seqs=[SimpleNamespace(num_computed_tokens=c) for _, c in sizes])
+
+    assert group_chunks(batch((128, 0), (128, 0), (128, 0)), [0, 1, 2]) == [[0, 1, 2]]
+    # a short chunk does not pad up to a long one; the longest goes first
+    assert group_chunks(batch((16, 0), (512, 0), (500, 0)), [0, 1, 2]) == [[1, 2], [0]]
+    assert group_chunks(batch((64, 0), (64, 960)), [0, 1]) == [[1], [0]]  # keys count too
+    assert group_chunks(batch((1024, 4000), (1024, 4000)), [0, 1]) == [[0], [1]]  # over max_elements
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_decode_steps_equal_eager_steps_on_cuda(model):
@@ -364,3 +413,16 @@ def test_cuda_graph_decode_steps_equal_eager_steps_on_cuda(model):
     # recorded at start-up: batch sizes 1, 2, 4, 6 times key widths 256, 304
     assert engine.runner.graphs is not None and len(engine.runner.graphs.graphs) == 4 * 2
     assert [o.token_ids for o in replayed] == [o.token_ids for o in eager]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_grouped_prefills_on_cuda_equal_one_at_a_time(model):
+    """On a GPU a step's prefill chunks attend as one padded sub-batch, through SDPA's memory-efficient kernel with
+    the kv heads expanded: the same greedy tokens as `generate` one prompt at a time on the same GPU."""
+    gpu = copy.deepcopy(model).to("cuda")
+    reqs = [(p, SamplingParams(max_tokens=8, **GREEDY)) for p in prompts(12, seed=7)]
+    engine = LLMEngine(gpu, None, EngineConfig(max_num_seqs=12, max_model_len=300, max_num_batched_tokens=128))
+    assert engine.runner.group_prefills
+    for (p, _), out in zip(reqs, run(engine, reqs, invariants)):
+        assert out.token_ids == one_at_a_time(gpu, p, 8)

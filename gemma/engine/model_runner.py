@@ -16,11 +16,13 @@ rank runs the same forward (the layers' collectives keep them in step); rank 0 s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gemma.engine.block_manager import KVCacheManager
 from gemma.engine.cuda_graphs import DecodeGraphs
@@ -29,13 +31,17 @@ from gemma.model import DecodeInputs, GemmaForCausalLM
 
 logger = logging.getLogger(__name__)
 
+GPU_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
 
 @dataclass
 class SubBatch:
-    q_index: torch.Tensor  # (n, Q) flat token indices of the sub-batch's queries
+    q_index: torch.Tensor  # (n, Q) flat token indices of the sub-batch's queries (padding rows repeat index 0)
     kv_slots: list[torch.Tensor]  # per KV group: (n, K) cache slots of the keys, padded with slot 0
     masks: list[torch.Tensor]  # per KV group: (n, 1, Q, K) bool, True where a query may attend
     biases: list[torch.Tensor] = field(default_factory=list)  # the masks' additive form (filled on the device)
+    # rows of different query counts are padded to the longest: which of the n*Q results are real (None: all)
+    q_real: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -91,7 +97,11 @@ class PagedBatch:
         for sb in self.subbatches:
             qs = q[0][:, sb.q_index].transpose(0, 1)  # (n, H, Q, D)
             o = attend(qs, kp, vp, sb.kv_slots[g], sb.masks[g], sb.biases[g])  # (n, H, Q, D)
-            out[0][:, sb.q_index.reshape(-1)] = o.transpose(0, 1).reshape(o.shape[1], -1, o.shape[-1])
+            o = o.transpose(0, 1).reshape(o.shape[1], -1, o.shape[-1])  # (H, n*Q, D)
+            dest = sb.q_index.reshape(-1)
+            if sb.q_real is not None:
+                o, dest = o[:, sb.q_real], dest[sb.q_real]
+            out[0][:, dest] = o
         return out
 
 
@@ -111,6 +121,9 @@ class ModelRunner:
         self.v_pools = [torch.zeros_like(p) for p in self.k_pools]
         self._logits: torch.Tensor | None = None
         self.graphs: DecodeGraphs | None = None
+        # On a GPU a step's cost is mostly kernel launches, so a step's prefill chunks attend together, padded
+        # to the longest; on a CPU each attends alone (padding there costs real arithmetic)
+        self.group_prefills = self.device.type == "cuda"
 
     def use_graphs(self, max_num_seqs: int, max_model_len: int, record: bool = True) -> None:
         """Replay decode steps as CUDA graphs (gemma.engine.cuda_graphs); `record=False` runs the same padded
@@ -154,16 +167,26 @@ class ModelRunner:
         subbatches = []
         for sb in step.subbatches:
             masks = [to_dev(t) for t in sb.masks]
+            real = to_dev(sb.q_real) if sb.q_real is not None else None
             subbatches.append(replace(sb, q_index=to_dev(sb.q_index), kv_slots=[to_dev(t) for t in sb.kv_slots],
-                                      masks=masks, biases=[self._bias(m) for m in masks]))
+                                      masks=masks, biases=[self._bias(m) for m in masks], q_real=real))
         paged = PagedBatch(self.k_pools, self.v_pools, self.layout.group_of_layer,
                            [to_dev(t) for t in step.write_slots], subbatches)
-        out = self.model.model(
-            input_ids=torch.tensor([step.input_ids], device=dev),
-            position_ids=torch.tensor([step.positions], device=dev), use_cache=False, paged=paged,
-        )
+        with self._kernels():
+            out = self.model.model(
+                input_ids=torch.tensor([step.input_ids], device=dev),
+                position_ids=torch.tensor([step.positions], device=dev), use_cache=False, paged=paged,
+            )
         h = out.last_hidden_state[0, torch.tensor(step.logits_at, dtype=torch.long, device=dev)]  # (S, C)
         return self.model.compute_logits(h, out=self._logits_buffer(len(step.logits_at)))
+
+    def _kernels(self) -> contextlib.AbstractContextManager:
+        """The attention kernels of a step: on a GPU, SDPA's precompiled flash and memory-efficient kernels (math
+        as the fallback), never cuDNN's, which builds an execution plan for each new shape; on an H100 the first
+        steps of new shapes stalled for 1.4-1.9 s each with it allowed."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return sdpa_kernel(GPU_SDPA_BACKENDS)
 
     def _logits_buffer(self, rows: int) -> torch.Tensor:
         """(rows, V) fp32, reused from step to step: a fresh one is tens of MB of new pages every step (at 32
@@ -197,13 +220,20 @@ class ModelRunner:
             flat += n
         if decodes:
             step.subbatches.append(self._subbatch(batch, kv, decodes, offsets))
-        step.subbatches += [self._subbatch(batch, kv, [i], offsets) for i in prefills]
+        groups = group_chunks(batch, prefills) if self.group_prefills else [[i] for i in prefills]
+        step.subbatches += [self._subbatch(batch, kv, members, offsets) for members in groups]
         step.write_slots = [torch.tensor(w, dtype=torch.long) for w in write]
 
     def _subbatch(self, batch: ScheduledBatch, kv: KVCacheManager, members: list[int], offsets: list[int]) -> SubBatch:
-        """Queries of `members` (all the same count: 1 for decodes, or a single prefill chunk) and their keys."""
-        q_len = batch.num_new[members[0]]
-        q_index = torch.tensor([[offsets[i] + j for j in range(q_len)] for i in members])
+        """Queries of `members` (decodes, or prefill chunks) and their keys. A row with fewer queries than the
+        longest is padded with token 0's query at the row's last position (so it attends to real keys: no
+        all-masked row), whose results are dropped (`q_real`)."""
+        counts = [batch.num_new[i] for i in members]
+        q_len = max(counts)
+        q_index = torch.tensor([[offsets[i] + j for j in range(n)] + [0] * (q_len - n) for i, n in zip(members, counts)])
+        q_real = None
+        if min(counts) < q_len:
+            q_real = torch.tensor([r * q_len + j for r, n in enumerate(counts) for j in range(n)])
         kv_slots, masks = [], []
         for g, window in enumerate(self.layout.windows):
             rows, q_pos, k_pos = [], [], []
@@ -213,7 +243,7 @@ class ModelRunner:
                 # a windowed group keeps only the keys the first query can still see
                 first = 0 if window is None else max(0, start - window + 1)
                 rows.append(kv.slot_mapping(g, seq.seq_id, first, end))
-                q_pos.append(range(start, end))
+                q_pos.append([*range(start, end), *[end - 1] * (q_len - n)])
                 k_pos.append(range(first, end))
             width = max(len(r) for r in rows)
             # padded rows built as lists, one tensor each (a tensor per row costs ~100 us at 32 sequences)
@@ -225,4 +255,26 @@ class ModelRunner:
                 allowed &= qp[:, :, None] - kp[:, None, :] < window
             kv_slots.append(slots)
             masks.append(allowed[:, None])  # bool: a quarter of the bytes to broadcast under TP
-        return SubBatch(q_index, kv_slots, masks)
+        return SubBatch(q_index, kv_slots, masks, q_real=q_real)
+
+
+def group_chunks(batch: ScheduledBatch, members: list[int], max_padding: float = 0.5,
+                 max_elements: int = 1 << 23) -> list[list[int]]:
+    """Prefill chunks in groups that attend as one padded sub-batch: longest first, a chunk joins the current
+    group while the group's padded score matrix (rows x longest chunk x most keys) stays within `max_padding`
+    of the real one and under `max_elements`."""
+    def size(i: int) -> tuple[int, int]:  # (queries, keys of the global layers)
+        return batch.num_new[i], batch.seqs[i].num_computed_tokens + batch.num_new[i]
+
+    groups: list[list[int]] = []
+    real = q_max = k_max = 0
+    for i in sorted(members, key=lambda i: size(i), reverse=True):
+        q, k = size(i)
+        padded = (len(groups[-1]) + 1) * q_max * max(k_max, k) if groups else 0
+        if groups and padded <= (1 + max_padding) * (real + q * k) and padded <= max_elements:
+            groups[-1].append(i)
+            real, k_max = real + q * k, max(k_max, k)
+        else:
+            groups.append([i])
+            real, q_max, k_max = q * k, q, k
+    return groups
