@@ -271,7 +271,7 @@ def group_chunks(batch: ScheduledBatch, members: list[int], max_padding: float =
 
     groups: list[list[int]] = []
     real = q_max = k_max = 0
-    for i in sorted(members, key=lambda i: size(i), reverse=True):
+    for i in sorted(members, key=size, reverse=True):
         q, k = size(i)
         padded = (len(groups[-1]) + 1) * q_max * max(k_max, k) if groups else 0
         if groups and padded <= (1 + max_padding) * (real + q * k) and padded <= max_elements:
