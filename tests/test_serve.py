@@ -128,7 +128,10 @@ def test_load_past_max_queued_requests_gets_a_fast_503(url):
     for code, elapsed, r in results:
         if code == 503:
             assert elapsed < ok_time and r.json()["error"]["message"]
-    assert httpx.post(f"{url}/tp2/v1/completions", json={**body, "max_tokens": 4}, timeout=60).status_code == 200
+    # and the server keeps serving. Every request of the burst has returned, yet one sent right away was refused once
+    # in CI (a 503): Serve's routers update their counts of a replica's requests asynchronously, so allow a retry
+    wait_for(lambda: httpx.post(f"{url}/tp2/v1/completions", json={**body, "max_tokens": 4}, timeout=60).status_code
+             == 200, 30, "a request after the burst to be served")
 
 
 @pytest.mark.parametrize("raw,status", [
