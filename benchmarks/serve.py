@@ -10,7 +10,7 @@ Two phases, one after the other, so they never compete for the cores:
    `AppArgs` the app gets (what a model replica runs), requests through `engine.generate`, torch on --threads;
 2. through Serve: the engine is shut down and freed, then Ray starts (num_cpus = max(cores, --threads); with
    deployments/app.py SERVE_ENV, Serve's lower-overhead request path, as cluster/ and `make serve` start Ray) and
-   serve_config.yaml's application is deployed as `serve deploy` does (tests/serve_utils.py), with these args,
+   serve_config.yaml's application is deployed as `serve deploy` does (tests/helpers/serve_utils.py), with these args,
    every deployment at num_replicas 1 (no autoscaling during a measurement), and the model replica at
    `ray_actor_options.num_cpus` = --threads (Ray sets OMP_NUM_THREADS = num_cpus in the replica: the same torch
    threads as phase 1) in a bundle of that many CPUs; the ingress and tokenizer keep the shipped num_cpus 0 and

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from ray.exceptions import RayTaskError
-from tokenizer_fixtures import write_trained_tokenizer_json
+from tests.helpers.tokenizer_fixtures import write_trained_tokenizer_json
 
 from gemma import GemmaConfig, GemmaForCausalLM, GemmaTokenizer
 from gemma.engine import AsyncLLMEngine, EngineConfig, LLMEngine

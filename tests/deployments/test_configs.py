@@ -28,7 +28,7 @@ from ray.serve.schema import (
     ServeDeploySchema,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SERVE_CONFIG = ROOT / "serve_config.yaml"
 RAYSERVICE = ROOT / "cluster" / "rayservice.yaml"
 CLUSTER = ROOT / "cluster" / "cluster.yaml"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import write_hf_checkpoint
+from tests.helpers.checkpoints import write_hf_checkpoint
 from gemma import GemmaForCausalLM
 from gemma.engine import EngineConfig, LLMEngine
 from gemma.engine.launcher import WorkerSpec, start_tensor_parallel

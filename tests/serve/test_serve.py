@@ -1,7 +1,7 @@
 """The whole Serve application over real HTTP on the session's Ray cluster: every endpoint, the openai client,
 TP=2 against TP=1, overload, malformed requests and a client that disconnects mid-stream.
 
-Apps are serve_config.yaml with a tiny model, deployed as `serve deploy` does (tests/serve_utils.py).
+Apps are serve_config.yaml with a tiny model, deployed as `serve deploy` does (tests/helpers/serve_utils.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from serve_utils import app_config, deploy, wait_for
+from tests.helpers.serve_utils import app_config, deploy, wait_for
 
 pytest.importorskip("ray")
 

@@ -13,10 +13,10 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from safetensors.torch import save_file
 
-from conftest import randomize_
+from tests.helpers.checkpoints import randomize_
 from gemma import GemmaConfig, GemmaForCausalLM, GemmaTokenizer
 from gemma.gguf_file import GGUFError, open_gguf
-from tokenizer_fixtures import SAMPLE_TEXTS, write_sentencepiece_model
+from tests.helpers.tokenizer_fixtures import SAMPLE_TEXTS, write_sentencepiece_model
 
 # K-quants need rows of 256 values, hence hidden 256 / intermediate 512.
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
@@ -65,7 +65,7 @@ def write_gguf(path, family: str, sp_dir, extra_tensor: tuple | None = None, arc
     """A random model of `family` as GGUF; returns our config and the dequantized state (the twin)."""
     import transformers
 
-    from conftest import HF_CLASSES
+    from tests.helpers.checkpoints import HF_CLASSES
 
     hf_family = "gemma3_text" if family == "gemma3" else family
     spm = _sp_vocab(sp_dir)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import httpx
 import openai
 import pytest
-from fakes import (
+from tests.helpers.fakes import (
     FakeClassifier,
     GatedModel,
     LocalHandle,

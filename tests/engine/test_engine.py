@@ -8,8 +8,8 @@ import threading
 
 import pytest
 import torch
-from conftest import load_hf, write_hf_checkpoint
-from tokenizer_fixtures import write_trained_tokenizer_json
+from tests.helpers.checkpoints import load_hf, write_hf_checkpoint
+from tests.helpers.tokenizer_fixtures import write_trained_tokenizer_json
 
 from gemma import GemmaForCausalLM, GemmaTokenizer, torch_thread
 from gemma.engine import AsyncLLMEngine, EngineConfig, LLMEngine

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import SHAPES, load_hf, write_hf_checkpoint
+from tests.helpers.checkpoints import SHAPES, load_hf, write_hf_checkpoint
 from gemma import GemmaForCausalLM, GemmaForSequenceClassification
 from gemma.weights import CheckpointError
 

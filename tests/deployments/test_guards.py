@@ -12,7 +12,7 @@ import logging
 import httpx
 import openai
 import pytest
-from fakes import (
+from tests.helpers.fakes import (
     FakeClassifier,
     GatedModel,
     LocalHandle,

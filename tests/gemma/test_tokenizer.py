@@ -10,7 +10,7 @@ import torch
 
 from gemma.tokenizer import DEFAULT_CHAT_TEMPLATE, GemmaTokenizer
 from gemma.vocab import build_gemma_bpe
-from tests.tokenizer_fixtures import SAMPLE_TEXTS, write_sentencepiece_model, write_trained_tokenizer_json
+from tests.helpers.tokenizer_fixtures import SAMPLE_TEXTS, write_sentencepiece_model, write_trained_tokenizer_json
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # small replicas for a 2-core machine: every rank gets one logical CPU (and so one torch thread)
 SMALL = {
     "ingress": {"ray_actor_options": {"num_cpus": 0}},

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import torch
 
-from conftest import load_hf
+from tests.helpers.checkpoints import load_hf
 from deployments.classifier import ClassifierDeployment
 from deployments.model import EngineArgs, ModelDeployment
 from deployments.tokenizer import TokenizerDeployment

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_utils import app_config, deploy, wait_for
+from tests.helpers.serve_utils import app_config, deploy, wait_for
 
 pytest.importorskip("ray")
 prometheus_parser = pytest.importorskip("prometheus_client.parser")

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # transformers is the test oracle only; sentencepiece is an optional extra imported lazily.
 FORBIDDEN_IN_GEMMA = {"ray", "fastapi", "starlette", "uvicorn", "deployments", "transformers"}
 

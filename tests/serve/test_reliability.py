@@ -16,8 +16,8 @@ from collections import Counter
 
 import httpx
 import pytest
-from loadgen import KINDS, Load, send, tally
-from serve_utils import app_config, deploy, running_replicas, wait_for
+from tests.helpers.loadgen import KINDS, Load, send, tally
+from tests.helpers.serve_utils import app_config, deploy, running_replicas, wait_for
 
 pytest.importorskip("ray")
 

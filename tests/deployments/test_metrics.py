@@ -10,7 +10,7 @@ import re
 import warnings
 
 import pytest
-from fakes import MetricsRecorder, tiny_engine
+from tests.helpers.fakes import MetricsRecorder, tiny_engine
 
 from deployments import metrics as metrics_module
 from deployments.metrics import DEFINITIONS, PREFIX, Metrics

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import load_hf, write_hf_checkpoint
+from tests.helpers.checkpoints import load_hf, write_hf_checkpoint
 from gemma import GemmaForCausalLM, GemmaForSequenceClassification, GemmaModel
 
 ATOL = 1e-4

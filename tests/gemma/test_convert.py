@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SHAPES, load_hf, write_hf_checkpoint
+from tests.helpers.checkpoints import SHAPES, load_hf, write_hf_checkpoint
 from gemma import GemmaConfig, GemmaForCausalLM, GemmaTokenizer
-from tokenizer_fixtures import write_sentencepiece_model
+from tests.helpers.tokenizer_fixtures import write_sentencepiece_model
 
 
 def to_original(hf_state: dict[str, torch.Tensor], config: GemmaConfig) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from conftest import load_hf, write_hf_checkpoint
+from tests.helpers.checkpoints import load_hf, write_hf_checkpoint
 from gemma import GemmaConfig, GemmaForCausalLM, GemmaForSequenceClassification
 from gemma.cache import KVCache
 

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import write_hf_checkpoint
+from tests.helpers.checkpoints import write_hf_checkpoint
 
 from gemma import GemmaForCausalLM, cpu_kernels
 from gemma.engine import EngineConfig, LLMEngine

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: checkpoints, tokenizers, fake engines, Serve and load-generation utilities."""
