@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from tests.helpers.checkpoints import load_hf, write_hf_checkpoint
+from tests.helpers.checkpoints import FAMILIES, load_hf, write_hf_checkpoint
 from tests.helpers.tokenizer_fixtures import write_trained_tokenizer_json
 
 from gemma import GemmaForCausalLM, GemmaTokenizer, torch_thread
@@ -185,7 +185,6 @@ def test_abort_and_invalid_requests(model, tokenizer):
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
 def test_sliding_windows_under_the_paged_cache_match_transformers(tmp_path, family):
-    from test_gemma23_parity import FAMILIES
 
     path = write_hf_checkpoint(tmp_path, family=family, **FAMILIES[family])
     ours, ref = GemmaForCausalLM.from_pretrained(path), load_hf(path, family=family)
@@ -316,7 +315,6 @@ def test_padded_decode_steps_of_the_cuda_graph_path_equal_eager_steps(tmp_path, 
     width with slots and masks made from block tables) gives the eager engine's tokens and logprobs: run here
     without recording, with small width buckets so that steps cross several of them and Gemma 2/3's sliding
     windows fall inside a width."""
-    from test_gemma23_parity import FAMILIES
 
     from gemma.engine import cuda_graphs
 
@@ -351,8 +349,6 @@ def test_prefill_chunks_attending_as_one_padded_sub_batch_equal_one_by_one(tmp_p
     """How a GPU runs a step's prefills (`group_prefills`: chunks of different lengths padded to the longest, the
     padding dropped) gives the tokens and logprobs of each chunk attending alone (the CPU's way)."""
     from types import SimpleNamespace
-
-    from test_gemma23_parity import FAMILIES
 
     from gemma.engine.model_runner import group_chunks
 

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.helpers.checkpoints import write_hf_checkpoint
+from tests.helpers.checkpoints import FAMILIES, write_hf_checkpoint
 
 from gemma import GemmaForCausalLM, cpu_kernels
 from gemma.engine import EngineConfig, LLMEngine
@@ -158,7 +158,6 @@ def test_engine_greedy_tokens_equal_generate_under_each_mode(tmp_path, mode):
 def test_kernel_mode_engine_equals_generate_with_sliding_windows_and_soft_capping(tmp_path, family):
     """Prompts longer than the window: the decode-attention kernel reads only the window's keys from the paged pools,
     and with Gemma 2's soft-capped scores, exactly as it reads them from generate's cache."""
-    from test_gemma23_parity import FAMILIES
 
     engine_equals_generate(write_hf_checkpoint(tmp_path, family=family, **FAMILIES[family]), "kernel")
 
@@ -280,7 +279,6 @@ def test_fused_decode_layer_equals_the_unfused_layer_bit_for_bit(tmp_path, famil
     """The engine's single-token decode steps run each layer as one `cpu_kernels.decode_layer` call: with and
     without it, the same tokens and the same logprobs to the bit (Gemma 1's norms, Gemma 2's soft-capping and
     windows, Gemma 3's qk-norms and two rope tables), mixed prefill + decode steps included."""
-    from test_gemma23_parity import FAMILIES
 
     extra = FAMILIES.get(family, dict(num_attention_heads=4, num_key_value_heads=1, head_dim=16))
     model = GemmaForCausalLM.from_pretrained(write_hf_checkpoint(tmp_path, family=family, **extra), dtype=torch.bfloat16)

@@ -11,28 +11,11 @@ import json
 import pytest
 import torch
 
-from tests.helpers.checkpoints import load_hf, write_hf_checkpoint
+from tests.helpers.checkpoints import FAMILIES, WINDOW, load_hf, write_hf_checkpoint
 from gemma import GemmaConfig, GemmaForCausalLM, GemmaForSequenceClassification
 from gemma.cache import KVCache
 
 ATOL = 1e-4
-WINDOW = 5
-FAMILIES = {
-    "gemma2": dict(
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
-        sliding_window=WINDOW, attn_logit_softcapping=2.0, final_logit_softcapping=1.5,
-    ),
-    "gemma3_text": dict(
-        num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=20,
-        sliding_window=WINDOW, layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
-        rope_parameters={
-            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
-        },
-    ),
-}
-
-
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request):
     return request.param

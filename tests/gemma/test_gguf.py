@@ -14,6 +14,7 @@ from gguf import GGMLQuantizationType as Q
 from safetensors.torch import save_file
 
 from tests.helpers.checkpoints import randomize_
+from tests.helpers.gguf_reader import same_as_gguf_reader
 from gemma import GemmaConfig, GemmaForCausalLM, GemmaTokenizer
 from gemma.gguf_file import GGUFError, open_gguf
 from tests.helpers.tokenizer_fixtures import SAMPLE_TEXTS, write_sentencepiece_model
@@ -219,25 +220,6 @@ def test_named_model_resolution_is_a_table_not_a_path(tmp_path):
         GemmaConfig.from_pretrained(tmp_path / "gemma-3-270m")
     with pytest.raises(FileNotFoundError, match="no GGUF"):
         open_gguf(tmp_path / "missing.gguf")
-
-
-def same_as_gguf_reader(path) -> None:
-    """Our header parser reads exactly what gguf.GGUFReader reads: every field, every tensor's bytes."""
-    from gemma.gguf_file import read_gguf_header, tensor_array
-
-    fields, infos, mapped = read_gguf_header(path)
-    reader = gguf.GGUFReader(path)
-    expected = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    assert fields.keys() == expected.keys()
-    for key, value in expected.items():
-        if isinstance(value, list) and value and isinstance(value[0], float):
-            assert np.array_equal(np.float32(fields[key]), np.float32(value)), key
-        else:
-            assert fields[key] == value, key
-    assert [t.name for t in infos] == [t.name for t in reader.tensors]
-    for ours, ref in zip(infos, reader.tensors):
-        assert ours.qtype == ref.tensor_type and ours.dims == tuple(int(d) for d in ref.shape), ours.name
-        assert np.array_equal(tensor_array(ours, mapped), ref.data), ours.name
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])

