@@ -15,9 +15,11 @@ Contracts (errors and request ids: deployments/http_util.py; API keys, limits, a
   aborted: a 408, or in a stream an in-band error (code 408) before [DONE].
 - Streams are SSE: one event per model output as it arrives (chat opens with a role event per choice), the
   choice's last with its `finish_reason`, a usage event with `stream_options.include_usage`, then
-  `data: [DONE]`; an error after the first event is sent in-band as an error event before [DONE]. Text that
-  could be the start of a stop string is held back until it cannot, so the deltas add up to the
-  non-streamed text. A client that goes away cancels the model streams and aborts their engine requests.
+  `data: [DONE]`; with `stream_options.continuous_usage_stats` every event also carries `usage`, the request's
+  running totals (the last equals the non-streamed usage); an error after the first event is sent in-band as
+  an error event before [DONE]. Text that could be the start of a stop string is held back until it cannot,
+  so the deltas add up to the non-streamed text. A client that goes away cancels the model streams and aborts
+  their engine requests.
 - Logprobs (deployments/logprobs.py): token strings from the tokenizer handle's `decode_tokens(ids) ->
   list[str]`, cached by id; OpenAI's completions and chat shapes.
 """
@@ -88,6 +90,7 @@ class _Job:
     prompts: list[list[int]]
     params: SamplingParams
     include_usage: bool = False
+    continuous_usage: bool = False  # `usage` on every chunk: running totals
     record: AccessRecord = field(default_factory=AccessRecord)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -181,7 +184,8 @@ class Ingress:
         ))
         record.prompt_tokens = sum(map(len, prompts))
         params = await self._check_prompts(prompts, params, "prompt", "max_tokens")
-        job = _Job(request_id(request), self.served_model_name, False, prompts, params, body.include_usage, record)
+        job = _Job(request_id(request), self.served_model_name, False, prompts, params, body.include_usage,
+                   body.continuous_usage, record)
         return await self._run(job, body.stream, request)
 
     async def create_chat_completion(self, body: s.ChatCompletionRequest, request: Request) -> Response:
@@ -191,7 +195,8 @@ class Ingress:
         ids = await self.tokenizer.encode_chat.remote(body.chat_messages(), add_generation_prompt=body.add_generation_prompt)
         record.prompt_tokens = len(ids)
         params = await self._check_prompts([ids], params, "messages", body.max_tokens_param)
-        job = _Job(request_id(request), self.served_model_name, True, [ids], params, body.include_usage, record)
+        job = _Job(request_id(request), self.served_model_name, True, [ids], params, body.include_usage,
+                   body.continuous_usage, record)
         return await self._run(job, body.stream, request)
 
     async def classify(self, body: s.ClassifyRequest, request: Request) -> Response:
@@ -329,7 +334,7 @@ class Ingress:
         try:
             if job.chat:  # OpenAI opens each chat choice with the assistant role
                 for index in sent:
-                    yield self._chunk(job, index, s.DeltaMessage(role="assistant", content=""), None, None)
+                    yield self._chunk(job, index, s.DeltaMessage(role="assistant", content=""), None, None, sent)
             async for i, out in gen.outputs():
                 for o in out.outputs:
                     choice = sent[i * n + o.index]
@@ -344,7 +349,7 @@ class Ingress:
                     choice.text, choice.tokens, choice.finished = max(choice.text, len(text)), len(o.token_ids), o.finished
                     choice.reason = o.finish_reason
                     content = s.DeltaMessage(content=delta) if job.chat else delta
-                    yield self._chunk(job, i * n + o.index, content, logprobs, o if o.finished else None)
+                    yield self._chunk(job, i * n + o.index, content, logprobs, o if o.finished else None, sent)
             if job.include_usage:
                 usage = job.usage(sum(c.tokens for c in sent.values()))
                 cls = s.ChatCompletionChunk if job.chat else s.CompletionChunk
@@ -382,14 +387,19 @@ class Ingress:
         return s.CompletionChoice(index=index, text=o.text, logprobs=logprobs, finish_reason=o.finish_reason,
                                   stop_reason=o.stop_reason)
 
-    def _chunk(self, job: _Job, index: int, content: Any, logprobs: Any, final: CompletionOutput | None) -> str:
+    def _chunk(
+        self, job: _Job, index: int, content: Any, logprobs: Any, final: CompletionOutput | None,
+        sent: dict[int, _Choice],
+    ) -> str:
         reason = final.finish_reason if final is not None else None
+        usage = job.usage(sum(c.tokens for c in sent.values())) if job.continuous_usage else None
         if job.chat:
             choice = s.ChatStreamChoice(index=index, delta=content, logprobs=logprobs, finish_reason=reason)
-            return _sse(s.ChatCompletionChunk(id=job.id, created=job.created, model=job.model, choices=[choice]))
+            return _sse(s.ChatCompletionChunk(id=job.id, created=job.created, model=job.model, choices=[choice],
+                                              usage=usage))
         choice = s.CompletionChoice(index=index, text=content, logprobs=logprobs, finish_reason=reason,
                                     stop_reason=final.stop_reason if final is not None else None)
-        return _sse(s.CompletionChunk(id=job.id, created=job.created, model=job.model, choices=[choice]))
+        return _sse(s.CompletionChunk(id=job.id, created=job.created, model=job.model, choices=[choice], usage=usage))
 
     async def _logprobs(
         self, job: _Job, tokens: list[int], steps: list[dict[int, float]] | None, offset: int

@@ -2,10 +2,14 @@
 tokenize and detokenize; OpenAI's error body.
 
 Requests reject unknown fields (a typo must not be silently ignored). A few OpenAI fields we do not implement
-are accepted at their neutral value only (`echo: false`, `logit_bias: {}`, `tools: []`, ...) and are a 400
-otherwise, so unchanged OpenAI clients keep working. Sampling fields are typed loosely here and validated by
-`gemma.sampling.SamplingParams` (one set of limits): `to_sampling_params()` turns its `ValidationError` into a
-`RequestError` whose `param` names the request field.
+are accepted at their neutral value only (`echo: false`, `logit_bias: {}`, `tools: []`, `store: false`, ...)
+and are a 400 otherwise, so unchanged OpenAI clients keep working. Accepted and ignored: `user`, `metadata`
+(checked against OpenAI's limits), `service_tier`, `stream_options.include_obfuscation`. Accepted as OpenAI
+means them: the `developer` role (a system message) and `content: null` on assistant messages (an empty
+turn). vLLM's `stream_options.continuous_usage_stats` puts the running usage on every chunk.
+
+Sampling fields are typed loosely here and validated by `gemma.sampling.SamplingParams` (one set of limits):
+`to_sampling_params()` turns its `ValidationError` into a `RequestError` whose `param` names the request field.
 """
 
 from __future__ import annotations
@@ -66,7 +70,14 @@ class Response(BaseModel):
 
 class StreamOptions(Request):
     include_usage: bool = False  # a last chunk with `usage` and no choices, before [DONE]
+    # vLLM extension: every chunk carries `usage` with the request's running totals (with or without
+    # include_usage, which alone adds the last, choice-less chunk)
+    continuous_usage_stats: bool = False
     include_obfuscation: bool | None = None  # OpenAI's padding field; accepted and ignored
+
+
+# OpenAI's limits on `metadata`
+METADATA_MAX_KEYS, METADATA_MAX_KEY_CHARS, METADATA_MAX_VALUE_CHARS = 16, 64, 512
 
 
 def _neutral(value: Any, neutral: tuple = (None, {}, [], False)) -> Any:
@@ -120,6 +131,9 @@ class SamplingFields(Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # OpenAI's end-user id; accepted, unused
+    metadata: dict[str, str] | None = None  # OpenAI's tags for stored completions; checked, unused
+    store: bool | None = None  # neutral value only: nothing is stored
+    service_tier: str | None = None  # OpenAI's processing tier; accepted, unused (one tier here)
     logit_bias: dict[str, float] | None = None  # neutral value only
 
     @field_validator("stream_options")
@@ -134,9 +148,34 @@ class SamplingFields(Request):
     def _no_logit_bias(cls, value: Any) -> Any:
         return _neutral(value)
 
+    @field_validator("store")
+    @classmethod
+    def _no_store(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("storing completions is not supported by this server: send store=false or leave it out")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_limits(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return value
+        if len(value) > METADATA_MAX_KEYS:
+            raise ValueError(f"at most {METADATA_MAX_KEYS} keys, got {len(value)}")
+        for key, item in value.items():
+            if len(key) > METADATA_MAX_KEY_CHARS:
+                raise ValueError(f"key {key[:16]!r}... is longer than {METADATA_MAX_KEY_CHARS} characters")
+            if len(item) > METADATA_MAX_VALUE_CHARS:
+                raise ValueError(f"value of {key!r} is longer than {METADATA_MAX_VALUE_CHARS} characters")
+        return value
+
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.continuous_usage_stats
 
     def _sampling_params(self, extra: dict[str, Any], rename: dict[str, str]) -> SamplingParams:
         fields = set(SamplingParams.model_fields) & set(SamplingFields.model_fields)
@@ -200,13 +239,25 @@ class TextPart(Request):
 
 
 class ChatMessage(Request):
-    role: Literal["system", "user", "assistant", "model"]
+    """One chat turn, held in the form the chat template takes: OpenAI's `developer` role (its newer name for
+    `system`) becomes `system`, and an assistant's `content: null` (a turn with no text) becomes ""."""
+
+    role: Literal["system", "developer", "user", "assistant", "model"]
     content: str | list[TextPart]
     name: str | None = None  # OpenAI's participant name; passed to the chat template
 
+    @field_validator("role")
+    @classmethod
+    def _developer_is_system(cls, value: str) -> str:
+        return "system" if value == "developer" else value
+
     @field_validator("content", mode="before")
     @classmethod
-    def _text_only(cls, value: Any) -> Any:
+    def _text_only(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None:
+            if info.data.get("role") in ("assistant", "model"):
+                return ""
+            raise ValueError("content must not be null (null is allowed on assistant messages only)")
         parts_ok = isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value)
         if not isinstance(value, str) and not parts_ok:
             raise ValueError('content must be a string or a list of {"type": "text", "text": ...} parts')

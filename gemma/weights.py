@@ -240,9 +240,42 @@ class PretrainedMixin:
         return model.eval()
 
     def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
-        """Write config.json and safetensors in HF layout (a tied LM head is not stored twice)."""
+        """Write config.json and safetensors in HF layout (a tied LM head is not stored twice).
+
+        config.json carries what transformers 5 writes besides the config: `architectures` (transformers' class
+        for this model type and task, which is how vLLM and the Auto classes pick the model: without it vLLM
+        serves a causal LM as an embedding model) and `dtype` (the weights' dtype).
+        """
         state = self.state_dict()
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
-        self.config.save_pretrained(directory)
+        dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+        extra = {"architectures": [hf_architecture(type(self), self.config.model_type)],
+                 "dtype": str(dtype).removeprefix("torch.")}
+        config = self.config.model_copy(deep=True)
+        if config.model_extra is not None:
+            config.model_extra.pop("torch_dtype", None)  # transformers 4's name for `dtype`; one of them, not both
+            config.model_extra.update(extra)
+        config.save_pretrained(directory)
         save_safetensors(state, directory, max_shard_size)
+
+
+# transformers' class per model type for each of our classes (Gemma 3's classifier has "Text" in its name)
+HF_ARCHITECTURES: dict[str, dict[str, str]] = {
+    "GemmaForCausalLM": {
+        "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+    },
+    "GemmaForSequenceClassification": {
+        "gemma": "GemmaForSequenceClassification", "gemma2": "Gemma2ForSequenceClassification",
+        "gemma3_text": "Gemma3TextForSequenceClassification",
+    },
+    "GemmaModel": {"gemma": "GemmaModel", "gemma2": "Gemma2Model", "gemma3_text": "Gemma3TextModel"},
+}
+
+
+def hf_architecture(cls: type, model_type: str) -> str:
+    """transformers' class name for a model of our class `cls` (or a subclass of one) and `model_type`."""
+    for base in cls.__mro__:
+        if base.__name__ in HF_ARCHITECTURES:
+            return HF_ARCHITECTURES[base.__name__][model_type]
+    raise ValueError(f"{cls.__name__} has no transformers architecture (known: {sorted(HF_ARCHITECTURES)})")

@@ -220,6 +220,98 @@ async def test_chat_logprobs_shape(server):
     assert all(e["top_logprobs"] == [] for e in plain["logprobs"]["content"])
 
 
+# ---- what real clients send: accepted fields ------------------------------------------------------------
+
+
+def openai_client(server: Server) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url="http://test/v1", api_key="unused", http_client=server.http, max_retries=0)
+
+
+async def test_developer_role_is_a_system_message(server):
+    client = openai_client(server)
+    developer = [{"role": "developer", "content": "Be brief."}, *CHAT[1:]]
+    for messages in (CHAT, developer):  # both through /v1/tokenize: the prompt ids themselves
+        r = await server.post("/v1/tokenize", {"messages": messages})
+        assert r.status_code == 200, r.text
+    ids = (await server.post("/v1/tokenize", {"messages": developer})).json()["tokens"]
+    assert ids == server.tokenizer.apply_chat_template(CHAT, tokenize=True)
+    as_system = await client.chat.completions.create(model="tiny", messages=CHAT, max_completion_tokens=5,
+                                                     temperature=0, extra_body={"ignore_eos": True})
+    as_developer = await client.chat.completions.create(model="tiny", messages=developer, max_completion_tokens=5,
+                                                        temperature=0, extra_body={"ignore_eos": True})
+    assert as_developer.usage == as_system.usage and as_developer.usage.prompt_tokens == len(ids)
+    assert as_developer.choices[0].message.content == as_system.choices[0].message.content
+
+
+async def test_assistant_content_null_in_history_is_an_empty_turn(server):
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None},
+               {"role": "user", "content": "Still there?"}]
+    chat = await openai_client(server).chat.completions.create(model="tiny", messages=history, max_completion_tokens=3)
+    empty = [history[0], {"role": "assistant", "content": ""}, history[2]]
+    assert chat.usage.prompt_tokens == len(server.tokenizer.apply_chat_template(empty, tokenize=True))
+    r = await server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert "messages.0.content" in r.json()["error"]["message"]
+
+
+async def test_user_metadata_store_false_and_service_tier_are_accepted_and_change_nothing(server):
+    client = openai_client(server)
+    extra = {"user": "u-1", "metadata": {"team": "search", "k" * 64: "v" * 512}, "store": False, "service_tier": "auto"}
+    chat = dict(model="tiny", messages=CHAT, max_completion_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    plain = await client.chat.completions.create(**chat)
+    tagged = await client.chat.completions.create(**chat, **extra)
+    assert tagged.choices[0].message.content == plain.choices[0].message.content and tagged.usage == plain.usage
+    completion = dict(model="tiny", prompt="Hello", max_tokens=6, temperature=0)
+    plain = await client.completions.create(**completion, extra_body={"ignore_eos": True})
+    tagged = await client.completions.create(**completion, extra_body={"ignore_eos": True, **extra})
+    assert tagged.choices[0].text == plain.choices[0].text and tagged.usage == plain.usage
+    r = await server.post("/v1/completions", {"prompt": "Hi", "max_tokens": 1, "store": None, "metadata": None})
+    assert r.status_code == 200, r.text
+
+
+async def test_continuous_usage_stats_put_running_usage_on_every_chunk(server):
+    client = openai_client(server)
+    chat = dict(model="tiny", messages=CHAT, max_completion_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    whole = await client.chat.completions.create(**chat)
+    stream = await client.chat.completions.create(
+        **chat, stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}, logprobs=True)
+    chunks = [chunk async for chunk in stream]
+    assert all(ch.usage is not None for ch in chunks)
+    used = [ch.usage.completion_tokens for ch in chunks]
+    # each chunk's logprobs list its new tokens: the usage counts exactly those streamed so far
+    streamed = [len(ch.choices[0].logprobs.content) if ch.choices and ch.choices[0].logprobs else 0 for ch in chunks]
+    assert used == [sum(streamed[: k + 1]) for k in range(len(chunks))] and used[0] == 0 and used[-1] == 8
+    assert {ch.usage.prompt_tokens for ch in chunks} == {whole.usage.prompt_tokens}
+    assert all(ch.usage.total_tokens == ch.usage.prompt_tokens + ch.usage.completion_tokens for ch in chunks)
+    assert chunks[-1].choices == [] and chunks[-1].usage == chunks[-2].usage == whole.usage
+
+    # completions with several prompts and n: the request's running totals, without include_usage too
+    base = {"prompt": ["The quick brown fox", "def f(x):"], "n": 2, "max_tokens": 6, **GREEDY}
+    usage = (await server.post("/v1/completions", base)).json()["usage"]
+    events = sse(await server.post("/v1/completions", {**base, "stream": True, "logprobs": 0,
+                                                       "stream_options": {"continuous_usage_stats": True}}))
+    running = [e["usage"]["completion_tokens"] for e in events[:-1]]
+    assert all(e["choices"] for e in events[:-1])  # no usage-only chunk without include_usage
+    streamed = [len(e["choices"][0]["logprobs"]["tokens"]) for e in events[:-1]]
+    assert running == [sum(streamed[: k + 1]) for k in range(len(streamed))]
+    assert events[-2]["usage"] == usage
+    plain = sse(await server.post("/v1/completions", {**base, "stream": True}))
+    assert all(e["usage"] is None for e in plain[:-1])
+
+
+async def test_refused_fields_are_openai_errors_naming_them(server):
+    client = openai_client(server)
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.chat.completions.create(model="tiny", messages=CHAT, store=True)
+    assert err.value.param == "store" and "storing" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.chat.completions.create(model="tiny", messages=CHAT, metadata={f"k{i}": "v" for i in range(17)})
+    assert err.value.param == "metadata" and "16 keys" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.chat.completions.create(model="tiny", messages=CHAT, extra_body={"frobnicate": 1})
+    assert err.value.param == "frobnicate" and "frobnicate" in err.value.message
+
+
 # ---- the other routes ------------------------------------------------------------------------------------
 
 
@@ -295,6 +387,18 @@ ERRORS = [
     ("/v1/completions", {"prompt": "Hi", "best_of": 3}, 400, "best_of"),
     ("/v1/completions", {"prompt": "Hi", "logit_bias": {"1": 5}}, 400, "logit_bias"),
     ("/v1/completions", {"prompt": "Hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("/v1/completions", {"prompt": "Hi", "stream_options": {"continuous_usage_stats": True}}, 400, "stream_options"),
+    ("/v1/completions", {"prompt": "Hi", "stream": True, "stream_options": {"usage": True}}, 400, "stream_options"),
+    ("/v1/completions", {"prompt": "Hi", "store": True}, 400, "store"),
+    ("/v1/chat/completions", {"messages": CHAT, "store": True}, 400, "store"),
+    ("/v1/completions", {"prompt": "Hi", "metadata": {f"k{i}": "v" for i in range(17)}}, 400, "metadata"),
+    ("/v1/chat/completions", {"messages": CHAT, "metadata": {"k" * 65: "v"}}, 400, "metadata"),
+    ("/v1/chat/completions", {"messages": CHAT, "metadata": {"k": "v" * 513}}, 400, "metadata"),
+    ("/v1/chat/completions", {"messages": CHAT, "metadata": {"k": 1}}, 400, "metadata"),
+    ("/v1/chat/completions", {"messages": CHAT, "service_tier": 3}, 400, "service_tier"),
+    ("/v1/chat/completions", {"messages": CHAT, "foo": 1}, 400, "foo"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "system", "content": None}, *CHAT[1:]]}, 400, "messages"),
     ("/v1/completions", {"prompt": "Hi", "max_tokens": MAX_MODEL_LEN - 2}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": LONG, "max_tokens": 1}, 400, "prompt"),
     ("/v1/completions", {"prompt": "Hi", "model": "gpt-4"}, 404, "model"),

@@ -105,3 +105,32 @@ def test_meta_build_leaves_nothing_on_meta(checkpoint):
     model = GemmaForCausalLM.from_pretrained(checkpoint)
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     assert not model.training
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("task", ["causal", "classify"])
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text"])
+def test_saved_config_names_the_architecture_as_transformers_does(tmp_path, family, task):
+    """vLLM and transformers' Auto classes pick the model class from config.json's `architectures`."""
+    import transformers
+
+    theirs = write_hf_checkpoint(tmp_path / "theirs", task=task, family=family, **SHAPES["gqa"])
+    cls = GemmaForCausalLM if task == "causal" else GemmaForSequenceClassification
+    ours = cls.from_pretrained(theirs)
+    ours.config.architectures = ["SomethingElse"]  # a stale value read from a file must not survive a save
+    ours.save_pretrained(tmp_path / "ours")
+    written = json.loads((tmp_path / "ours" / "config.json").read_text())
+    expected = json.loads((theirs / "config.json").read_text())
+    for key in ("architectures", "model_type", "dtype"):
+        assert written[key] == expected[key], key
+
+    auto = transformers.AutoModelForCausalLM if task == "causal" else transformers.AutoModelForSequenceClassification
+    loaded = auto.from_pretrained(tmp_path / "ours", dtype=torch.float32, attn_implementation="eager").eval()
+    assert type(loaded).__name__ == expected["architectures"][0]
+    x = ids()
+    torch.testing.assert_close(loaded(x).logits, ours(x).logits, atol=1e-5, rtol=0)
+
+
+def test_saved_dtype_is_the_weights_dtype(checkpoint, tmp_path):
+    GemmaForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
