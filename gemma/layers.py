@@ -1,4 +1,4 @@
-"""The building blocks of a Gemma decoder: RMSNorm, rotary embedding, gated MLP."""
+"""The building blocks of a Gemma decoder: RMSNorm, rotary embedding, gated MLP, scaled embedding, attention mask."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemma import cpu_kernels
-from gemma.parallel import SINGLE, ColumnParallelLinear, RowParallelLinear, TPGroup
+from gemma.parallel import SINGLE, ColumnParallelLinear, RowParallelLinear, TPGroup, VocabParallelEmbedding
 
 
 class RMSNorm(nn.Module):
@@ -17,16 +16,12 @@ class RMSNorm(nn.Module):
     cast, where Llama casts first: transformers PR #29402.
     """
 
-    cpu_kernel: bool = False  # the fused CPU kernel (gemma.cpu_kernels), set by gemma.parallel.set_cpu_matmul
-
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cpu_kernel:
-            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return (h * (1.0 + self.weight.float())).type_as(x)
@@ -63,9 +58,6 @@ class GemmaMLP(nn.Module):
     (see `gemma.config.TANH_GELU_NAMES`).
     """
 
-    # gate and up's weights as one matrix (theirs are views into it) for one bf16-kernel call, set by set_cpu_matmul
-    gate_up_weight: torch.Tensor | None = None
-
     def __init__(self, hidden_size: int, intermediate_size: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.gate_proj = ColumnParallelLinear(hidden_size, intermediate_size, tp)
@@ -73,8 +65,64 @@ class GemmaMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_weight is not None:
-            gate, up = cpu_kernels.linear_bf16(x, self.gate_up_weight).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = self.gate_up(x)
         return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two input projections (gemma.cpu.fastpath computes them as one product)."""
+        return self.gate_proj(x), self.up_proj(x)
+
+
+class ScaledEmbedding(VocabParallelEmbedding):
+    """Token embedding multiplied by `sqrt(hidden_size)` (vocabulary-parallel under TP).
+
+    The normalizer is cast to the weight dtype before the multiply, so in bf16 sqrt(3072)=55.4256 becomes 55.5,
+    as in the original implementation (transformers PR #29402).
+    """
+
+    _normalizer: torch.Tensor | None = None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # kept, not made per call: a host-to-device copy cannot be recorded in a CUDA graph
+        norm = self._normalizer
+        if norm is None or norm.dtype != self.weight.dtype or norm.device != self.weight.device:
+            norm = torch.tensor(self.embedding_dim**0.5, dtype=self.weight.dtype, device=self.weight.device)
+            self._normalizer = norm
+        return self.lookup(input_ids) * norm
+
+
+def attention_mask_bias(
+    attention_mask: torch.Tensor | None,
+    batch: int,
+    q_len: int,
+    past_len: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    causal: bool = True,
+    window: int | None = None,
+    key_start: int = 0,
+) -> torch.Tensor:
+    """Additive mask (B, 1, T, S): 0 where a query may attend, the dtype's minimum elsewhere.
+
+    Queries are the cache slots `past_len .. past_len + q_len - 1`; keys are the slots `key_start .. past_len +
+    q_len - 1` (a sliding layer's cache no longer holds the ones before `key_start`). A slot is masked when
+    `attention_mask` (B, past_len + q_len) is 0 (padding), if causal when it lies after the query, and with a
+    `window` when it lies `window` or more slots before the query. A row with every key masked (a padding
+    query) gets uniform weights instead of NaN, as transformers' eager path does.
+    """
+    kv_len = past_len + q_len
+    q_idx = torch.arange(past_len, kv_len, device=device)[:, None]
+    k_idx = torch.arange(key_start, kv_len, device=device)[None, :]
+    allowed = (k_idx <= q_idx) if causal else torch.ones(q_len, kv_len - key_start, dtype=torch.bool, device=device)
+    if window is not None:
+        allowed = allowed & (q_idx - k_idx < window)
+    allowed = allowed[None, None].expand(batch, 1, q_len, kv_len - key_start)
+    if attention_mask is not None:
+        if attention_mask.shape != (batch, kv_len):
+            raise ValueError(
+                f"attention_mask must have shape (batch, past + new tokens) = {(batch, kv_len)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        allowed = allowed & attention_mask[:, key_start:].bool()[:, None, None, :]
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return bias.masked_fill_(~allowed, torch.finfo(dtype).min)

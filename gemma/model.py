@@ -3,27 +3,27 @@
 One code path for Gemma 1, 2 and 3 (text), driven by the config: Gemma 2 adds sandwich norms, soft-capping
 and alternating sliding-window layers; Gemma 3 drops the soft-capping, adds q/k norms and a RoPE base per
 layer type. Numerically the same as transformers' Gemma, Gemma2 and Gemma3Text on the same weights
-(tests/test_model_parity.py, tests/test_gemma23_parity.py).
+(tests/gemma/test_model_parity.py, tests/gemma/test_gemma23_parity.py).
 The forward signatures are transformers' (`input_ids`/`inputs_embeds`, `attention_mask`, `position_ids`,
 `past_key_values`, `labels`, `use_cache`, `output_attentions`, `output_hidden_states`, `return_dict`).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemma import cpu_kernels
 from gemma.cache import KVCache
 from gemma.config import GemmaConfig
-from gemma.layers import GemmaMLP, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from gemma.layers import (
+    GemmaMLP, RMSNorm, ScaledEmbedding, apply_rope, attention_mask_bias, rope_cos_sin, rope_inv_freq,
+)
 from gemma.outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutputWithPast
 from gemma.parallel import (
-    SINGLE, ColumnParallelLinear, ParallelLMHead, RowParallelLinear, TPGroup, VocabParallelEmbedding,
-    kv_heads_of_rank, split,
+    SINGLE, ColumnParallelLinear, ParallelLMHead, RowParallelLinear, TPGroup, kv_heads_of_rank, split,
 )
 from gemma.weights import PretrainedMixin
 
@@ -38,30 +38,10 @@ class PagedAttention(Protocol):
 
     def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: Any) -> torch.Tensor: ...
 
-    def decode_inputs(self, layer_idx: int) -> DecodeInputs | None:
-        """Where every token of the step is its own sequence's single decode query (token i is row i): the
-        layer's pools and this step's slots, for a fused decode layer; else None."""
-        ...
-
-
-class DecodeInputs(NamedTuple):
-    """One layer's paged KV cache for a step of n single-token decodes."""
-
-    k_pool: torch.Tensor  # (P, Hkv, D)
-    v_pool: torch.Tensor
-    write_slots: torch.Tensor  # (n,) int64: where this step's keys and values go
-    slots: torch.Tensor  # (n, S) int64: the keys row i attends (padding: any slot, not allowed)
-    allowed: torch.Tensor  # (n, S) bool
-
 
 class GemmaAttention(nn.Module):
     """Self-attention; under tensor parallelism each rank holds `num_heads` of the query heads and the kv heads
     they read (replicated when there are fewer kv heads than ranks), and o_proj all-reduces."""
-
-    # the fused bf16 rotary embedding and decode attention (gemma.cpu_kernels), set by set_cpu_matmul
-    cpu_kernel: bool = False
-    # q, k and v's weights as one matrix (theirs are views into it) for one bf16-kernel call, set by set_cpu_matmul
-    qkv_weight: torch.Tensor | None = None
 
     def __init__(self, config: GemmaConfig, layer_idx: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
@@ -92,18 +72,13 @@ class GemmaAttention(nn.Module):
         paged: PagedAttention | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, _ = x.shape
-        if self.qkv_weight is not None:
-            sizes = (self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features)
-            q, k, v = cpu_kernels.linear_bf16(x, self.qkv_weight).split(sizes, dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.project_qkv(x)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        rotate = cpu_kernels.rope if self.cpu_kernel else apply_rope
-        q, k = rotate(q, *rope), rotate(k, *rope)
+        q, k = self.rotate(q, *rope), self.rotate(k, *rope)
         if paged is not None:  # the engine's paged cache writes k/v and attends sequence by sequence
             out, probs = paged.attention(self.layer_idx, q, k, v, self.attend_slots), None
         else:
@@ -113,21 +88,20 @@ class GemmaAttention(nn.Module):
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(out), probs
 
+    # project_qkv, rotate, attend and attend_slots are where gemma.cpu.fastpath substitutes its kernels (same maths).
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return apply_rope(x, cos, sin)
+
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """softmax(q k^T * scale [soft-capped] + mask) v for q (B, H, T, D), k/v (B, Hkv, S, D), mask (B, 1, T, S)."""
         dropout = self.dropout if self.training else 0.0
         groups = self.num_heads // self.num_kv_heads
-        if self.decode_kernel(q) and not output_attentions:
-            # one query per row (KV-cached decode): the fused kernel, as the engine's paged decode runs it
-            B, S = k.shape[0], k.shape[2]
-            slots = torch.arange(S, device=k.device).expand(B, S)
-            out = cpu_kernels.decode_attention(
-                q[:, :, 0], k.transpose(1, 2), v.transpose(1, 2), slots, mask[:, 0, 0] == 0, self.scaling,
-                self.softcap or 0.0,
-            )
-            return out[:, :, None], None
         if output_attentions or self.softcap:  # eager: the weights come out; SDPA cannot soft-cap
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, D)
             scores = q @ k.transpose(-1, -2) * self.scaling  # (B, H, T, S)
@@ -148,21 +122,12 @@ class GemmaAttention(nn.Module):
         )
         return out, None
 
-    def decode_kernel(self, q: torch.Tensor) -> bool:
-        """Whether the fused decode-attention kernel runs for q (n, H, Q, D): one query per row, inference."""
-        return self.cpu_kernel and q.shape[2] == 1 and self.head_dim % 8 == 0 and not self.training
-
     def attend_slots(
         self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, allowed: torch.Tensor,
         bias: torch.Tensor,
     ) -> torch.Tensor:
         """Attention of q (n, H, Q, D) over keys and values kept in pools (P, Hkv, D), at `slots` (n, K) (the
         engine's paged cache); `allowed` (n, 1, Q, K) bool and `bias` its additive form. Returns (n, H, Q, D)."""
-        if self.decode_kernel(q):  # decode: the kernel reads the pools in place
-            out = cpu_kernels.decode_attention(
-                q[:, :, 0], k_pool[None], v_pool[None], slots, allowed[:, 0, 0], self.scaling, self.softcap or 0.0
-            )
-            return out[:, :, None]
         k, v = k_pool[slots].transpose(1, 2), v_pool[slots].transpose(1, 2)  # (n, Hkv, K, D)
         groups = self.num_heads // self.num_kv_heads
         if q.is_cuda and q.shape[2] > 1 and groups > 1 and not self.softcap:
@@ -175,9 +140,6 @@ class GemmaAttention(nn.Module):
 
 
 class GemmaDecoderLayer(nn.Module):
-    # single-token decode steps of the engine run as one fused CPU kernel call (`decode_paged`), set by set_cpu_matmul
-    fused_decode: bool = False
-
     def __init__(self, config: GemmaConfig, layer_idx: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.self_attn = GemmaAttention(config, layer_idx, tp)
@@ -206,92 +168,6 @@ class GemmaDecoderLayer(nn.Module):
             x = x + h
             x = x + self.mlp(self.post_attention_layernorm(x))
         return x, probs
-
-    def can_fuse_decode(self) -> bool:
-        """Whether `decode_paged` can run: the bf16 CPU kernels with joined q/k/v and gate/up, no biases, no tensor
-        parallelism (its all-reduces sit between the ops). `set_cpu_matmul` stores it as `fused_decode`."""
-        attn, mlp = self.self_attn, self.mlp
-        return (
-            attn.cpu_kernel and attn.head_dim % 8 == 0 and attn.o_proj.tp.size == 1
-            and attn.qkv_weight is not None and mlp.gate_up_weight is not None
-            and attn.o_proj.bf16_kernel and attn.o_proj.bias is None
-            and mlp.down_proj.bf16_kernel and mlp.down_proj.bias is None
-            and all(m.cpu_kernel for m in self._norms())
-        )
-
-    def _norms(self) -> list[RMSNorm]:
-        attn = self.self_attn
-        norms = [self.input_layernorm, self.post_attention_layernorm]
-        if self.sandwich:
-            norms += [self.pre_feedforward_layernorm, self.post_feedforward_layernorm]
-        return norms + ([attn.q_norm, attn.k_norm] if hasattr(attn, "q_norm") else [])
-
-    def decode_paged(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: DecodeInputs) -> torch.Tensor:
-        """`forward` for n single-token decodes x (n, C) over the engine's paged cache, as one fused CPU kernel
-        call (`can_fuse_decode()` must hold): the same kernels and ops in the same order, so the same bits."""
-        attn = self.self_attn
-        norms = [m.weight for m in self._norms()]
-        layer_norms, qk = norms[: 4 if self.sandwich else 2], (norms[-2:] if hasattr(attn, "q_norm") else (None, None))
-        return cpu_kernels.decode_layer(
-            x, layer_norms, *qk, attn.qkv_weight, attn.o_proj.weight, self.mlp.gate_up_weight,
-            self.mlp.down_proj.weight, *kv, *rope, attn.num_heads, attn.num_kv_heads, self.input_layernorm.eps,
-            attn.scaling, attn.softcap or 0.0,
-        )
-
-
-class ScaledEmbedding(VocabParallelEmbedding):
-    """Token embedding multiplied by `sqrt(hidden_size)` (vocabulary-parallel under TP).
-
-    The normalizer is cast to the weight dtype before the multiply, so in bf16 sqrt(3072)=55.4256 becomes 55.5,
-    as in the original implementation (transformers PR #29402).
-    """
-
-    _normalizer: torch.Tensor | None = None
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # kept, not made per call: a host-to-device copy cannot be recorded in a CUDA graph
-        norm = self._normalizer
-        if norm is None or norm.dtype != self.weight.dtype or norm.device != self.weight.device:
-            norm = torch.tensor(self.embedding_dim**0.5, dtype=self.weight.dtype, device=self.weight.device)
-            self._normalizer = norm
-        return self.lookup(input_ids) * norm
-
-
-def attention_mask_bias(
-    attention_mask: torch.Tensor | None,
-    batch: int,
-    q_len: int,
-    past_len: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    causal: bool = True,
-    window: int | None = None,
-    key_start: int = 0,
-) -> torch.Tensor:
-    """Additive mask (B, 1, T, S): 0 where a query may attend, the dtype's minimum elsewhere.
-
-    Queries are the cache slots `past_len .. past_len + q_len - 1`; keys are the slots `key_start .. past_len +
-    q_len - 1` (a sliding layer's cache no longer holds the ones before `key_start`). A slot is masked when
-    `attention_mask` (B, past_len + q_len) is 0 (padding), if causal when it lies after the query, and with a
-    `window` when it lies `window` or more slots before the query. A row with every key masked (a padding
-    query) gets uniform weights instead of NaN, as transformers' eager path does.
-    """
-    kv_len = past_len + q_len
-    q_idx = torch.arange(past_len, kv_len, device=device)[:, None]
-    k_idx = torch.arange(key_start, kv_len, device=device)[None, :]
-    allowed = (k_idx <= q_idx) if causal else torch.ones(q_len, kv_len - key_start, dtype=torch.bool, device=device)
-    if window is not None:
-        allowed = allowed & (q_idx - k_idx < window)
-    allowed = allowed[None, None].expand(batch, 1, q_len, kv_len - key_start)
-    if attention_mask is not None:
-        if attention_mask.shape != (batch, kv_len):
-            raise ValueError(
-                f"attention_mask must have shape (batch, past + new tokens) = {(batch, kv_len)}, "
-                f"got {tuple(attention_mask.shape)}"
-            )
-        allowed = allowed & attention_mask[:, key_start:].bool()[:, None, None, :]
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    return bias.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 class GemmaPreTrainedModel(PretrainedMixin, nn.Module):
@@ -372,33 +248,23 @@ class GemmaModel(GemmaPreTrainedModel):
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + T, device=x.device)[None].expand(B, T)
-        masks, ropes = {}, {}
+        masks = {}
         for i, layer_type in enumerate(self.config.layer_types or ["full_attention"]):
             if layer_type in masks:
                 continue
-            window = self.config.layer_window(i)
             # a sliding layer's cache holds only its window's tail: its first kept slot
             key_start = past_len - past_key_values.kept(i) if past_key_values is not None else 0
             masks[layer_type] = None if paged is not None else attention_mask_bias(
-                attention_mask, B, T, past_len, x.dtype, x.device,
-                causal=not self.config.use_bidirectional_attention, window=window, key_start=key_start,
+                attention_mask, B, T, past_len, x.dtype, x.device, causal=not self.config.use_bidirectional_attention,
+                window=self.config.layer_window(i), key_start=key_start,
             )
-            inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_base(layer_type), x.device)
-            ropes[layer_type] = rope_cos_sin(position_ids, inv_freq / self.config.rope_factor(layer_type), x.dtype)
+        ropes = self.rope_tables(position_ids, x.dtype)
 
         hidden_states: list[torch.Tensor] = []
         attentions: list[torch.Tensor] = []
-        # a step of single-token decodes: each layer in one fused CPU kernel call where the layers allow it
-        fused = (
-            paged is not None and not output_attentions and not self.training
-            and all(layer.fused_decode for layer in self.layers) and paged.decode_inputs(0) is not None
-        )
         for i, layer in enumerate(self.layers):
             hidden_states.append(x)
             layer_type = self.config.layer_type(i)
-            if fused:
-                x = layer.decode_paged(x[0], ropes[layer_type], paged.decode_inputs(i))[None]
-                continue
             x, probs = layer(x, ropes[layer_type], masks[layer_type], past_key_values, bool(output_attentions), paged)
             if probs is not None:
                 attentions.append(probs)
@@ -412,6 +278,14 @@ class GemmaModel(GemmaPreTrainedModel):
             attentions=tuple(attentions) if output_attentions else None,
         )
         return out if return_dict is not False else out.to_tuple()
+
+    def rope_tables(self, position_ids: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """cos and sin (B, T, D) for `position_ids` (B, T), per layer type (Gemma 3: a RoPE base and scaling each)."""
+        ropes = {}
+        for layer_type in dict.fromkeys(self.config.layer_types or ["full_attention"]):
+            inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_base(layer_type), position_ids.device)
+            ropes[layer_type] = rope_cos_sin(position_ids, inv_freq / self.config.rope_factor(layer_type), dtype)
+        return ropes
 
 
 class GemmaForCausalLM(GemmaPreTrainedModel):
@@ -467,11 +341,11 @@ class GemmaForCausalLM(GemmaPreTrainedModel):
 
     def compute_logits(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The LM head (and Gemma 2's soft-capping) over final hidden states h (..., C). `out`, an fp32 tensor of
-        the logits' shape, receives them as `logits.float()` would give them (the serving engine reuses one buffer;
-        the bf16 CPU kernel writes it directly)."""
+        the logits' shape, receives them as `logits.float()` would give them (the serving engine reuses one buffer,
+        which a CPU kernel writes directly)."""
         cap = self.config.final_logit_softcapping
-        if out is not None and not cap and self.lm_head.bf16_kernel and self.tp.size == 1:
-            return cpu_kernels.linear_bf16(h, self.lm_head.weight, out=out)
+        if out is not None and not cap and self.tp.size == 1:
+            return self.lm_head.matmul(h, out=out)
         logits = self.lm_head(h)
         if cap:  # Gemma 2: cap * tanh(logits / cap)
             logits = torch.tanh(logits / cap) * cap

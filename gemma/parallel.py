@@ -10,18 +10,8 @@ same maths, no communication. At size N (vLLM's / Megatron's scheme):
 Each layer's `load_shard(full)` cuts its slice out of a checkpoint tensor, so a rank materializes only its own
 shard (the checkpoint itself is memory-mapped).
 
-On a CPU without native bf16 / fp16 matrix instructions (no AVX-512-BF16 or AMX: AVX2 machines, most AMD EPYCs
-before Zen 4), PyTorch's half-precision matmul is slow: on 2 AVX2 cores it computes ~17 GFLOP/s against ~40-100 for
-fp32, and reads a bf16 weight for one row at ~11-16 GB/s of the memory's ~25-29. `set_cpu_matmul(model, mode)`
-picks the matmul of every `Linear`:
-- "kernel": gemma.cpu_kernels' AVX2 bf16 kernel (fp32 accumulation, no extra memory), for bf16 weights, and its
-  fused RMSNorm and rotary embedding; q/k/v and gate/up weights are joined into one matrix each (the modules'
-  weights become views into it), so a layer makes 4 matmul calls instead of 7;
-- "fp32": an fp32 copy of each half-precision weight for inputs of `FP32_MATMUL_MIN_ROWS` rows or more (the
-  products of bf16 values computed in fp32 and rounded back, as a bf16 GEMM with fp32 accumulation does, at 2x
-  the weights' bytes in memory); fewer rows keep the half-precision weight, being bound by reading it;
-- "torch": PyTorch's own;
-- "auto": the kernel where `slow_half_matmul` and it builds, else "fp32" where `slow_half_matmul`, else "torch".
+A backend may replace a layer's product (`Linear.matmul`, before its bias and collective) per instance:
+gemma.cpu.fastpath does so with its CPU kernels; the sharding and the collectives stay here.
 """
 
 from __future__ import annotations
@@ -37,7 +27,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from gemma import cpu_kernels
 
 
 class TPGroup:
@@ -140,96 +129,18 @@ def padded_rows(full: torch.Tensor, start: int, count: int) -> torch.Tensor:
     return rows
 
 
-FP32_MATMUL_MIN_ROWS = 4  # measured on 2 AVX2 cores: bf16 wins below (it reads half the bytes), fp32 above
-
-
-def slow_half_matmul(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether half-precision matmuls on `device` lack native instructions (see the module doc)."""
-    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
-        return False
-    mkldnn = torch.ops.mkldnn
-    return not (mkldnn._is_mkldnn_bf16_supported() if dtype == torch.bfloat16 else mkldnn._is_mkldnn_fp16_supported())
-
-
 class Linear(nn.Linear):
-    """nn.Linear whose matmul `set_cpu_matmul` may route to the bf16 CPU kernel or to an fp32 copy of its weight."""
+    """nn.Linear with its product split out: `matmul` is `x W^T` without the bias or any collective, the one
+    operation a backend replaces per instance (gemma.cpu.fastpath's kernels)."""
 
-    fp32_weight: torch.Tensor | None = None
-    bf16_kernel: bool = False
-
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bf16_kernel:
-            return cpu_kernels.linear_bf16(x, self.weight)
-        w = self.fp32_weight
-        if w is not None and x.numel() >= FP32_MATMUL_MIN_ROWS * self.in_features:
-            return F.linear(x.float(), w).to(x.dtype)
-        return F.linear(x, self.weight)
+    def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T; `out` (contiguous, of the result's shape) receives it when given, converted to out's dtype."""
+        y = F.linear(x, self.weight)
+        return y if out is None else out.copy_(y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul(x)
         return y if self.bias is None else y + self.bias
-
-
-CPU_MATMUL_MODES = ("auto", "kernel", "fp32", "torch")
-
-
-def set_cpu_matmul(model: nn.Module, mode: str = "auto") -> tuple[str, int]:
-    """Choose the matmul of every `Linear` in `model` (see the module doc); call it after the weights are loaded
-    and placed. Returns the mode applied ("kernel", "fp32" or "torch") and the bytes of any fp32 copies."""
-    if mode not in CPU_MATMUL_MODES:
-        raise ValueError(f"cpu_matmul must be one of {CPU_MATMUL_MODES}, got {mode!r}")
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
-    half = [m for m in linears if m.weight.dtype in (torch.bfloat16, torch.float16)]
-    if mode == "auto":
-        slow = any(slow_half_matmul(m.weight.device, m.weight.dtype) for m in half)
-        bf16 = bool(half) and all(m.weight.dtype == torch.bfloat16 for m in half)
-        mode = "torch" if not slow else "kernel" if bf16 and cpu_kernels.available() else "fp32"
-    from gemma.layers import GemmaMLP, RMSNorm  # noqa: PLC0415 - gemma.layers and gemma.model import this module
-    from gemma.model import GemmaAttention, GemmaDecoderLayer  # noqa: PLC0415
-
-    fused = [m for m in model.modules() if isinstance(m, (RMSNorm, GemmaAttention))]
-    joined = [m for m in model.modules() if isinstance(m, (GemmaAttention, GemmaMLP))]
-    for m in linears:
-        m.fp32_weight, m.bf16_kernel = None, False
-    for m in fused:
-        m.cpu_kernel = False
-    for m in joined:
-        setattr(m, "qkv_weight" if isinstance(m, GemmaAttention) else "gate_up_weight", None)
-    added = 0
-    if mode == "kernel":
-        cpu_kernels.load()  # raises, naming why, where the kernel cannot be built
-        for m in half:
-            m.bf16_kernel = cpu_kernels.usable(m.weight)
-        for m in fused:  # the fused norm and rotary embedding of a bf16 model on the CPU
-            w = m.weight if isinstance(m, RMSNorm) else m.q_proj.weight
-            m.cpu_kernel = w.device.type == "cpu" and (isinstance(m, RMSNorm) or w.dtype == torch.bfloat16)
-        for m in joined:
-            if isinstance(m, GemmaAttention):
-                m.qkv_weight = join_weights([m.q_proj, m.k_proj, m.v_proj])
-            else:
-                m.gate_up_weight = join_weights([m.gate_proj, m.up_proj])
-    elif mode == "fp32":
-        for m in half:
-            m.fp32_weight = m.weight.detach().float()
-            added += m.fp32_weight.nbytes
-    for m in model.modules():
-        if isinstance(m, GemmaDecoderLayer):
-            m.fused_decode = m.can_fuse_decode()
-    return mode, added
-
-
-def join_weights(linears: list[Linear]) -> torch.Tensor | None:
-    """The weights of `linears` (same input, no bias, all on the bf16 kernel) stacked into one matrix, each
-    module's weight becoming a view of its rows: one kernel call computes all their outputs, each element with the
-    same additions as its own call, and no memory is added. None where they do not qualify."""
-    if not all(m.bf16_kernel and m.bias is None for m in linears):
-        return None
-    joined = torch.cat([m.weight.detach() for m in linears])
-    start = 0
-    for m in linears:
-        m.weight.data = joined[start : start + m.out_features]
-        start += m.out_features
-    return joined
 
 
 class ColumnParallelLinear(Linear):

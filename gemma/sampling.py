@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from gemma import cpu_kernels
+from gemma.cpu import kernels as cpu_kernels
 
 # torch.Generator.manual_seed accepts exactly this range; checking it here makes a bad seed a 4xx, not a crash.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1

@@ -1,4 +1,4 @@
-"""Hand-written CPU kernels for x86 CPUs with AVX2 but no native bf16 instructions (`gemma/csrc/`): a bf16 matmul
+"""Hand-written CPU kernels for x86 CPUs with AVX2 but no native bf16 instructions (`gemma/cpu/csrc/`): a bf16 matmul
 (`bf16_linear.cpp`), fused RMSNorm and rotary embedding, and decode attention over the paged KV pools
 (`decode_ops.cpp`).
 
@@ -8,7 +8,7 @@ fast bf16 matmul: measured on 2 AVX2 cores, `F.linear` reads a bf16 weight at ~1
 reads twice the bytes and is slowest of all on the 262k-row tied LM head (~250 ms for 32 rows). The kernel widens
 bf16 to fp32 in registers: one-row decode reads weights at ~20-24 GB/s and big batches run at 70-95 GFLOP/s, with
 no second copy of the weights. The products and the fp32 accumulation are those of any bf16 GEMM; only the order
-of the additions differs (tests/test_cpu_matmul.py compares against fp32 maths).
+of the additions differs (tests/gemma/test_cpu_matmul.py compares against fp32 maths).
 
 A decode step also runs ~2000 small PyTorch ops, ~5-10 us of dispatch each on 2 slow cores; the fused RMSNorm (one
 call for ~11 ops) and rotary embedding (one for ~8) compute what those ops compute (the rotary embedding to the
@@ -55,14 +55,14 @@ def load() -> Any:
                     raise RuntimeError(f"needs AVX2 (this CPU: {torch.backends.cpu.get_cpu_capability()})")
                 from torch.utils.cpp_extension import load as build
 
-                logger.info("cpu_kernels: building or loading gemma/csrc (the first build takes ~1 min)")
+                logger.info("cpu kernels: building or loading gemma/cpu/csrc (the first build takes ~1 min)")
                 _module = build(
                     name="gemma_cpu_kernels", sources=[str(s) for s in SOURCES],
                     extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"],
                 )
             except Exception as exc:  # no compiler, no ninja, a CPU without AVX2: PyTorch's matmul stays
                 _error = f"{type(exc).__name__}: {exc}"
-                logger.warning("cpu_kernels: unavailable, keeping PyTorch's bf16 matmul (%s)", _error)
+                logger.warning("cpu kernels: unavailable, keeping PyTorch's bf16 matmul (%s)", _error)
         if _module is None:
             raise RuntimeError(f"the bf16 CPU kernel is unavailable: {_error}")
         return _module
@@ -131,7 +131,7 @@ def decode_layer(
     scale: float, softcap: float = 0.0,
 ) -> torch.Tensor:
     """One decoder layer for n single-token decodes x (n, C) over paged KV pools (P, Hkv, D), in one call: the
-    unfused layer's kernels and ATen ops in its order, so the same bits (see `GemmaDecoderLayer.decode_paged`)."""
+    unfused layer's kernels and ATen ops in its order, so the same bits (see gemma.cpu.fastpath.decode_step)."""
     return load().decode_layer(
         x, norms, q_norm, k_norm, qkv_weight, o_weight, gate_up_weight, down_weight, k_pool, v_pool, write_slots,
         slots, allowed, cos, sin, num_heads, num_kv_heads, eps, scale, softcap,

@@ -22,15 +22,13 @@ from __future__ import annotations
 import logging
 import time
 from bisect import bisect_left
-from typing import TYPE_CHECKING
 
 import torch
 
+from gemma.engine.batch import KVLayout, PagedBatch, SubBatch, additive_bias
 from gemma.engine.block_manager import KVCacheManager
 from gemma.engine.scheduler import ScheduledBatch
-
-if TYPE_CHECKING:
-    from gemma.engine.model_runner import ModelRunner
+from gemma.model import GemmaForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +55,17 @@ def width_buckets(max_model_len: int, block_size: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, runner: ModelRunner, max_num_seqs: int, max_model_len: int, record: bool = True) -> None:
-        self.runner, self.record = runner, record
-        layout = runner.layout
+    def __init__(
+        self, model: GemmaForCausalLM, k_pools: list[torch.Tensor], v_pools: list[torch.Tensor], layout: KVLayout,
+        max_num_seqs: int, max_model_len: int, record: bool = True,
+    ) -> None:
+        """Graphs of `model`'s decode step over the runner's pools (one per layer, each with one scratch block past
+        `layout.num_blocks`), recorded by `capture_all` or, with `record`, at a bucket's first use."""
+        self.model, self.k_pools, self.v_pools, self.layout, self.record = model, k_pools, v_pools, layout, record
         self.block_size, self.windows = layout.block_size, layout.windows
         self.batch_sizes = batch_buckets(max_num_seqs)
         self.widths = width_buckets(max_model_len, layout.block_size)
-        B, dev = self.batch_sizes[-1], runner.device
+        B, dev = self.batch_sizes[-1], model.device
         self.max_blocks = self.widths[-1] // self.block_size
         # the runner's pools have one block beyond the KV manager's: the scratch block of padding
         self.scratch = list(layout.num_blocks)
@@ -71,7 +73,7 @@ class DecodeGraphs:
         self.pos = torch.zeros(B, dtype=torch.long, device=dev)
         self.tables = [torch.full((B, self.max_blocks), -1, dtype=torch.long, device=dev) for _ in self.windows]
         self.write = [torch.full((B,), s * self.block_size, dtype=torch.long, device=dev) for s in self.scratch]
-        self.logits = torch.empty(B, runner.model.config.vocab_size, dtype=torch.float32, device=dev)
+        self.logits = torch.empty(B, model.config.vocab_size, dtype=torch.float32, device=dev)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph | None] = {}
         self.pool = torch.cuda.graph_pool_handle() if record else None
         self.side: torch.cuda.Stream | None = None
@@ -137,9 +139,7 @@ class DecodeGraphs:
     @torch.no_grad()
     def _forward(self, B: int, W: int) -> None:
         """The padded step on the static buffers (what a graph records); logits into `self.logits[:B]`."""
-        from gemma.engine.model_runner import PagedBatch, SubBatch
-
-        runner, bs, dev = self.runner, self.block_size, self.runner.device
+        bs, dev = self.block_size, self.model.device
         pos = self.pos[:B]
         j = torch.arange(W, device=dev)
         slots, masks, biases = [], [], []
@@ -151,12 +151,11 @@ class DecodeGraphs:
             if window is not None:
                 allowed &= pos[:, None] - j < window
             masks.append(allowed[:, None, None])
-            biases.append(runner._bias(masks[-1]))
+            biases.append(additive_bias(masks[-1], self.model.dtype))
         sub = SubBatch(torch.arange(B, device=dev)[:, None], slots, masks, biases)
-        paged = PagedBatch(runner.k_pools, runner.v_pools, runner.layout.group_of_layer,
-                           [w[:B] for w in self.write], [sub])
-        out = runner.model.model(input_ids=self.ids[None, :B], position_ids=pos[None], use_cache=False, paged=paged)
-        runner.model.compute_logits(out.last_hidden_state[0], out=self.logits[:B])
+        paged = PagedBatch(self.k_pools, self.v_pools, self.layout.group_of_layer, [w[:B] for w in self.write], [sub])
+        out = self.model.model(input_ids=self.ids[None, :B], position_ids=pos[None], use_cache=False, paged=paged)
+        self.model.compute_logits(out.last_hidden_state[0], out=self.logits[:B])
 
     def _capture(self, B: int, W: int) -> torch.cuda.CUDAGraph:
         """Record the padded step for (B, W). Warm-up and recording run on padding inputs only, so they write
@@ -169,7 +168,7 @@ class DecodeGraphs:
             self.tables[g][:B].copy_(torch.tensor(self._padding_row(g, self.max_blocks)))
             self.write[g][:B].fill_(self.scratch[g] * self.block_size)
         if self.side is None:  # one side stream: the allocator caches a stream's freed blocks for that stream only
-            self.side = torch.cuda.Stream(device=self.runner.device)
+            self.side = torch.cuda.Stream(device=self.model.device)
         side = self.side
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up off the main stream, as torch.cuda.graphs recommends

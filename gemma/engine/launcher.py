@@ -56,13 +56,11 @@ def run_worker(spec: WorkerSpec, rank: int) -> None:
     """The body of rank `rank` (>= 1): join, load this rank's shard, build the KV pools rank 0 describes, serve."""
     from gemma.engine.model_runner import ModelRunner
     from gemma.model import GemmaForCausalLM
-    from gemma.parallel import TPGroup, set_cpu_matmul
+    from gemma.parallel import TPGroup
 
     tp = TPGroup.connect(rank, spec.world_size, spec.host, spec.port, spec.backend, spec.timeout_s)
     model = GemmaForCausalLM.from_pretrained(spec.model, dtype=DTYPES[spec.dtype], device=spec.device_of(rank), tp=tp)
-    layout, cpu_matmul = tp.broadcast_object(None)
-    set_cpu_matmul(model, cpu_matmul)
-    ModelRunner(model, layout).serve()
+    ModelRunner.follow(model).serve()
     logger.info("tensor-parallel rank %d stopped", rank)
 
 

@@ -13,48 +13,29 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import count
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
-from gemma.engine.block_manager import KVCacheManager, split_kv_budget
+from gemma.engine.block_manager import KVCacheManager
+from gemma.engine.config import EngineConfig
+from gemma.engine.kv_budget import split_kv_budget
 from gemma.engine.launcher import (
     LocalLauncher,
     WorkerHandle,
     WorkerSpec,
     start_tensor_parallel,
 )
-from gemma.engine.model_runner import KVLayout, ModelRunner
+from gemma.engine.batch import KVLayout
+from gemma.engine.model_runner import ModelRunner
 from gemma.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from gemma.engine.scheduler import Scheduler
 from gemma.engine.sequence import Sequence
 from gemma.model import GemmaForCausalLM
-from gemma.parallel import set_cpu_matmul
 from gemma.sampling import SamplingParams, sample
 from gemma.tokenizer import GemmaTokenizer, IncrementalDecoder
 from gemma.weights import DTYPES, parse_size
 
 logger = logging.getLogger(__name__)
-
-
-class EngineConfig(BaseModel):
-    """Limits of one engine (one model replica)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_num_seqs: int = Field(64, ge=1)  # sequences running at once
-    max_num_batched_tokens: int = Field(2048, ge=1)  # tokens per step; longer prompts are chunked
-    max_model_len: int | None = Field(None, ge=2)  # prompt + output; None: min(model positions, 8192)
-    block_size: int = Field(16, ge=1)  # tokens per KV block
-    kv_cache_memory: int | str = "1GiB"  # KV pool budget: bytes, or "512MiB", "2GB", ...
-    enable_prefix_caching: bool = True  # share full blocks of identical prompt prefixes (global-attention models)
-    seed: int = 0  # of the generator behind unseeded sampling
-    # the matmul of half-precision weights on CPUs without native bf16/fp16 instructions (gemma.parallel's module
-    # doc): "kernel" (gemma.cpu_kernels, AVX2), "fp32" (fp32 weight copies for batches), "torch", or "auto"
-    cpu_matmul: Literal["auto", "kernel", "fp32", "torch"] = "auto"
-    # vLLM's name: True runs every step eagerly; False replays decode steps as CUDA graphs on a GPU at TP=1
-    enforce_eager: bool = False
 
 
 @dataclass
@@ -93,13 +74,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         layout = KVLayout([group_windows.index(w) for w in windows], group_windows,
                           [s.num_blocks for s in specs], config.block_size)
-        self.cpu_matmul, added = set_cpu_matmul(model, config.cpu_matmul)  # rank 0 decides for every rank
-        if self.cpu_matmul != "torch":
-            logger.info("engine: cpu_matmul %s (%.0f MB of fp32 weight copies)", self.cpu_matmul, added / 1e6)
-        model.tp.broadcast_object((layout, self.cpu_matmul))  # the other ranks build the same (a no-op without TP)
-        self.runner = ModelRunner(model, layout)
-        if not config.enforce_eager and model.device.type == "cuda" and model.tp.size == 1:
-            self.runner.use_graphs(config.max_num_seqs, self.max_model_len)
+        # the runner decides what the device gets (CPU kernels, CUDA graphs) and tells the other ranks
+        self.runner = ModelRunner(model, layout, config.cpu_matmul, config.enforce_eager, config.max_num_seqs,
+                                  self.max_model_len)
+        self.cpu_matmul = self.runner.cpu_matmul
         self.workers = workers
         self.generator = torch.Generator(device=model.device).manual_seed(config.seed)
         self.requests: dict[str, tuple[list[Sequence], str | None]] = {}
@@ -107,7 +85,7 @@ class LLMEngine:
         self._seq_ids = count()
         logger.info("engine: KV groups %s, block size %d, max_model_len %d",
                     [(s.window, s.num_blocks) for s in specs], config.block_size, self.max_model_len)
-        if model.device.type == "cuda":
+        if self.runner.needs_warm_up:
             logger.info("engine: warmed up in %.2f s", self.warm_up())
 
     @classmethod

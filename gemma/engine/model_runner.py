@@ -8,10 +8,13 @@ to the longest), and the prefill chunks: on a CPU each alone (no query padding a
 padded to the longest chunk (`group_chunks`; there a step costs kernel launches, not arithmetic: a step of 16
 prefills of the 270M on an H100 went from 57 to 36 ms). On a GPU a step runs SDPA's flash, memory-efficient and
 math kernels only: with cuDNN's allowed (and masked GQA prefills handed to it), steps of shapes not seen before
-stalled 1.4-1.9 s on an H100; none did since. A step of single-token decodes only
-hands each layer its pools and slots instead (`PagedBatch.decode_inputs`), for the fused CPU decode layer. Logits
-are computed only for the tokens that are sampled, into an fp32 buffer reused from step to step. On a GPU at
-TP=1 a step of single-token decodes replays a recorded CUDA graph instead (`use_graphs`, gemma.engine.cuda_graphs).
+stalled 1.4-1.9 s on an H100; none did with only those three. Logits are computed only for the tokens that are
+sampled, into an fp32 buffer reused from step to step.
+
+The runner decides what the device gets: on a CPU it applies the CPU fast path to the model (gemma.cpu.fastpath:
+the kernels per `cpu_matmul`, and a step of single-token decodes as one fused call per layer, fed by
+`PagedBatch.decode_inputs`); on a GPU at TP=1 it replays decode steps as recorded CUDA graphs (gemma.engine.
+cuda_graphs, unless `enforce_eager`) and asks for a warm-up before the first request (`needs_warm_up`).
 
 Under tensor parallelism every rank has a runner with its own model shard and its own KV pools (its kv
 heads). Rank 0 turns the scheduler's batch into a device-independent `StepInput` and broadcasts it; every
@@ -22,99 +25,42 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import replace
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from gemma.cpu import fastpath
+from gemma.engine.batch import KVLayout, PagedBatch, StepInput, SubBatch, additive_bias
 from gemma.engine.block_manager import KVCacheManager
 from gemma.engine.cuda_graphs import DecodeGraphs
 from gemma.engine.scheduler import ScheduledBatch
-from gemma.model import DecodeInputs, GemmaForCausalLM
+from gemma.model import GemmaForCausalLM
 
 logger = logging.getLogger(__name__)
 
 GPU_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-@dataclass
-class SubBatch:
-    q_index: torch.Tensor  # (n, Q) flat token indices of the sub-batch's queries (padding rows repeat index 0)
-    kv_slots: list[torch.Tensor]  # per KV group: (n, K) cache slots of the keys, padded with slot 0
-    masks: list[torch.Tensor]  # per KV group: (n, 1, Q, K) bool, True where a query may attend
-    biases: list[torch.Tensor] = field(default_factory=list)  # the masks' additive form (filled on the device)
-    # rows of different query counts are padded to the longest: which of the n*Q results are real (None: all)
-    q_real: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class KVLayout:
-    """How the paged KV cache is laid out, identical on every rank: which group each layer's blocks come
-    from, each group's window and block count, and the block size."""
-
-    group_of_layer: list[int]
-    windows: list[int | None]
-    num_blocks: list[int]
-    block_size: int
-
-
-@dataclass
-class StepInput:
-    """One step, device-independent and picklable (rank 0 broadcasts it to the other ranks)."""
-
-    input_ids: list[int]
-    positions: list[int]
-    logits_at: list[int]  # flat indices of the tokens to compute logits for
-    write_slots: list[torch.Tensor] = field(default_factory=list)  # per group: (T,) slots of the new tokens
-    subbatches: list[SubBatch] = field(default_factory=list)
-
-
-class PagedBatch:
-    """One step's batch description, handed to the model as `paged` (see gemma.model.PagedAttention)."""
-
-    def __init__(
-        self, k_pools: list[torch.Tensor], v_pools: list[torch.Tensor], layer_group: list[int],
-        write_slots: list[torch.Tensor], subbatches: list[SubBatch],
-    ) -> None:
-        self.k_pools, self.v_pools, self.layer_group = k_pools, v_pools, layer_group
-        self.write_slots, self.subbatches = write_slots, subbatches
-        # every token a single decode query, token i row i (decodes come first, in order): per group, what a
-        # fused decode layer reads
-        sb = subbatches[0] if len(subbatches) == 1 else None
-        decode_only = sb is not None and sb.q_index.shape == (len(write_slots[0]), 1)
-        self._decode = [(sb.kv_slots[g], sb.masks[g][:, 0, 0].contiguous()) for g in range(len(write_slots))] \
-            if decode_only else None
-
-    def decode_inputs(self, layer_idx: int) -> DecodeInputs | None:
-        if self._decode is None:
-            return None
-        g = self.layer_group[layer_idx]
-        return DecodeInputs(self.k_pools[layer_idx], self.v_pools[layer_idx], self.write_slots[g], *self._decode[g])
-
-    def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: Any) -> torch.Tensor:
-        g = self.layer_group[layer_idx]
-        kp, vp = self.k_pools[layer_idx], self.v_pools[layer_idx]  # (slots, Hkv, D)
-        kp[self.write_slots[g]] = k[0].transpose(0, 1)  # (T, Hkv, D)
-        vp[self.write_slots[g]] = v[0].transpose(0, 1)
-        out = torch.empty_like(q)  # (1, H, T, D)
-        for sb in self.subbatches:
-            qs = q[0][:, sb.q_index].transpose(0, 1)  # (n, H, Q, D)
-            o = attend(qs, kp, vp, sb.kv_slots[g], sb.masks[g], sb.biases[g])  # (n, H, Q, D)
-            o = o.transpose(0, 1).reshape(o.shape[1], -1, o.shape[-1])  # (H, n*Q, D)
-            dest = sb.q_index.reshape(-1)
-            if sb.q_real is not None:
-                o, dest = o[:, sb.q_real], dest[sb.q_real]
-            out[0][:, dest] = o
-        return out
-
-
 class ModelRunner:
-    def __init__(self, model: GemmaForCausalLM, layout: KVLayout) -> None:
+    def __init__(
+        self, model: GemmaForCausalLM, layout: KVLayout, cpu_matmul: str = "auto", enforce_eager: bool = True,
+        max_num_seqs: int = 1, max_model_len: int | None = None,
+    ) -> None:
+        """Rank 0's runner resolves `cpu_matmul` ("auto" per the CPU) and sends the layout and the mode to the other
+        ranks, which build theirs with `ModelRunner.follow`. `enforce_eager=False` records CUDA graphs of decode steps
+        of up to `max_num_seqs` sequences of `max_model_len` tokens (on a GPU at TP=1)."""
         self.model = model
         self.tp = model.tp
         self.device, self.dtype = model.device, model.dtype
         self.layout = layout
+        self.cpu_matmul, added = fastpath.set_cpu_matmul(model, cpu_matmul)
+        if self.cpu_matmul != "torch" and self.tp.rank == 0:
+            logger.info("engine: cpu_matmul %s (%.0f MB of fp32 weight copies)", self.cpu_matmul, added / 1e6)
+        if self.tp.rank == 0:
+            self.tp.broadcast_object((layout, self.cpu_matmul))  # a no-op without tensor parallelism
+        # a step of single-token decodes runs each layer as one fused CPU kernel call where the model allows it
+        self.fused_decode = fastpath.can_fuse_decode(model.model)
         attn = model.model.layers[0].self_attn  # this rank's kv heads
         shape = (attn.num_kv_heads, attn.head_dim)
         # one block beyond the KV manager's: the scratch block that padding rows of a CUDA-graph step write to
@@ -128,13 +74,28 @@ class ModelRunner:
         # On a GPU a step's cost is mostly kernel launches, so a step's prefill chunks attend together, padded
         # to the longest; on a CPU each attends alone (padding there costs real arithmetic)
         self.group_prefills = self.device.type == "cuda"
+        if not enforce_eager and self.device.type == "cuda" and self.tp.size == 1:
+            self.use_graphs(max_num_seqs, max_model_len or model.config.max_position_embeddings)
+
+    @classmethod
+    def follow(cls, model: GemmaForCausalLM) -> ModelRunner:
+        """Ranks 1..N-1: the runner rank 0 describes (its KV layout and CPU matmul mode)."""
+        layout, cpu_matmul = model.tp.broadcast_object(None)
+        return cls(model, layout, cpu_matmul)
+
+    @property
+    def needs_warm_up(self) -> bool:
+        """Whether the engine should run each kind of step once before serving: on a GPU, a kernel's first use
+        loads (or compiles) its code (see LLMEngine.warm_up)."""
+        return self.device.type == "cuda"
 
     def use_graphs(self, max_num_seqs: int, max_model_len: int, record: bool = True) -> None:
         """Replay decode steps as CUDA graphs (gemma.engine.cuda_graphs); `record=False` runs the same padded
         steps eagerly (how CPU tests check them). Rank 0 only, at TP=1."""
         if self.tp.size > 1:
             raise ValueError("CUDA graphs of the decode step are built for tp_size 1 only")
-        self.graphs = DecodeGraphs(self, max_num_seqs, max_model_len, record)
+        self.graphs = DecodeGraphs(self.model, self.k_pools, self.v_pools, self.layout, max_num_seqs, max_model_len,
+                                   record)
         if record:
             self.graphs.capture_all()
 
@@ -173,15 +134,19 @@ class ModelRunner:
             masks = [to_dev(t) for t in sb.masks]
             real = to_dev(sb.q_real) if sb.q_real is not None else None
             subbatches.append(replace(sb, q_index=to_dev(sb.q_index), kv_slots=[to_dev(t) for t in sb.kv_slots],
-                                      masks=masks, biases=[self._bias(m) for m in masks], q_real=real))
+                                      masks=masks, biases=[additive_bias(m, self.dtype) for m in masks], q_real=real))
         paged = PagedBatch(self.k_pools, self.v_pools, self.layout.group_of_layer,
                            [to_dev(t) for t in step.write_slots], subbatches)
-        with self._kernels():
-            out = self.model.model(
-                input_ids=torch.tensor([step.input_ids], device=dev),
-                position_ids=torch.tensor([step.positions], device=dev), use_cache=False, paged=paged,
-            )
-        h = out.last_hidden_state[0, torch.tensor(step.logits_at, dtype=torch.long, device=dev)]  # (S, C)
+        input_ids = torch.tensor([step.input_ids], device=dev)
+        position_ids = torch.tensor([step.positions], device=dev)
+        decode = paged.decode_inputs() if self.fused_decode else None
+        if decode is not None:
+            h = fastpath.decode_step(self.model.model, input_ids, position_ids, decode)
+        else:
+            with self._kernels():
+                h = self.model.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                     paged=paged).last_hidden_state
+        h = h[0, torch.tensor(step.logits_at, dtype=torch.long, device=dev)]  # (S, C)
         return self.model.compute_logits(h, out=self._logits_buffer(len(step.logits_at)))
 
     def _kernels(self) -> contextlib.AbstractContextManager:
@@ -199,10 +164,6 @@ class ModelRunner:
         if self._logits is None or self._logits.shape[0] < rows:
             self._logits = torch.empty(max(rows, 8), vocab, dtype=torch.float32, device=self.device)
         return self._logits[:rows]
-
-    def _bias(self, allowed: torch.Tensor) -> torch.Tensor:
-        """The additive form the attention maths takes: 0 where allowed, -inf elsewhere."""
-        return torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
     def serve(self) -> None:
         """Ranks 1..N-1: run every step rank 0 broadcasts, until it broadcasts None."""

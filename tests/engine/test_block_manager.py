@@ -7,14 +7,8 @@ import random
 
 import pytest
 
-from gemma.engine.block_manager import (
-    BlockManager,
-    KVCacheManager,
-    KVGroupSpec,
-    hash_block,
-    max_window_blocks,
-    split_kv_budget,
-)
+from gemma.engine.block_manager import BlockManager, KVCacheManager, hash_block
+from gemma.engine.kv_budget import KVGroupSpec, max_window_blocks, split_kv_budget
 
 
 def run_prefill(m: BlockManager | KVCacheManager, seq_id: int, tokens: list[int]) -> int:

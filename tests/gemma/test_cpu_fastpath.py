@@ -1,5 +1,6 @@
-"""Half-precision matmuls on CPUs without native bf16 (gemma.parallel's `set_cpu_matmul`): the AVX2 bf16 kernel
-(gemma.cpu_kernels) and fp32 weight copies give the products of the same bf16 values, summed in fp32."""
+"""The CPU fast path (gemma.cpu.fastpath's `set_cpu_matmul`): the AVX2 bf16 kernel (gemma.cpu.kernels) and fp32
+weight copies give the products of the same bf16 values, summed in fp32; the fused modules and the fused decode layer
+compute what the plain modules compute."""
 
 from __future__ import annotations
 
@@ -10,16 +11,20 @@ import torch
 import torch.nn.functional as F
 from tests.helpers.checkpoints import FAMILIES, write_hf_checkpoint
 
-from gemma import GemmaForCausalLM, cpu_kernels
-from gemma.engine import EngineConfig, LLMEngine
-from gemma.layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
-from gemma.parallel import (
+from gemma import GemmaForCausalLM
+from gemma.cpu import kernels as cpu_kernels
+from gemma.cpu.fastpath import (
     FP32_MATMUL_MIN_ROWS,
-    ColumnParallelLinear,
-    ParallelLMHead,
+    KernelAttention,
+    KernelRMSNorm,
+    matmul_of,
     set_cpu_matmul,
     slow_half_matmul,
 )
+from gemma.engine import EngineConfig, LLMEngine
+from gemma.layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from gemma.model import GemmaAttention
+from gemma.parallel import ColumnParallelLinear, ParallelLMHead
 from gemma.sampling import SamplingParams
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.cpu_supported(), reason="the bf16 kernel needs an AVX2 CPU")
@@ -70,11 +75,11 @@ def test_kernel_mode_routes_bf16_linears_and_keeps_shapes():
     head = ParallelLMHead(64, 100).to(torch.bfloat16)
     odd = ColumnParallelLinear(12, 8).to(torch.bfloat16)  # in_features not a multiple of 8: PyTorch's matmul
     assert set_cpu_matmul(torch.nn.ModuleList([layer, head, odd]), "kernel") == ("kernel", 0)
-    assert layer.bf16_kernel and head.bf16_kernel and not odd.bf16_kernel
+    assert [matmul_of(m) for m in (layer, head, odd)] == ["kernel", "kernel", "torch"]
     x = torch.randn(2, 5, 64).to(torch.bfloat16)
     assert layer(x).shape == (2, 5, 48) and head(x).shape == (2, 5, 100)
     torch.testing.assert_close(layer(x).float(), fp32_reference(x, layer.weight), rtol=2**-7, atol=1e-4)
-    assert set_cpu_matmul(layer, "torch") == ("torch", 0) and not layer.bf16_kernel
+    assert set_cpu_matmul(layer, "torch") == ("torch", 0) and matmul_of(layer) == "torch"
 
 
 @needs_kernel
@@ -166,10 +171,10 @@ def engine_equals_generate(path, mode: str) -> None:
     model = GemmaForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     engine = LLMEngine(model, None, EngineConfig(kv_cache_memory="4MiB", cpu_matmul=mode))
     assert engine.cpu_matmul == mode
-    assert (engine.model.lm_head.fp32_weight is not None) == (mode == "fp32")
-    assert engine.model.lm_head.bf16_kernel == (mode == "kernel")
+    assert matmul_of(engine.model.lm_head) == mode
     layer = engine.model.model.layers[0]  # the fused norm and rotary embedding come with the kernel
-    assert layer.input_layernorm.cpu_kernel == layer.self_attn.cpu_kernel == (mode == "kernel")
+    assert isinstance(layer.input_layernorm, KernelRMSNorm) == isinstance(layer.self_attn, KernelAttention) == (
+        mode == "kernel")
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     prompts = {str(i): list(range(10, 20 + 3 * i)) for i in range(6)}
     for rid, ids in prompts.items():
@@ -253,7 +258,8 @@ def test_kernel_mode_joins_qkv_and_gate_up_into_views_of_one_matrix(tmp_path):
     after = model.state_dict()  # same names, same values: saving or reloading is unaffected
     assert after.keys() == before.keys() and all(torch.equal(after[k], t) for k, t in before.items())
     set_cpu_matmul(model, "torch")
-    assert attn.qkv_weight is None and mlp.gate_up_weight is None
+    assert type(attn) is GemmaAttention and "qkv_weight" not in vars(attn) and "gate_up_weight" not in vars(mlp)
+    assert all(matmul_of(m) == "torch" for m in (attn.q_proj, mlp.down_proj, model.lm_head))
 
 
 @needs_kernel
@@ -290,10 +296,8 @@ def test_fused_decode_layer_equals_the_unfused_layer_bit_for_bit(tmp_path, famil
 
     def run(fuse: bool) -> dict:
         engine = LLMEngine(model, None, EngineConfig(kv_cache_memory="4MiB", cpu_matmul="kernel", max_num_seqs=4))
-        layers = engine.model.model.layers
-        assert all(layer.fused_decode for layer in layers)  # set_cpu_matmul found every layer fusable
-        for layer in layers:
-            layer.fused_decode = fuse
+        assert engine.runner.fused_decode  # every layer on the kernels: fusable
+        engine.runner.fused_decode = fuse
         for rid, ids in prompts.items():  # 5 requests on 4 seats: the fifth prefills while the others decode
             engine.add_request(rid, ids, params)
         outs = engine.run_to_completion(list(prompts))

@@ -1,5 +1,5 @@
 // bf16 x bf16 -> bf16 matmul with fp32 accumulation for x86 CPUs that have AVX2 and FMA but no native bf16
-// instructions (gemma/cpu_kernels.py says when and why it is used). Built at first use by
+// instructions (gemma/cpu/kernels.py says when and why it is used). Built at first use by
 // torch.utils.cpp_extension with -mavx2 -mfma -fopenmp; threads are ATen's (torch.set_num_threads).
 //
 // y = x w^T for x (M, K), w (N, K) row-major. Every bf16 value is widened to fp32 exactly (a 16-bit shift), the

@@ -1,0 +1,280 @@
+"""The CPU fast path: which matmul every layer of a loaded model uses, and the fused decode layer.
+
+`set_cpu_matmul(model, mode)` is applied to a loaded, placed model by the engine's model runner (or by hand); the
+model's own modules (gemma.model, gemma.layers, gemma.parallel) stay the plain algebra. It acts through the seams
+they expose, without changing a parameter's name or value (saving and reloading are unaffected):
+- a `Linear`'s product (`matmul`) is replaced per instance;
+- `RMSNorm`, `GemmaAttention` and `GemmaMLP` become the subclasses below (`KernelRMSNorm`, ...), which compute the
+  same maths with gemma.cpu.kernels; "torch" turns them back.
+
+Why: on a CPU without native bf16 / fp16 matrix instructions (no AVX-512-BF16 or AMX: AVX2 machines, most AMD EPYCs
+before Zen 4), PyTorch's half-precision matmul is slow: on 2 AVX2 cores it computes ~17 GFLOP/s against ~40-100 for
+fp32, and reads a bf16 weight for one row at ~11-16 GB/s of the memory's ~25-29. The modes:
+- "kernel": gemma.cpu.kernels' bf16 matmul (fp32 accumulation, no extra memory) for bf16 weights, and its fused
+  RMSNorm, rotary embedding and decode attention; q/k/v and gate/up weights are joined into one matrix each (the
+  modules' weights become views into it), so a layer makes 4 matmul calls instead of 7;
+- "fp32": an fp32 copy of each half-precision weight for inputs of `FP32_MATMUL_MIN_ROWS` rows or more (the
+  products of bf16 values computed in fp32 and rounded back, as a bf16 GEMM with fp32 accumulation does, at 2x
+  the weights' bytes in memory); fewer rows keep the half-precision weight, being bound by reading it;
+- "torch": PyTorch's own;
+- "auto": the kernel where `slow_half_matmul` and it builds, else "fp32" where `slow_half_matmul`, else "torch".
+
+`decode_step` runs an engine step in which every sequence decodes one token as one C++ call per layer
+(`kernels.decode_layer`: the same kernels and ATen ops in the same order as the modules, so the same bits), where
+`can_fuse_decode(model)` holds.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemma.cpu import kernels
+from gemma.layers import GemmaMLP, RMSNorm
+from gemma.model import GemmaAttention, GemmaDecoderLayer, GemmaModel
+from gemma.parallel import Linear
+
+CPU_MATMUL_MODES = ("auto", "kernel", "fp32", "torch")
+FP32_MATMUL_MIN_ROWS = 4  # measured on 2 AVX2 cores: bf16 wins below (it reads half the bytes), fp32 above
+
+
+def slow_half_matmul(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether half-precision matmuls on `device` lack native instructions (see the module doc)."""
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    mkldnn = torch.ops.mkldnn
+    return not (mkldnn._is_mkldnn_bf16_supported() if dtype == torch.bfloat16 else mkldnn._is_mkldnn_fp16_supported())
+
+
+# ---- a Linear's product -------------------------------------------------------------------------------------
+
+
+class KernelMatmul:
+    """`Linear.matmul` on the bf16 kernel: fp32 accumulation, `out` (fp32 or x's dtype) written directly."""
+
+    name = "kernel"
+
+    def __init__(self, linear: Linear) -> None:
+        self.linear = linear
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return kernels.linear_bf16(x, self.linear.weight, out=out)
+
+
+class Fp32Matmul:
+    """`Linear.matmul` with an fp32 copy of the half-precision weight for inputs of FP32_MATMUL_MIN_ROWS rows or
+    more, rounded back to x's dtype."""
+
+    name = "fp32"
+
+    def __init__(self, linear: Linear) -> None:
+        self.linear = linear
+        self.weight = linear.weight.detach().float()
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if x.numel() >= FP32_MATMUL_MIN_ROWS * self.linear.in_features:
+            y = F.linear(x.float(), self.weight).to(x.dtype)
+        else:
+            y = F.linear(x, self.linear.weight)
+        return y if out is None else out.copy_(y)
+
+
+def matmul_of(linear: Linear) -> str:
+    """Which product `linear` uses: "kernel", "fp32" or "torch"."""
+    impl = linear.__dict__.get("matmul")
+    return impl.name if impl is not None else "torch"
+
+
+# ---- modules computed with the kernels -------------------------------------------------------------------------
+
+
+class KernelRMSNorm(RMSNorm):
+    """RMSNorm as one kernel call (the same maths up to the order of the mean's additions)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+
+class KernelAttention(GemmaAttention):
+    """Attention with the fused rotary embedding (bit for bit), q/k/v as one product, and the decode-attention
+    kernel where each row has one query (it reads the engine's pools in place)."""
+
+    qkv_weight: torch.Tensor | None = None  # q, k and v's weights as one matrix; theirs are views into it
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv_weight is None:
+            return super().project_qkv(x)
+        sizes = (self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features)
+        return kernels.linear_bf16(x, self.qkv_weight).split(sizes, dim=-1)
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return kernels.rope(x, cos, sin)
+
+    def decode_kernel(self, q: torch.Tensor) -> bool:
+        """Whether the decode-attention kernel runs for q (n, H, Q, D): one query per row, inference."""
+        return q.shape[2] == 1 and self.head_dim % 8 == 0 and not self.training
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.decode_kernel(q) or output_attentions:
+            return super().attend(q, k, v, mask, output_attentions)
+        # one query per row (KV-cached decode): the kernel, as the engine's paged decode runs it
+        B, S = k.shape[0], k.shape[2]
+        slots = torch.arange(S, device=k.device).expand(B, S)
+        out = kernels.decode_attention(
+            q[:, :, 0], k.transpose(1, 2), v.transpose(1, 2), slots, mask[:, 0, 0] == 0, self.scaling,
+            self.softcap or 0.0,
+        )
+        return out[:, :, None], None
+
+    def attend_slots(
+        self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, allowed: torch.Tensor,
+        bias: torch.Tensor,
+    ) -> torch.Tensor:
+        if not self.decode_kernel(q):
+            return super().attend_slots(q, k_pool, v_pool, slots, allowed, bias)
+        out = kernels.decode_attention(  # the pools read in place
+            q[:, :, 0], k_pool[None], v_pool[None], slots, allowed[:, 0, 0], self.scaling, self.softcap or 0.0
+        )
+        return out[:, :, None]
+
+
+class KernelMLP(GemmaMLP):
+    """The MLP with gate and up as one product."""
+
+    gate_up_weight: torch.Tensor | None = None  # gate and up's weights as one matrix; theirs are views into it
+
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.gate_up_weight is None:
+            return super().gate_up(x)
+        return kernels.linear_bf16(x, self.gate_up_weight).chunk(2, dim=-1)
+
+
+SWAPS: dict[type[nn.Module], type[nn.Module]] = {RMSNorm: KernelRMSNorm, GemmaAttention: KernelAttention,
+                                                 GemmaMLP: KernelMLP}
+
+
+# ---- applying a mode -------------------------------------------------------------------------------------------
+
+
+def set_cpu_matmul(model: nn.Module, mode: str = "auto") -> tuple[str, int]:
+    """Choose the matmul of every `Linear` in `model` and the kernel modules (see the module doc); call it after the
+    weights are loaded and placed. Returns the mode applied ("kernel", "fp32" or "torch") and the bytes of any fp32
+    copies."""
+    if mode not in CPU_MATMUL_MODES:
+        raise ValueError(f"cpu_matmul must be one of {CPU_MATMUL_MODES}, got {mode!r}")
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    half = [m for m in linears if m.weight.dtype in (torch.bfloat16, torch.float16)]
+    if mode == "auto":
+        slow = any(slow_half_matmul(m.weight.device, m.weight.dtype) for m in half)
+        bf16 = bool(half) and all(m.weight.dtype == torch.bfloat16 for m in half)
+        mode = "torch" if not slow else "kernel" if bf16 and kernels.available() else "fp32"
+    _reset(model, linears)
+    added = 0
+    if mode == "kernel":
+        kernels.load()  # raises, naming why, where the kernel cannot be built
+        for m in half:
+            if kernels.usable(m.weight):
+                m.matmul = KernelMatmul(m)
+        for m in list(model.modules()):
+            if isinstance(m, RMSNorm) and m.weight.device.type == "cpu":
+                m.__class__ = KernelRMSNorm
+            elif isinstance(m, GemmaAttention) and m.q_proj.weight.device.type == "cpu" \
+                    and m.q_proj.weight.dtype == torch.bfloat16:
+                m.__class__ = KernelAttention
+                m.qkv_weight = join_weights([m.q_proj, m.k_proj, m.v_proj])
+            elif isinstance(m, GemmaMLP):
+                m.__class__ = KernelMLP
+                m.gate_up_weight = join_weights([m.gate_proj, m.up_proj])
+    elif mode == "fp32":
+        for m in half:
+            m.matmul = Fp32Matmul(m)
+            added += m.matmul.weight.nbytes
+    return mode, added
+
+
+def _reset(model: nn.Module, linears: list[Linear]) -> None:
+    """Every module back to its plain class and product (the joined weights stay, as views: same values)."""
+    for m in linears:
+        m.__dict__.pop("matmul", None)
+    for m in model.modules():
+        for base, swap in SWAPS.items():
+            if type(m) is swap:
+                m.__dict__.pop("qkv_weight", None)
+                m.__dict__.pop("gate_up_weight", None)
+                m.__class__ = base
+
+
+def join_weights(linears: list[Linear]) -> torch.Tensor | None:
+    """The weights of `linears` (same input, no bias, all on the bf16 kernel) stacked into one matrix, each
+    module's weight becoming a view of its rows: one kernel call computes all their outputs, each element with the
+    same additions as its own call, and no memory is added. None where they do not qualify."""
+    if not all(matmul_of(m) == "kernel" and m.bias is None for m in linears):
+        return None
+    joined = torch.cat([m.weight.detach() for m in linears])
+    start = 0
+    for m in linears:
+        m.weight.data = joined[start : start + m.out_features]
+        start += m.out_features
+    return joined
+
+
+# ---- the fused decode layer ------------------------------------------------------------------------------------
+
+
+class DecodeInputs(NamedTuple):
+    """One layer's paged KV cache for a step of n single-token decodes."""
+
+    k_pool: torch.Tensor  # (P, Hkv, D)
+    v_pool: torch.Tensor
+    write_slots: torch.Tensor  # (n,) int64: where this step's keys and values go
+    slots: torch.Tensor  # (n, S) int64: the keys row i attends (padding: any slot, not allowed)
+    allowed: torch.Tensor  # (n, S) bool
+
+
+def can_fuse_decode(model: GemmaModel) -> bool:
+    """Whether `decode_step` can run `model`: every layer on the bf16 kernels with joined q/k/v and gate/up, no
+    biases, no tensor parallelism (its all-reduces sit between the ops)."""
+    def fusable(layer: GemmaDecoderLayer) -> bool:
+        attn, mlp = layer.self_attn, layer.mlp
+        return (
+            isinstance(attn, KernelAttention) and attn.head_dim % 8 == 0 and attn.o_proj.tp.size == 1
+            and attn.qkv_weight is not None and isinstance(mlp, KernelMLP) and mlp.gate_up_weight is not None
+            and matmul_of(attn.o_proj) == "kernel" and attn.o_proj.bias is None
+            and matmul_of(mlp.down_proj) == "kernel" and mlp.down_proj.bias is None
+            and all(isinstance(m, KernelRMSNorm) for m in _norms(layer))
+        )
+    return not model.training and all(fusable(layer) for layer in model.layers)
+
+
+def _norms(layer: GemmaDecoderLayer) -> list[RMSNorm]:
+    """The layer's norms in the order `kernels.decode_layer` takes them: the layer's, then Gemma 3's q/k norms."""
+    attn = layer.self_attn
+    norms = [layer.input_layernorm, layer.post_attention_layernorm]
+    if layer.sandwich:
+        norms += [layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm]
+    return norms + ([attn.q_norm, attn.k_norm] if hasattr(attn, "q_norm") else [])
+
+
+def decode_step(
+    model: GemmaModel, input_ids: torch.Tensor, position_ids: torch.Tensor, layer_inputs: list[DecodeInputs]
+) -> torch.Tensor:
+    """`model(input_ids, position_ids=..., paged=...).last_hidden_state` (1, n, C) for a step of n single-token
+    decodes (input_ids, position_ids (1, n)), each layer one `kernels.decode_layer` call over its `layer_inputs`."""
+    x = model.embed_tokens(input_ids)[0]  # (n, C)
+    ropes = model.rope_tables(position_ids, x.dtype)
+    for i, layer in enumerate(model.layers):
+        attn = layer.self_attn
+        norms = [m.weight for m in _norms(layer)]
+        layer_norms = norms[: 4 if layer.sandwich else 2]
+        qk = norms[-2:] if hasattr(attn, "q_norm") else (None, None)
+        x = kernels.decode_layer(
+            x, layer_norms, *qk, attn.qkv_weight, attn.o_proj.weight, layer.mlp.gate_up_weight,
+            layer.mlp.down_proj.weight, *layer_inputs[i], *ropes[model.config.layer_type(i)], attn.num_heads,
+            attn.num_kv_heads, layer.input_layernorm.eps, attn.scaling, attn.softcap or 0.0,
+        )
+    return model.norm(x[None])

@@ -1,0 +1,51 @@
+"""The engine's settings, declared once: `LoadConfig` (what to load, and where) and `EngineConfig` (the limits and
+behaviour of one engine).
+
+Every loader composes these two: `LLM`, `LLMEngine.from_pretrained`, the model deployment's and batch job's args
+(deployments/), and `python -m gemma`. A field's comment here is its documentation everywhere; a loader that wants
+another default for a field redeclares only that field and says why.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DType = Literal["float32", "bfloat16", "float16"]
+CpuMatmul = Literal["auto", "kernel", "fp32", "torch"]
+
+
+class LoadConfig(BaseModel):
+    """What a loader loads and where: the model, its dtype, the device and the tensor-parallel ranks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "gemma-3-270m"  # a named model (gemma.registry), an HF checkpoint directory or a .gguf file
+    # float32 computes as the reference implementations do (the parity tests' setting); bfloat16 halves the bytes
+    # every decode step reads
+    dtype: DType = "float32"
+    device: str | None = None  # "cpu", "cuda", "cuda:1", ...; None: cuda when available, else cpu
+    tp_size: int = Field(1, ge=1)  # tensor-parallel ranks: this process is rank 0, ranks 1..N-1 are started for it
+
+
+class EngineConfig(BaseModel):
+    """Limits of one engine (one model replica) and how it runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # sequences running at once (the decode batch): sized for a CPU replica; on a GPU raise it as far as the KV
+    # pool allows
+    max_num_seqs: int = Field(32, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=1)  # tokens per step; longer prompts are prefilled in chunks
+    max_model_len: int | None = Field(None, ge=2)  # prompt + output tokens; None: the model's positions, <= 8192
+    block_size: int = Field(16, ge=1)  # tokens per KV block
+    kv_cache_memory: int | str = "1GiB"  # KV pool budget (per rank with TP): bytes, or "512MiB", "2GB", ...
+    enable_prefix_caching: bool = True  # share full blocks of identical prompt prefixes (global-attention models)
+    seed: int = 0  # of the generator behind sampling without a per-request seed
+    # the matmul of half-precision weights on CPUs without native bf16/fp16 instructions: "kernel" (our AVX2 bf16
+    # kernel, built at first use), "fp32" (fp32 weight copies for batches, +2x their bytes), "torch", or "auto"
+    # (kernel if it builds, else fp32, where the CPU lacks bf16; torch elsewhere)
+    cpu_matmul: CpuMatmul = "auto"
+    # vLLM's name: True runs every step eagerly; False replays decode steps as CUDA graphs on a GPU at TP=1
+    enforce_eager: bool = False
