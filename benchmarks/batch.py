@@ -66,6 +66,7 @@ def run_batch_phase(app_args: AppArgs, prompts: list[dict], threads: int, batch_
     import ray
 
     from deployments.batch import BatchArgs, run_batch
+    from deployments.model import ServingEngineConfig
 
     source, output = tmp / "prompts.jsonl", tmp / "out.jsonl"
     source.write_text("".join(json.dumps(p) + "\n" for p in prompts))
@@ -75,8 +76,7 @@ def run_batch_phase(app_args: AppArgs, prompts: list[dict], threads: int, batch_
         summary = run_batch(BatchArgs(
             input=str(source), output=str(output), num_cpus=threads, batch_size=batch_size,
             sampling_params={"temperature": 0, "ignore_eos": True},
-            **app_args.model_dump(include={"model", "dtype", "max_num_seqs", "max_model_len", "kv_cache_memory",
-                                           "max_num_batched_tokens", "seed"}),
+            **app_args.model_dump(include=set(ServingEngineConfig.model_fields)),  # the HTTP phase's engine
         ))
     finally:
         ray.shutdown()
@@ -207,7 +207,8 @@ def main() -> None:
             name = args.model if path != Path(args.model) else path.stem
         app_args = AppArgs(model=str(path), served_model_name=name, dtype=args.dtype, seed=args.seed,
                            max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory,
-                           max_model_len=2048 if args.quick else 4096)
+                           max_model_len=2048 if args.quick else 4096,
+                           classifier_model=None)  # generation is measured: no classifier replica beside it
         tok = GemmaTokenizer.from_pretrained(path)
         requests = make_requests(args.prompts, vocab_size(path), args.seed, args.prompt_len, args.max_tokens)
         prompts = [{"id": i, "prompt": tok.decode(r.prompt, skip_special_tokens=True),

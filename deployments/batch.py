@@ -43,7 +43,7 @@ import warnings
 from typing import Any, Literal
 
 import ray
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 from ray.data import ActorPoolStrategy, Dataset
 from ray.data.block import BlockAccessor
 from ray.data.datasource import BlockBasedFileDatasink
@@ -59,7 +59,7 @@ from deployments.batch_stages import (
     finish_batch,
     jsonable,
 )
-from deployments.model import EngineArgs
+from deployments.model import ServingEngineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -68,34 +68,25 @@ EXTENSIONS: dict[str, Format] = {".jsonl": "jsonl", ".json": "jsonl", ".parquet"
 CPU_STAGE_CPUS = 0.5  # tokenize / detokenize actors: light next to an engine, they should not hold a whole core
 
 
-class BatchArgs(BaseModel):
-    """A batch job: where rows come from and go, the model and its engine, the pools, the sampling defaults."""
+class BatchArgs(ServingEngineConfig):
+    """A batch job: where rows come from and go, the model and its engine, the pools, the sampling defaults.
 
-    model_config = ConfigDict(extra="forbid")
+    The model and engine settings (model, dtype, device, tp_size, max_num_seqs, max_model_len, kv_cache_memory, ...)
+    are `ServingEngineConfig`'s fields, declared once in gemma.engine; `model` is a classifier HF directory for
+    `task="classify"`, `tp_size` the ranks of each engine actor (one placement-group bundle each, on one node), and
+    `seed` that of the engine's generator (rows without a sampling seed). Rows longer than max_model_len get an error.
+    """
 
     input: str  # file, directory or glob; local or any filesystem Ray Data supports (s3://, gs://, ...)
     output: str  # a file (with an extension) or a directory (without one)
     task: Task = "generate"
     input_format: Format | None = None  # default: from the input's extension
     output_format: Format | None = None  # default: from the output's extension, else jsonl
-    model: str = "gemma-3-270m"  # a named model, an HF directory or a .gguf (classify: a classifier HF directory)
     tokenizer: str | None = None  # default: `model`
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    device: Literal["cpu", "cuda"] = "cpu"  # cuda: one GPU per rank
-    tp_size: int = Field(1, ge=1)  # ranks per engine actor: one placement-group bundle each, on one node
     num_cpus: float = Field(1.0, gt=0)  # per rank; on CPU also its torch threads (Ray sets OMP_NUM_THREADS)
     concurrency: int | tuple[int, int] = 1  # engine actors: N, or (MIN, MAX) for an autoscaling pool
     cpu_concurrency: int | tuple[int, int] = 1  # tokenize and detokenize actors, each
     batch_size: int = Field(128, ge=1)  # rows per engine call; above max_num_seqs so the engine stays full
-    max_num_seqs: int = Field(32, ge=1)
-    max_model_len: int | None = Field(4096, ge=2)  # prompt + output tokens; longer rows get an error
-    max_num_batched_tokens: int = Field(2048, ge=1)
-    kv_cache_memory: int | str = "1GiB"
-    block_size: int = Field(16, ge=1)
-    enable_prefix_caching: bool = True
-    seed: int = 0  # of the engine's generator (rows without a sampling seed)
-    cpu_matmul: Literal["auto", "kernel", "fp32", "torch"] = "auto"  # see gemma.engine.EngineConfig
-    enforce_eager: bool = False  # True: no CUDA graphs for decode steps (see gemma.engine.EngineConfig)
     sampling_params: dict[str, Any] = {}  # defaults for every row (SamplingParams fields); rows override them
     classifier_batch_size: int = Field(16, ge=1)  # rows per classifier forward
     return_token_ids: bool = False  # add `completion_token_ids` to generate/chat output
@@ -114,9 +105,6 @@ class BatchArgs(BaseModel):
 
         SamplingParams.model_validate(self.sampling_params)  # a bad default fails the job now, not every row
         return self
-
-    def engine_args(self) -> EngineArgs:
-        return EngineArgs(**self.model_dump(include=set(EngineArgs.model_fields)))
 
 
 class BatchSummary(BaseModel):
@@ -219,12 +207,13 @@ def build_dataset(args: BatchArgs, tally: Any = None, placement: _TPPlacement | 
         )
     else:
         remote_args_fn = placement if args.tp_size > 1 else None
+        engine = args.model_dump(include=set(ServingEngineConfig.model_fields))
         with warnings.catch_warnings():
             # ray_remote_args_fn is deprecated in Ray 2.60 with no replacement yet for a placement group per actor;
             # Ray's own LLM batch processor (ray.llm) places its TP engines the same way
             warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*")
             ds = ds.map_batches(
-                GenerateStage, fn_constructor_args=(args.engine_args().model_dump(), tally),
+                GenerateStage, fn_constructor_args=(engine, tally),
                 batch_format="pandas", batch_size=args.batch_size, num_cpus=args.num_cpus, num_gpus=gpus,
                 compute=_pool(args.concurrency), ray_remote_args_fn=remote_args_fn,
             )
@@ -323,38 +312,47 @@ def _concurrency(text: str) -> int | tuple[int, int]:
 
 
 def parse_args(argv: list[str] | None = None) -> BatchArgs:
-    p = argparse.ArgumentParser(prog="python -m deployments.batch", description=__doc__.split("\n\n")[0])
+    # a flag left out is left out of BatchArgs too, so every default is the field's (shown by --help)
+    p = argparse.ArgumentParser(prog="python -m deployments.batch", description=__doc__.split("\n\n")[0],
+                                argument_default=argparse.SUPPRESS)
+
+    def add(flag: str, help: str = "", **kwargs: Any) -> None:
+        default = BatchArgs.model_fields[flag.removeprefix("--").replace("-", "_")].default
+        if default is not None:
+            help = f"{help}; default: {default}" if help else f"default: {default}"
+        p.add_argument(flag, help=help, **kwargs)
+
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--task", choices=["generate", "chat", "classify"], default="generate")
-    p.add_argument("--input-format", choices=["jsonl", "parquet", "csv"])
-    p.add_argument("--output-format", choices=["jsonl", "parquet", "csv"])
-    p.add_argument("--model", default="gemma-3-270m")
-    p.add_argument("--tokenizer")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--tp-size", type=int, default=1)
-    p.add_argument("--num-cpus", type=float, default=1.0, help="per rank (CPU: also its torch threads)")
-    p.add_argument("--concurrency", type=_concurrency, default=1, help="engine actors: N or MIN,MAX (autoscaling)")
-    p.add_argument("--cpu-concurrency", type=_concurrency, default=1, help="tokenize / detokenize actors: N or MIN,MAX")
-    p.add_argument("--batch-size", type=int, default=128, help="rows per engine call")
-    p.add_argument("--max-num-seqs", type=int, default=32)
-    p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--kv-cache-memory", default="1GiB")
+    add("--task", choices=["generate", "chat", "classify"])
+    add("--input-format", "default: from --input's extension", choices=["jsonl", "parquet", "csv"])
+    add("--output-format", "default: from --output's extension, else jsonl", choices=["jsonl", "parquet", "csv"])
+    add("--model")
+    add("--tokenizer", "default: --model")
+    add("--dtype", choices=["float32", "bfloat16", "float16"])
+    add("--device", choices=["cpu", "cuda"])
+    add("--tp-size", type=int)
+    add("--num-cpus", "per rank (CPU: also its torch threads)", type=float)
+    add("--concurrency", "engine actors: N or MIN,MAX (autoscaling)", type=_concurrency)
+    add("--cpu-concurrency", "tokenize / detokenize actors: N or MIN,MAX", type=_concurrency)
+    add("--batch-size", "rows per engine call", type=int)
+    add("--max-num-seqs", type=int)
+    add("--max-model-len", "default: the model's positions, at most 8192", type=int)
+    add("--kv-cache-memory")
     p.add_argument("--max-tokens", type=int, help="default: SamplingParams' (vLLM's), 16")
     p.add_argument("--temperature", type=float, help="default: SamplingParams' (vLLM's), 1.0; 0 = greedy")
     p.add_argument("--top-p", type=float)
     p.add_argument("--top-k", type=int)
     p.add_argument("--seed", type=int, help="sampling seed of every row (rows may override it)")
     p.add_argument("--stop", action="append", help="a stop string (repeatable)")
-    p.add_argument("--sampling-params", type=json.loads, default={}, help="JSON object of more SamplingParams defaults")
+    p.add_argument("--sampling-params", type=json.loads, help="JSON object of more SamplingParams defaults")
     p.add_argument("--return-token-ids", action="store_true", help="add completion_token_ids to the output")
     p.add_argument("--no-preserve-order", dest="preserve_order", action="store_false")
     a = vars(p.parse_args(argv))
-    sampling = dict(a.pop("sampling_params"))
+    sampling = dict(a.pop("sampling_params", {}))
     for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop"):
-        if (value := a.pop(name)) is not None:
-            sampling[name] = value
+        if name in a:
+            sampling[name] = a.pop(name)
     return BatchArgs(**a, sampling_params=sampling)
 
 

@@ -172,10 +172,10 @@ class GenerateStage:
     the engine until all finish: continuous batching within the batch, up to `max_num_seqs` at once."""
 
     def __init__(self, engine_args: dict[str, Any], tally: Any = None) -> None:
-        from deployments.model import EngineArgs, build_engine
+        from deployments.model import ServingEngineConfig, load_engine
 
-        # the stage steps the engine itself (no stream to serve): in this actor's process
-        self.engine = build_engine(EngineArgs.model_validate({**engine_args, "engine_process": False})).engine
+        # the stage steps the engine itself (no stream to serve): in this actor's process, on the thread that steps it
+        self.engine = torch_thread.call(load_engine, ServingEngineConfig.model_validate(engine_args))
         self._ids = count()
         _ready(tally)
 

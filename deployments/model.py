@@ -1,10 +1,15 @@
-"""The model deployment: one replica is one tensor-parallel group serving an `AsyncLLMEngine`.
+"""The model deployment: one replica is one tensor-parallel group serving an `AsyncEngine`.
 
 A plain class (Serve options are applied in deployments/app.py). The engine is injected, or built from
 `EngineArgs`: at tp_size 1 in a child process of the replica (`engine_process`, gemma.engine.engine_process: the
 replica's per-token streaming work then never holds the GIL its steps need); with `tp_size > 1` this replica is
-rank 0 and ranks 1..N-1 are Ray actors in its placement group (deployments/tp_workers.py). `generate` streams the engine's outputs; a caller that goes away (an HTTP client
-disconnecting cancels the call) aborts its request and frees its KV blocks.
+rank 0 and ranks 1..N-1 are Ray actors in its placement group (deployments/tp_workers.py). `generate` streams the
+engine's outputs; a caller that goes away (an HTTP client disconnecting cancels the call) aborts its request and
+frees its KV blocks.
+
+`ServingEngineConfig` is the engine's part of every Ray entry point's args (`EngineArgs` here, `AppArgs`,
+`BatchArgs`): gemma.engine's `LoadConfig` and `EngineConfig` fields, flat as vLLM's engine arguments are, with the
+two serving defaults it names.
 
 Metrics (deployments/metrics.py, tagged with `served_model_name`): token counters and the per-request
 histograms are recorded from each output `generate` streams, with the engine's own timestamps. The engine's
@@ -24,52 +29,49 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from deployments.metrics import EngineGauges, Metrics, RequestRecorder
 from deployments.replica_logs import to_replica_log
-from gemma.engine import AsyncLLMEngine, EngineConfig, LLMEngine, RequestOutput
-from gemma.engine.async_engine import rss_bytes
-from gemma.engine.engine_process import AsyncEngineProcess
+from gemma.engine import (
+    AsyncEngine,
+    AsyncEngineProcess,
+    AsyncLLMEngine,
+    EngineConfig,
+    LLMEngine,
+    LoadConfig,
+    RequestOutput,
+)
+from gemma.engine.config import DType
 from gemma.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 
-class EngineArgs(BaseModel):
-    """What a model replica loads and the limits of its engine."""
+class ServingEngineConfig(EngineConfig, LoadConfig):
+    """What one engine of a deployment or batch job loads, and its limits: the fields of gemma.engine's `LoadConfig`
+    and `EngineConfig` (documented there), with these serving defaults."""
 
-    model_config = ConfigDict(extra="forbid")
+    # the library computes in float32 (the reference implementations' numbers); a server takes bfloat16: half the
+    # weight bytes to hold, and to read in every decode step
+    dtype: DType = "bfloat16"
+    # named, not detected: it decides whether a replica reserves GPUs from Ray (one per rank); Ray then shows each
+    # GPU actor one device
+    device: Literal["cpu", "cuda"] = "cpu"
 
-    model: str = "gemma-3-270m"  # a named model, an HF directory or a .gguf file
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    device: str = "cpu"  # "cuda": every rank on the one GPU Ray gives its actor
-    tp_size: int = Field(1, ge=1)  # ranks per replica; one placement-group bundle each
-    max_num_seqs: int = Field(32, ge=1)
-    max_model_len: int | None = Field(4096, ge=2)
-    max_num_batched_tokens: int = Field(2048, ge=1)
-    kv_cache_memory: int | str = "1GiB"
-    block_size: int = Field(16, ge=1)
-    enable_prefix_caching: bool = True
-    seed: int = 0
-    cpu_matmul: Literal["auto", "kernel", "fp32", "torch"] = "auto"  # see gemma.engine.EngineConfig
-    enforce_eager: bool = False  # True: no CUDA graphs for decode steps (see gemma.engine.EngineConfig)
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(**self.model_dump(include=set(EngineConfig.model_fields)))
+
+
+class EngineArgs(ServingEngineConfig):
+    """What a model replica loads, the limits of its engine and where the engine steps."""
+
     # the engine steps in a child process of the replica (gemma.engine.engine_process), so streaming tokens to
     # callers never holds up a step; tensor-parallel replicas keep rank 0 in the replica's own process
     engine_process: bool = True
 
-    def engine_config(self) -> EngineConfig:
-        return EngineConfig(**self.model_dump(exclude={"model", "dtype", "device", "tp_size", "engine_process"}))
 
-
-def build_engine(args: EngineArgs) -> AsyncLLMEngine:
-    """Load the model: in a child process (`engine_process`, tp_size 1), or here as rank 0 with ranks 1..N-1 as Ray
-    actors in this replica's placement group."""
-    # Ray gives each GPU actor one visible device: every rank's device is cuda:0 in its own process.
-    device = "cuda:0" if args.device == "cuda" else args.device
-    if args.engine_process and args.tp_size == 1:
-        return AsyncEngineProcess(functools.partial(
-            LLMEngine.from_pretrained, args.model, args.dtype, device, 1, args.engine_config()))
+def load_engine(args: ServingEngineConfig) -> LLMEngine:
+    """Load the model and its engine in this process; with `tp_size > 1` this process is rank 0 and ranks 1..N-1 are
+    Ray actors in its placement group. Call it on the thread that will step the engine (gemma.torch_thread)."""
     launcher, host = None, "127.0.0.1"
     if args.tp_size > 1:
         import ray
@@ -78,13 +80,26 @@ def build_engine(args: EngineArgs) -> AsyncLLMEngine:
 
         launcher, host = RayActorLauncher, ray.util.get_node_ip_address()
     kwargs = {"launcher": launcher} if launcher is not None else {}
-    return AsyncLLMEngine.from_engine_factory(lambda: LLMEngine.from_pretrained(
-        args.model, args.dtype, device, args.tp_size, args.engine_config(), host=host, **kwargs))
+    return LLMEngine.from_pretrained(
+        args.model, args.dtype, _device(args), args.tp_size, args.engine_config(), host=host, **kwargs)
+
+
+def build_engine(args: EngineArgs) -> AsyncEngine:
+    """The replica's engine: in a child process (`engine_process`, tp_size 1), or stepped here (`load_engine`)."""
+    if args.engine_process and args.tp_size == 1:
+        return AsyncEngineProcess(functools.partial(
+            LLMEngine.from_pretrained, args.model, args.dtype, _device(args), 1, args.engine_config()))
+    return AsyncLLMEngine.from_engine_factory(functools.partial(load_engine, args))
+
+
+def _device(args: ServingEngineConfig) -> str:
+    # Ray gives each GPU actor one visible device: every rank's device is cuda:0 in its own process.
+    return "cuda:0" if args.device == "cuda" else args.device
 
 
 class ModelDeployment:
     def __init__(
-        self, args: EngineArgs | dict[str, Any] | None = None, engine: AsyncLLMEngine | None = None,
+        self, args: EngineArgs | dict[str, Any] | None = None, engine: AsyncEngine | None = None,
         served_model_name: str | None = None, metrics: Metrics | None = None, stats_interval_s: float = 1.0,
     ) -> None:
         to_replica_log()
@@ -121,10 +136,7 @@ class ModelDeployment:
 
     async def stats(self) -> dict[str, Any]:
         """The engine's counters; `rss_bytes` is the resident memory of this replica and its engine's process."""
-        stats = self.engine.stats()
-        if isinstance(self.engine, AsyncEngineProcess):
-            stats["rss_bytes"] = (stats["rss_bytes"] or 0) + (rss_bytes() or 0)
-        return stats
+        return self.engine.stats()
 
     async def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy and Serve replaces it."""

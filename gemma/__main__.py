@@ -9,11 +9,12 @@ import argparse
 import logging
 import sys
 import time
+from typing import get_args
 
 import torch
 
+from gemma.engine.config import DType, LoadConfig
 from gemma.weights import DTYPES
-
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gemma", description="Gemma in PyTorch")
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="stream a continuation of a prompt")
-    gen.add_argument("--model", default="gemma-3-270m", help="a named model, an HF checkpoint directory or a .gguf")
+    load = LoadConfig()  # the library's defaults, as LLM and LLMEngine.from_pretrained take them
+    gen.add_argument("--model", default=load.model, help="a named model, an HF checkpoint directory or a .gguf")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
     gen.add_argument("--max-tokens", type=int, default=64)
@@ -74,11 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-k", type=int, default=64)
     gen.add_argument("--top-p", type=float, default=0.95)
     gen.add_argument("--seed", type=int)
-    gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    gen.add_argument("--dtype", choices=get_args(DType), default=load.dtype)
+    gen.add_argument("--device", default=load.device, help="default: cuda when available, else cpu")
     args = parser.parse_args(argv)
     if args.max_tokens < 1 or args.temperature < 0:
         parser.error("--max-tokens must be >= 1 and --temperature >= 0")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     return generate(args)
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence as Seq
-from typing import Literal
+from typing import Any
 
 from tqdm import tqdm
 
-from gemma.engine.llm_engine import EngineConfig, LLMEngine
+from gemma.engine.config import EngineConfig, LoadConfig
+from gemma.engine.llm_engine import LLMEngine
 from gemma.engine.outputs import RequestOutput
 from gemma.sampling import SamplingParams
 
@@ -22,30 +23,18 @@ Prompt = str | list[int]
 
 
 class LLM:
-    """A model, its tokenizer and an engine; `generate` runs a list of prompts to completion."""
+    """A model, its tokenizer and an engine; `generate` runs a list of prompts to completion.
 
-    def __init__(
-        self,
-        model: str | os.PathLike,
-        dtype: str = "float32",
-        device: str | None = None,
-        tp_size: int = 1,
-        max_num_seqs: int = 64,
-        max_model_len: int | None = None,
-        kv_cache_memory: int | str = "1GiB",
-        max_num_batched_tokens: int = 2048,
-        block_size: int = 16,
-        enable_prefix_caching: bool = True,
-        seed: int = 0,
-        cpu_matmul: Literal["auto", "kernel", "fp32", "torch"] = "auto",
-        enforce_eager: bool = False,
-    ) -> None:
-        config = EngineConfig(
-            max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
-            max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
-            enable_prefix_caching=enable_prefix_caching, seed=seed, cpu_matmul=cpu_matmul, enforce_eager=enforce_eager,
-        )
-        self.engine = LLMEngine.from_pretrained(str(model), dtype, device, tp_size, config)
+    `settings` are the fields of `LoadConfig` (dtype, device, tp_size) and `EngineConfig` (max_num_seqs,
+    max_model_len, kv_cache_memory, ...), with their defaults and comments there; an unknown name is an error that
+    names it.
+    """
+
+    def __init__(self, model: str | os.PathLike, **settings: Any) -> None:
+        load = LoadConfig.model_validate(
+            {"model": str(model)} | {k: v for k, v in settings.items() if k in LoadConfig.model_fields})
+        config = EngineConfig.model_validate({k: v for k, v in settings.items() if k not in LoadConfig.model_fields})
+        self.engine = LLMEngine.from_pretrained(load.model, load.dtype, load.device, load.tp_size, config)
         self.tokenizer, self.model = self.engine.tokenizer, self.engine.model
         self._counter = 0
 

@@ -1,15 +1,19 @@
-"""`AsyncLLMEngine`: the engine behind a server. Steps run in the background while requests stream.
+"""The engine behind a server: `AsyncEngine`, the interface, and `AsyncLLMEngine`, its in-process implementation.
 
     async for out in engine.generate(prompt_token_ids, params, request_id):
         ...  # out.outputs[0].new_token_ids / new_text, out.metrics; out.finished on the last one
 
-The steps run back to back on the process's PyTorch thread (gemma.torch_thread; PyTorch releases the GIL), and
-the event loop only hands each step's outputs to the requests' queues: streaming them on, however costly, overlaps
-the next step instead of delaying it. Adds and aborts are queued for that thread to make between two steps (the
-engine's state changes there only). Load the engine on that same thread (`AsyncLLMEngine.from_engine_factory`, or
-`torch_thread.call`): CPU kernels run on an OpenMP team per calling thread, and a second team makes every step
-~1.5x slower (gemma.torch_thread's doc has the figures). `gemma.engine.engine_process.AsyncEngineProcess` is the
-same interface over an engine in a child process, for servers whose own per-token work would hold the GIL.
+`AsyncEngine` is what a server uses (deployments/model.py types against it): `generate`, `abort`, `info`, `stats`,
+`check_health`, `shutdown`, `close`. It owns the per-request streams; its two implementations own the stepping:
+`AsyncLLMEngine` here steps an `LLMEngine` in this process, `gemma.engine.engine_process.AsyncEngineProcess` one
+in a child process, for servers whose own per-token work would hold the GIL.
+
+In `AsyncLLMEngine` the steps run back to back on the process's PyTorch thread (gemma.torch_thread; PyTorch
+releases the GIL), and the event loop only hands each step's outputs to the requests' queues: streaming them on,
+however costly, overlaps the next step instead of delaying it. Adds and aborts are queued for that thread to make
+between two steps (the engine's state changes there only). Load the engine on that same thread
+(`AsyncLLMEngine.from_engine_factory`, or `torch_thread.call`): CPU kernels run on an OpenMP team per calling
+thread, and a second team makes every step ~1.5x slower (gemma.torch_thread's doc has the figures).
 
 A consumer slower than the steps gets one output for the steps it missed (`merge_outputs`: the latest state, the
 deltas of all of them), not a backlog of one per token: a server streams as fast as it can pass messages on.
@@ -26,6 +30,7 @@ import functools
 import logging
 import os
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -43,10 +48,112 @@ class EngineStepError(RuntimeError):
     """The model step that carried this request failed."""
 
 
-class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
+class AsyncEngine(ABC):
+    """An engine that steps in the background while its requests stream (see the module doc).
+
+    The per-request streams live here. An implementation makes the engine's calls (`_add_request`,
+    `_abort_request`) and hands each step's outputs to `_deliver`, and a failed step's requests to `_deliver_error`.
+    """
+
+    def __init__(self) -> None:
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}  # the event loop's alone
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams | None, request_id: str, prompt: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream the request's outputs as tokens are produced; the last one has `finished=True`."""
+        if request_id in self._queues:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._queues[request_id] = queue  # before the add: the step right after it may already have an output
+        try:  # raises ValueError (and queues nothing) when the request cannot be served
+            await self._add_request(request_id, prompt_token_ids, params, time.monotonic(), prompt)
+        except BaseException as exc:
+            self._queues.pop(request_id, None)
+            if isinstance(exc, asyncio.CancelledError):  # the add may still be made: undo it (calls run in order)
+                await asyncio.shield(self.abort(request_id))
+            raise
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                while isinstance(item, RequestOutput) and not item.finished and not queue.empty():
+                    nxt = queue.get_nowait()  # the consumer fell behind: one output for all the steps it missed
+                    if isinstance(nxt, BaseException):
+                        yield item  # what was produced, then the error
+                        item = nxt
+                        break
+                    item = merge_outputs(item, nxt)
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:  # the consumer left early, was cancelled, or the step failed
+                await asyncio.shield(self.abort(request_id))
+
+    async def abort(self, request_id: str) -> None:
+        """Stop the request and free its KV blocks; its stream ends with the final output. Unknown ids are ignored."""
+        queue = self._queues.pop(request_id, None)
+        out = await self._abort_request(request_id)
+        if queue is not None and out is not None:
+            queue.put_nowait(out)
+
+    @abstractmethod
+    def info(self) -> dict[str, Any]:
+        """What a server tells its clients: max_model_len, vocab_size, tp_size."""
+
+    @abstractmethod
+    def stats(self) -> dict[str, Any]:
+        """The engine's counters now (see `engine_stats`)."""
+
+    @abstractmethod
+    def check_health(self) -> None:
+        """Raise if the engine cannot serve any more (a server replaces the replica then)."""
+
+    @abstractmethod
+    async def shutdown(self) -> None:
+        """Stop stepping; requests still in flight get no more outputs."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release what the engine holds (worker processes); it cannot step afterwards. Idempotent."""
+
+    @abstractmethod
+    async def _add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None, arrival_time: float,
+        prompt: str | None,
+    ) -> None:
+        """`LLMEngine.add_request`, made between two steps; raises its ValueError."""
+
+    @abstractmethod
+    async def _abort_request(self, request_id: str) -> RequestOutput | None:
+        """`LLMEngine.abort_request`, made between two steps (None when nothing steps any more)."""
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            queue = self._queues.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
+                if out.finished:
+                    del self._queues[out.request_id]
+
+    def _deliver_error(self, request_ids: list[str], exc: Exception) -> None:
+        """The failed step's requests get the error; the rest keep going."""
+        for request_id in request_ids:
+            queue = self._queues.pop(request_id, None)
+            if queue is not None:
+                queue.put_nowait(EngineStepError(f"request {request_id} failed in an engine step: {exc}"))
+
+
+class AsyncLLMEngine(AsyncEngine):
+    """An `LLMEngine` stepped on this process's PyTorch thread (see the module doc)."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        super().__init__()
+        self.engine = engine
         # engine calls (add / abort) for the PyTorch thread to make between two steps, each with its future
         self._commands: deque[tuple[str, Callable[[], Any], asyncio.Future]] = deque()
         self._wakeup = asyncio.Event()
@@ -89,61 +196,23 @@ class AsyncLLMEngine:
         if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
             raise RuntimeError(f"the engine loop stopped: {task.exception()!r}")
 
-    async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams | None, request_id: str, prompt: str | None = None
-    ) -> AsyncIterator[RequestOutput]:
-        """Stream the request's outputs as tokens are produced; the last one has `finished=True`."""
-        if request_id in self._queues:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self._queues[request_id] = queue  # before the add: the step right after it may already have an output
-        try:  # raises ValueError (and queues nothing) when the request cannot be served
-            await self._call("add_request", request_id, prompt_token_ids, params, time.monotonic(), prompt)
-        except BaseException as exc:
-            self._queues.pop(request_id, None)
-            if isinstance(exc, asyncio.CancelledError):  # the add may still be made: undo it (calls run in order)
-                await asyncio.shield(self.abort(request_id))
-            raise
-        finished = False
-        try:
-            while True:
-                item = await queue.get()
-                while isinstance(item, RequestOutput) and not item.finished and not queue.empty():
-                    nxt = queue.get_nowait()  # the consumer fell behind: one output for all the steps it missed
-                    if isinstance(nxt, BaseException):
-                        yield item  # what was produced, then the error
-                        item = nxt
-                        break
-                    item = merge_outputs(item, nxt)
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:  # the consumer left early, was cancelled, or the step failed
-                await asyncio.shield(self.abort(request_id))
-
-    async def abort(self, request_id: str) -> None:
-        queue = self._queues.pop(request_id, None)
-        out = await self._abort(request_id)
-        if queue is not None and out is not None:
-            queue.put_nowait(out)
-
     def info(self) -> dict[str, Any]:
-        """What a server tells its clients: max_model_len, vocab_size, tp_size."""
         return engine_info(self.engine)
 
     def stats(self) -> dict[str, Any]:
-        """The engine's counters now (see `engine_stats`)."""
         return engine_stats(self.engine)
 
     def close(self) -> None:
         """Stop the tensor-parallel workers (ranks 1..N-1); the engine cannot step afterwards."""
         self.engine.shutdown()
 
-    async def _abort(self, request_id: str) -> RequestOutput | None:
+    async def _add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None, arrival_time: float,
+        prompt: str | None,
+    ) -> None:
+        await self._call("add_request", request_id, prompt_token_ids, params, arrival_time, prompt)
+
+    async def _abort_request(self, request_id: str) -> RequestOutput | None:
         if self.is_running:
             return await self._call("abort_request", request_id)
         return self.engine.abort_request(request_id)  # nothing steps: the engine is the caller's alone
@@ -204,27 +273,12 @@ class AsyncLLMEngine:
                 continue
             loop.call_soon_threadsafe(self._deliver, outputs)
 
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            queue = self._queues.get(out.request_id)
-            if queue is not None:
-                queue.put_nowait(out)
-                if out.finished:
-                    del self._queues[out.request_id]
-
     def _fail_running(self) -> list[str]:
         """On the PyTorch thread: abort the requests that were in the failed step (their blocks are freed)."""
         failed = [seq.request_id for seq in list(self.engine.scheduler.running)]
         for request_id in failed:
             self.engine.abort_request(request_id)
         return failed
-
-    def _deliver_error(self, request_ids: list[str], exc: Exception) -> None:
-        """The failed step's requests get the error; the rest keep going."""
-        for request_id in request_ids:
-            queue = self._queues.pop(request_id, None)
-            if queue is not None:
-                queue.put_nowait(EngineStepError(f"request {request_id} failed in an engine step: {exc}"))
 
 
 def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

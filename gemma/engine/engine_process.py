@@ -1,4 +1,4 @@
-"""`AsyncEngineProcess`: an `AsyncLLMEngine` whose `LLMEngine` steps in a child process of its own.
+"""`AsyncEngineProcess`: an `AsyncEngine` whose `LLMEngine` steps in a child process of its own.
 
     engine = AsyncEngineProcess(functools.partial(LLMEngine.from_pretrained, "gemma-3-270m", "bfloat16"))
     async for out in engine.generate(prompt_token_ids, params, request_id): ...
@@ -16,8 +16,9 @@ compute (gemma.torch_thread says why that matters). Between steps it makes the c
 message per step, whatever the number of requests. The parent's reader thread hands them to the event loop, and
 its writer thread sends the calls (while the child is mid-step the pipe can fill, and the loop must not wait).
 Everything else (per-request queues, coalescing for slow consumers, aborts when a consumer leaves) is
-`AsyncLLMEngine`'s. The child exits when told to, and by itself when the parent's end of the pipe closes (the
-parent died), so a killed server leaves no engine behind. A dead child fails its requests and `check_health`.
+`AsyncEngine`'s, as for the in-process `AsyncLLMEngine`. The child exits when told to, and by itself when the
+parent's end of the pipe closes (the parent died), so a killed server leaves no engine behind. A dead child fails
+its requests and `check_health`.
 
 Tensor parallelism stays in-process (`AsyncLLMEngine`): ranks 1..N-1 are launched from rank 0's process, which
 here would be the child, and a Ray actor launcher needs a Ray worker process.
@@ -36,8 +37,10 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from gemma.engine.async_engine import AsyncLLMEngine, EngineStepError, engine_info, engine_stats
+from gemma.engine.async_engine import AsyncEngine, EngineStepError, engine_info, engine_stats, rss_bytes
 from gemma.engine.llm_engine import LLMEngine
+from gemma.engine.outputs import RequestOutput
+from gemma.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 START_TIMEOUT_S = 600.0  # loading a model (weights, CUDA graphs, a CPU kernel's first build) can take minutes
@@ -47,15 +50,15 @@ class EngineProcessError(RuntimeError):
     """The engine's process failed to start or died."""
 
 
-class AsyncEngineProcess(AsyncLLMEngine):
-    """`AsyncLLMEngine`'s interface over an engine in a child process (see the module doc).
+class AsyncEngineProcess(AsyncEngine):
+    """An `AsyncEngine` over an engine in a child process (see the module doc).
 
     The constructor blocks until the child has built its engine (raising `EngineProcessError` with the child's
-    traceback if it could not). `engine` is None: state is read through `info()` and `stats()`.
+    traceback if it could not). The engine's state is read through `info()` and `stats()`.
     """
 
     def __init__(self, factory: Callable[[], LLMEngine], start_timeout_s: float = START_TIMEOUT_S) -> None:
-        super().__init__(None)  # type: ignore[arg-type]
+        super().__init__()
         ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or OpenMP state
         self._conn, child_conn = ctx.Pipe()
         self._process = ctx.Process(target=_child_main, args=(child_conn, factory), name="gemma-engine", daemon=True)
@@ -79,16 +82,13 @@ class AsyncEngineProcess(AsyncLLMEngine):
         self._pending: dict[int, asyncio.Future] = {}
         self._dead: str | None = None
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: threading.Thread | None = None
         logger.info("engine process %d ready", self._process.pid)
 
-    # ---- what AsyncLLMEngine asks of its backend ----
+    # ---- AsyncEngine ----
 
-    @property
-    def is_running(self) -> bool:
-        return self._reader is not None and self._dead is None
-
-    def start(self) -> None:
+    def _start_reader(self) -> None:
         if self._reader is None:
             self._loop = asyncio.get_running_loop()
             self._reader = threading.Thread(target=self._read, name="gemma-engine-reader", daemon=True)
@@ -97,14 +97,20 @@ class AsyncEngineProcess(AsyncLLMEngine):
     async def _call(self, name: str, *args: Any) -> Any:
         if self._dead is not None:
             raise EngineProcessError(f"the engine process is gone: {self._dead}")
-        self.start()
+        self._start_reader()
         call_id, self._next_call = self._next_call, self._next_call + 1
         future = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
         self._send(("call", call_id, name, args))
         return await future
 
-    async def _abort(self, request_id: str) -> Any:
+    async def _add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None, arrival_time: float,
+        prompt: str | None,
+    ) -> None:
+        await self._call("add_request", request_id, prompt_token_ids, params, arrival_time, prompt)
+
+    async def _abort_request(self, request_id: str) -> RequestOutput | None:
         if self._dead is not None or self._closed:
             return None
         return await self._call("abort_request", request_id)
@@ -113,7 +119,8 @@ class AsyncEngineProcess(AsyncLLMEngine):
         return dict(self._info)
 
     def stats(self) -> dict[str, Any]:
-        return dict(self._stats)
+        """The engine's counters as of its last message; `rss_bytes` adds this process's memory to the child's."""
+        return {**self._stats, "rss_bytes": (self._stats["rss_bytes"] or 0) + (rss_bytes() or 0)}
 
     def check_health(self) -> None:
         if self._dead is not None or not self._process.is_alive():
