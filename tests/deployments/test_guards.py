@@ -4,7 +4,6 @@ ASGI transport and a raw ASGI driver."""
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
@@ -19,6 +18,7 @@ from tests.helpers.fakes import (
     MetricsRecorder,
     tiny_engine,
 )
+from tests.helpers.waiting import until
 
 from deployments.app import AppArgs
 from deployments.guards import ApiKeys, Limits
@@ -294,14 +294,6 @@ async def test_past_the_timeout_a_request_is_aborted_with_a_408(lm, caplog):
     lines = [r.access for r in access_lines(caplog)]
     assert [(a["status"], a["error"], a["stream"]) for a in lines] == [(408, "timeout", False), (200, "timeout", True)]
     assert lines[1]["output_tokens"] == 1 and lines[1]["finish_reason"] == "abort"
-
-
-async def until(condition, timeout: float = 10.0) -> None:
-    async def poll():
-        while not condition():
-            await asyncio.sleep(0.005)
-
-    await asyncio.wait_for(poll(), timeout)
 
 
 def test_limits_and_app_args_validate():

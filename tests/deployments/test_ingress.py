@@ -18,6 +18,7 @@ from tests.helpers.fakes import (
     RecordingModel,
     tiny_engine,
 )
+from tests.helpers.waiting import until
 from fastapi import FastAPI, Request
 
 from deployments.http_util import in_serve_replica, install, request_id
@@ -524,14 +525,6 @@ class AsgiCall:
         await self.app(self.scope, self.receive, self.send)
 
 
-async def until(condition, timeout: float = 10.0) -> None:  # generous: the test machine is shared
-    async def poll():
-        while not condition():
-            await asyncio.sleep(0.005)
-
-    await asyncio.wait_for(poll(), timeout)
-
-
 @pytest.mark.parametrize("silent", [False, True], ids=["disconnect-message", "failed-write"])
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 async def test_a_client_that_disconnects_cancels_and_aborts_the_generation(lm, path, silent):
@@ -581,7 +574,8 @@ async def test_outputs_that_queue_up_behind_a_slow_reader_go_out_as_one():
     model = GatedModel(before_gate=5, total=5)  # five outputs back to back
     streams = ModelStreams(LocalHandle(model), [[1, 2]], SamplingParams(max_tokens=5), ["r"])
     await streams.start()
-    await asyncio.sleep(0.05)  # the reader is busy elsewhere while the model goes on
+    # the reader is busy elsewhere while the model goes on to its end: every output waits in the streams' queue
+    await until(lambda: all(task.done() for task in streams._tasks), what="the model stream to end unread")
     outs = [out async for _, out in streams.outputs()]
     await streams.close()
     assert len(outs) == 1 and outs[-1].finished and outs[-1].text == "t0 t1 t2 t3 t4 "

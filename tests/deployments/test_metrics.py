@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 from tests.helpers.fakes import MetricsRecorder, tiny_engine
+from tests.helpers.waiting import stream_ended, until
 
 from deployments import metrics as metrics_module
 from deployments.metrics import DEFINITIONS, PREFIX, Metrics
@@ -33,14 +34,6 @@ async def deployment(lm):
 
 async def run(model: ModelDeployment, prompt: list[int], params: SamplingParams, rid: str) -> list:
     return [out async for out in model.generate(prompt, params, rid)]
-
-
-async def until(condition, timeout: float = 10.0) -> None:
-    async def poll():
-        while not condition():
-            await asyncio.sleep(0.005)
-
-    await asyncio.wait_for(poll(), timeout)
 
 
 async def test_tokens_latencies_and_outcomes_match_what_the_engine_produced(deployment):
@@ -67,11 +60,14 @@ async def test_tokens_latencies_and_outcomes_match_what_the_engine_produced(depl
 
 
 async def test_a_consumer_that_falls_behind_still_gets_one_interval_per_step(deployment):
+    ended = stream_ended(deployment.engine, "slow")
+
     async def slow(prompt: list[int]) -> list:
         outs = []
         async for out in deployment.generate(prompt, SamplingParams(max_tokens=7, **GREEDY), "slow"):
             outs.append(out)
-            await asyncio.sleep(0.05)  # several engine steps: the stream coalesces them
+            if len(outs) == 1:  # read on only once the engine has made every step: the stream coalesces them
+                await until(ended.is_set, what="the engine to finish the request")
         return outs
 
     outs = await slow([5, 6, 7])

@@ -10,6 +10,7 @@ import pytest
 import torch
 from tests.helpers.checkpoints import FAMILIES, load_hf, write_hf_checkpoint
 from tests.helpers.tokenizer_fixtures import write_trained_tokenizer_json
+from tests.helpers.waiting import stream_ended, until
 
 from gemma import GemmaForCausalLM, GemmaTokenizer, torch_thread
 from gemma.engine import AsyncLLMEngine, EngineConfig, LLMEngine
@@ -222,10 +223,7 @@ def test_async_streaming_equals_non_streaming_and_abort_frees(model, tokenizer):
 
         await leave_early()
         # a plain `break` leaves the generator to asyncio's finalizer hook, which closes it (and aborts) shortly
-        for _ in range(100):
-            if not engine.engine.has_unfinished_requests():
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: not engine.engine.has_unfinished_requests(), what="the request left early to be aborted")
         with pytest.raises(ValueError, match="max_model_len"):
             async for _ in engine.generate([10] * 10000, SamplingParams(), "too-long"):
                 pass
@@ -247,22 +245,26 @@ def test_a_slow_consumer_gets_one_output_for_the_steps_it_missed(model, tokenize
     async def main(fail_at: int | None):
         llm = LLMEngine(model, tokenizer, EngineConfig(block_size=4))
         step, calls = llm.step, []
+        first_read = threading.Event()  # step 2 waits for it: the first output carries step 1's token alone
 
         def counted_step():
             calls.append(1)
+            if len(calls) == 2 and not first_read.wait(10):
+                raise TimeoutError("the consumer never read its first output")
             if len(calls) == fail_at:
                 raise RuntimeError("boom")
             return step()
 
         llm.step = counted_step
         engine = AsyncLLMEngine(llm)
+        ended = stream_ended(engine, "slow")
         outs, error = [], None
         try:
             async for out in engine.generate(prompt, SamplingParams(max_tokens=8, **GREEDY), "slow"):
                 outs.append(out)
-                while len(outs) == 1 and len(calls) < (fail_at or 8):  # fall behind the engine's steps
-                    await asyncio.sleep(0.005)
-                await asyncio.sleep(0.05)
+                if len(outs) == 1:  # fall behind: read on only once the engine has made its last step for us
+                    first_read.set()
+                    await until(ended.is_set, what="the engine to end the request")
         except EngineStepError as exc:
             error = exc
         await engine.shutdown()

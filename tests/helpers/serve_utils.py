@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
+
+from tests.helpers.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 # small replicas for a 2-core machine: every rank gets one logical CPU (and so one torch thread)
@@ -26,11 +27,14 @@ def app_config(
     base = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]
     app = copy.deepcopy(base)
     app.update(name=name, route_prefix=route_prefix)
-    app["args"] = {**app["args"], **args}
+    # the shipped classifier preset is made from the real 270M: a test opts in with a tiny classifier_model
+    app["args"] = {**app["args"], "classifier_model": None, **args}
     overrides = copy.deepcopy(SMALL)
     overrides["model"]["placement_group_bundles"] = [{"CPU": 1}] * app["args"].get("tp_size", 1)
-    if app["args"].get("classifier_model"):
-        app["deployments"].append({"name": "classifier", "ray_actor_options": {"num_cpus": 1}})
+    if app["args"]["classifier_model"]:
+        overrides["classifier"] = {"ray_actor_options": {"num_cpus": 1}}
+    else:  # Serve refuses options for a deployment the app lacks
+        app["deployments"] = [d for d in app["deployments"] if d["name"] != "classifier"]
     for dep_name, options in (deployments or {}).items():
         overrides.setdefault(dep_name, {}).update(options)
     for dep in app["deployments"]:
@@ -57,16 +61,6 @@ def deploy(*apps: dict[str, Any], timeout_s: float = 180.0) -> None:
         return all(n in status and status[n].status == "RUNNING" for n in names)
 
     wait_for(running, timeout_s, "apps to be RUNNING")
-
-
-def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def running_replicas(app: str, deployment: str) -> int:

@@ -14,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.helpers.serve_utils import app_config, deploy, wait_for
+from tests.helpers.serve_utils import app_config, deploy
+from tests.helpers.waiting import wait_for
 
 pytest.importorskip("ray")
 

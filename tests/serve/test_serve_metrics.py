@@ -10,7 +10,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tests.helpers.serve_utils import app_config, deploy, wait_for
+from tests.helpers.serve_utils import app_config, deploy
+from tests.helpers.waiting import wait_for
 
 pytest.importorskip("ray")
 prometheus_parser = pytest.importorskip("prometheus_client.parser")

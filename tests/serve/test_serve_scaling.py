@@ -13,9 +13,11 @@ import httpx
 import pytest
 
 from tests.helpers.loadgen import Load, tally
-from tests.helpers.serve_utils import app_config, deploy, running_replicas, wait_for
+from tests.helpers.serve_utils import app_config, deploy, running_replicas
+from tests.helpers.waiting import wait_for
 
 pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # autoscaling and a killed worker: minutes each (make test-all)
 
 APP = "scale"
 AUTOSCALING = {
@@ -71,7 +73,8 @@ def test_model_autoscales_up_under_load_and_back_down(scale_app):
     load = Load(f"{scale_app}/{APP}", workers=6, kinds=("completion_stream",), max_tokens=48)
     try:
         wait_for(lambda: sample() >= 2, 90, "a second model replica under load")
-        time.sleep(2)
+        ok_at_up = tally(load.snapshot())["ok"]  # then load on both replicas: a request per client served
+        wait_for(lambda: tally(load.snapshot())["ok"] >= ok_at_up + load.workers, 60, "requests served by two replicas")
         sample()
     finally:
         outcomes = tally(load.stop())
@@ -92,7 +95,7 @@ def test_killed_tp_worker_is_replaced_while_the_other_replica_serves(scale_app, 
 
     wait_for(lambda: len(alive_workers()) == 2, 60, "a TP worker per replica")
     load = Load(f"{scale_app}/{APP}", workers=4, kinds=("completion_stream",), max_tokens=32)
-    time.sleep(2)
+    wait_for(lambda: tally(load.snapshot())["ok"] >= load.workers, 60, "the load to be served before the kill")
     victim = alive_workers()[0]
     ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]))
     killed_at = time.monotonic()
@@ -104,7 +107,8 @@ def test_killed_tp_worker_is_replaced_while_the_other_replica_serves(scale_app, 
 
     wait_for(recovered, 120, "Serve to replace the replica whose TP worker died")
     recovery_s = time.monotonic() - killed_at
-    time.sleep(2)
+    ok_at_recovery = tally(load.snapshot())["ok"]
+    wait_for(lambda: tally(load.snapshot())["ok"] > ok_at_recovery, 60, "a request served after the recovery")
     outcomes = tally(load.stop())
     print(f"\nTP worker killed: replica replaced in {recovery_s:.1f} s; requests {dict(outcomes)} "
           f"({outcomes['ok'] - ok_at_kill} ok after the kill)")
