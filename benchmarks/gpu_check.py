@@ -1,4 +1,4 @@
-"""One prepared script for a lent GPU (finishes in under 5 minutes on an H100 / H200); CI never needs it.
+"""One short script for a GPU machine (finishes in under 5 minutes on an H100 / H200); CI never needs it.
 
     python benchmarks/gpu_check.py [--out DIR] [--time-cap 20] [--skip-transformers]   # on CUDA
     python benchmarks/gpu_check.py --device cpu --tiny                                  # the same logic, tiny shapes
@@ -16,7 +16,7 @@ normal(0, 0.02) init; `--tiny` shrinks every width to a few dozen), it checks an
    (`enforce_eager`) at 1 and 64, next to our static generate and transformers (same weights, loaded from our
    state dict) one request at a time, transformers' static batch of the c=64 requests, and the
    memory-bandwidth bound.
-A stage that raises is reported as failed and the script goes on (one device session has no time for reruns).
+A stage that raises is reported as failed and the script goes on (one run reports every stage it can).
 Prints one report with the device name and writes gpu_check-<device>.json to --out.
 """
 
@@ -141,7 +141,7 @@ def main() -> None:
     p.add_argument("--time-cap", type=float, default=None, help="seconds per level (default 20; 5 with --tiny)")
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--budget", type=float, default=330.0,
-                   help="seconds: a benchmark stage that would start later is skipped (the device session is short)")
+                   help="seconds: a benchmark stage that would start later is skipped (a GPU run has a fixed time budget)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
     start = time.monotonic()

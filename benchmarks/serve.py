@@ -34,7 +34,7 @@ directory, max(2, c) requests at level c, 16-32 output tokens; results go to *-q
 
 `--device cuda` runs the model on the node's GPU in both phases (the replica gets `num_gpus: 1` in a
 `{CPU: threads, GPU: 1}` bundle); `--random-weights PRESET` (for a machine without the model's files, such as a
-lent GPU node) serves random weights of that preset's shapes (`GemmaConfig.from_preset`) with a word-level
+bare GPU node) serves random weights of that preset's shapes (`GemmaConfig.from_preset`) with a word-level
 tokenizer of its vocabulary, written to a temporary directory.
 """
 
@@ -162,6 +162,8 @@ def serve_app_config(app_args: AppArgs, threads: int) -> tuple[dict, dict]:
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     app = copy.deepcopy(config["applications"][0])
     app["args"] = {**app["args"], **app_args.model_dump()}
+    # Serve refuses options for a deployment the app lacks: no classifier_model, no classifier entry
+    app["deployments"] = [d for d in app["deployments"] if d["name"] != "classifier" or app_args.classifier_model]
     for dep in app["deployments"]:
         dep.pop("autoscaling_config", None)
         dep["num_replicas"] = 1
@@ -413,6 +415,7 @@ def main() -> None:
             model=str(path), served_model_name=name, dtype=args.dtype, seed=args.seed,
             max_num_seqs=args.max_num_seqs or max(32, *levels), kv_cache_memory=args.kv_cache_memory,
             max_model_len=2048 if args.quick else 4096, device=args.device,
+            classifier_model=None,  # generation is what is measured: no second copy of the model beside it
         )
         sets = {c: make_requests(per_level(c), vocab, args.seed * 1000 + c, args.prompt_len, args.max_tokens)
                 for c in levels}
