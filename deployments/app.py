@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import Field, SecretStr, field_validator, model_validator
 from ray import serve
 from ray.serve import Application
 
@@ -24,29 +25,29 @@ from deployments.guards import Limits
 from deployments.ingress import Ingress
 from deployments.model import EngineArgs, ModelDeployment
 from deployments.tokenizer import TokenizerDeployment
+from gemma.label_words import check_template
 
 
-# Ray Serve's lower-overhead request path (part of Ray's own RAY_SERVE_THROUGHPUT_OPTIMIZED=1, without its experimental
-# proxy-less ingress): handles talk gRPC to the replicas they call, and each replica runs our code and its router on
-# its main event loop instead of extra threads and loops (every blocking call of ours already runs off the loop, on
-# gemma.torch_thread). Read when a Ray process starts, so set it where Ray starts on every node (cluster/, `make
-# serve`, the tests' and benchmarks' local clusters) for the proxies; serve_config.yaml's runtime_env also sets it
-# for the app's replicas wherever Ray was started without it. Measured on 2 cores (tiny model, time to the first
-# streamed token through HTTP, p50): Serve's defaults 46-49 ms, replicas only 33-45 ms, every process 29-34 ms.
-#
-# The last two make Serve's own periodic work rarer: the controller's control loop every 0.5 s instead of 0.1 s
-# (autoscaling decisions follow seconds-long delays anyway) and each replica's export of its request metrics every
-# 1 s instead of 0.1 s (Prometheus scrapes every 10-15 s). On a node where the model's threads fill the cores every
-# wake-up of these loops preempts one of them and stalls a step. Measured with the real 270M streaming one request
-# at a time (2 cores): the controller's CPU went from 4.9% to 1.9% of a core, and the inter-token latency through
-# Serve from 42.8 to 36.3 ms (engine alone: ~31 ms).
-SERVE_ENV = {
-    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
-    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
-}
+SERVE_ENV_FILE = Path(__file__).with_name("serve.env")
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The KEY=VALUE lines of `path` (blank lines and # comments skipped): the dotenv subset that sh and make read
+    the same way."""
+    env = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"{path}:{n}: expected KEY=VALUE, got {line!r}")
+        env[key] = value
+    return env
+
+
+# Ray Serve's lower-overhead request path and quieter periodic work: deployments/serve.env says what and why
+SERVE_ENV = read_env_file(SERVE_ENV_FILE)
 
 
 @contextmanager
@@ -65,28 +66,21 @@ def serve_env() -> Iterator[None]:
                 os.environ[k] = v
 
 
-class AppArgs(BaseModel):
-    """Everything `build_app` takes (the `args:` of serve_config.yaml); unknown keys are errors."""
+class AppArgs(EngineArgs):
+    """Everything `build_app` takes (the `args:` of serve_config.yaml); unknown keys are errors.
 
-    model_config = ConfigDict(extra="forbid")
+    The model replicas' settings (model, dtype, device, tp_size, max_num_seqs, kv_cache_memory, ...) are
+    `EngineArgs`' fields, declared once in gemma.engine's `LoadConfig` and `EngineConfig`; the model is never taken
+    from a request. The fields below are the app's own."""
 
-    model: str = "gemma-3-270m"  # a named model, an HF directory or a .gguf; never taken from a request
     served_model_name: str | None = None  # the name clients send as "model"; default: `model`
     tokenizer: str | None = None  # where the tokenizer comes from; default: `model`
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    device: Literal["cpu", "cuda"] = "cpu"
-    tp_size: int = Field(1, ge=1)  # ranks per model replica (one placement-group bundle, one GPU each)
-    max_num_seqs: int = Field(32, ge=1)  # sequences one replica runs at once
-    max_model_len: int | None = Field(4096, ge=2)  # prompt + output tokens
-    max_num_batched_tokens: int = Field(2048, ge=1)  # tokens per engine step (longer prompts are chunked)
-    kv_cache_memory: int | str = "1GiB"  # KV pool per replica
-    block_size: int = Field(16, ge=1)
-    enable_prefix_caching: bool = True
-    seed: int = 0
-    cpu_matmul: Literal["auto", "kernel", "fp32", "torch"] = "auto"  # half-precision matmuls on CPUs without native bf16
-    enforce_eager: bool = False  # on a GPU at tp_size 1 decode steps replay as CUDA graphs; True turns them off
-    engine_process: bool = True  # the engine steps in a child process of the replica (tp_size 1): see gemma.engine.engine_process
-    classifier_model: str | None = None  # a GemmaForSequenceClassification HF directory; None: no /v1/classify
+    # /v1/classify: a label-word preset (gemma.label_words.CLASSIFIER_PRESETS), a GemmaForSequenceClassification HF
+    # directory, or with classifier_labels a causal LM (named, HF directory, .gguf); None: no classifier, no /v1/classify
+    classifier_model: str | None = "gemma-3-270m-sentiment"
+    # label -> one-token label word (" positive"): a classifier from classifier_model's LM head, no training
+    classifier_labels: dict[str, str] | None = None
+    classifier_template: str | None = None  # with classifier_labels: the prompt, `{text}` marks where the input goes
     served_classifier_name: str | None = None  # the classifier's name in /v1/models and /v1/classify; default: its path
     classifier_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     classifier_max_batch_size: int = Field(16, ge=1)
@@ -96,6 +90,28 @@ class AppArgs(BaseModel):
     api_keys: list[SecretStr] = []
     log_prompts: bool = False  # access-log lines (logger gemma.access) carry the prompt; off: no prompt text in logs
     limits: Limits = Limits()  # per-request limits of the HTTP API (deployments/guards.py)
+
+    @field_validator("classifier_labels")
+    @classmethod
+    def _two_labels(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None and len(v) < 2:
+            raise ValueError(f"needs at least two label words, got {v}")
+        return v
+
+    @field_validator("classifier_template")
+    @classmethod
+    def _one_placeholder(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_template(v)
+        return v
+
+    @model_validator(mode="after")
+    def _label_words_need_both(self) -> AppArgs:
+        if (self.classifier_labels is None) != (self.classifier_template is None):
+            raise ValueError("classifier_labels and classifier_template go together: set both, or neither")
+        if self.classifier_labels is not None and self.classifier_model is None:
+            raise ValueError("classifier_labels needs classifier_model: the causal LM whose label words they are")
+        return self
 
     def engine_args(self) -> EngineArgs:
         return EngineArgs(**self.model_dump(include=set(EngineArgs.model_fields)))
@@ -107,7 +123,8 @@ class AppArgs(BaseModel):
 
 
 def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
-    """The application: ingress -> tokenizer, model (one TP group per replica) and optional classifier."""
+    """The application: ingress -> tokenizer, model (one TP group per replica) and classifier (unless
+    classifier_model is None)."""
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     gpu = args.device == "cuda"
     # ingress and tokenizer mostly await: they reserve no CPU by default, so the model gets the node's cores
@@ -122,12 +139,15 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
     ).bind(args.engine_args(), served_model_name=args.served_model_name or args.model)
     classifier = None
     if args.classifier_model:
+        # on CPU it reserves no core, so the default app fits a 2-core node beside the model's two (Ray then gives
+        # it one torch thread); serve_config.yaml raises num_cpus where the nodes are bigger
         classifier = serve.deployment(
             ClassifierDeployment, name="classifier",
-            ray_actor_options={"num_cpus": 1, "num_gpus": 1 if gpu else 0},
+            ray_actor_options={"num_cpus": 1 if gpu else 0, "num_gpus": 1 if gpu else 0},
         ).bind(
             args.classifier_model, args.classifier_dtype, args.device,
             args.classifier_max_batch_size, args.classifier_batch_wait_timeout_s,
+            labels=args.classifier_labels, template=args.classifier_template,
         )
     ingress = serve.deployment(serve.ingress()(Ingress), name="ingress", ray_actor_options={"num_cpus": 0})
     return ingress.bind(

@@ -1,8 +1,13 @@
-"""The classifier deployment: a `GemmaForSequenceClassification` checkpoint behind dynamic batching.
+"""The classifier deployment: a `GemmaForSequenceClassification` behind dynamic batching.
 
-A plain class (Serve options are applied in deployments/app.py). Each `classify` call is one input;
-concurrent calls are gathered by Ray Serve's `serve.batch` (up to `max_batch_size`, waiting at most
-`batch_wait_timeout_s` for more) into one right-padded forward pass.
+A plain class (Serve options are applied in deployments/app.py). `model` is what `gemma.label_words.load_classifier`
+takes: a label-word preset ("gemma-3-270m-sentiment"), a causal LM with `labels` and `template`, or an HF classifier
+directory. Each `classify` call is one input; concurrent calls are gathered by Ray Serve's `serve.batch` (up to
+`max_batch_size`, waiting at most `batch_wait_timeout_s` for more) into one right-padded forward pass.
+
+A classifier with a prompt template (label-word classifiers) puts each text input into it before tokenizing. Token-id
+inputs are the model's input as given, template or not: ids cannot be put into a text template without decoding
+them, so a client that sends ids sends the templated prompt's ids (`info()` returns the template).
 """
 
 from __future__ import annotations
@@ -15,8 +20,7 @@ from ray import serve
 
 from deployments.replica_logs import to_replica_log
 from gemma import torch_thread
-from gemma.model import GemmaForSequenceClassification
-from gemma.tokenizer import GemmaTokenizer
+from gemma.label_words import apply_template, classifier_template, load_classifier
 from gemma.weights import DTYPES
 
 logger = logging.getLogger(__name__)
@@ -25,16 +29,16 @@ logger = logging.getLogger(__name__)
 class ClassifierDeployment:
     def __init__(
         self, model: str, dtype: str = "float32", device: str = "cpu", max_batch_size: int = 16,
-        batch_wait_timeout_s: float = 0.01,
+        batch_wait_timeout_s: float = 0.01, labels: dict[str, str] | None = None, template: str | None = None,
     ) -> None:
         to_replica_log()
         if dtype not in DTYPES:
             raise ValueError(f"classifier dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        self.tokenizer = GemmaTokenizer.from_pretrained(model)
         # loaded and run on one thread, off the event loop (gemma.torch_thread says why)
-        self.model = torch_thread.call(
-            lambda: GemmaForSequenceClassification.from_pretrained(model, dtype=DTYPES[dtype], device=device).eval())
+        self.model, self.tokenizer = torch_thread.call(
+            lambda: load_classifier(model, DTYPES[dtype], device, labels=labels, template=template))
         config = self.model.config
+        self.template = classifier_template(config)
         self.id2label = {int(k): v for k, v in config.id2label.items()}
         self.pad = config.pad_token_id if config.pad_token_id is not None else 0
         self.max_len = config.max_position_embeddings
@@ -45,18 +49,18 @@ class ClassifierDeployment:
         logger.info("classifier %s ready: %d labels", model, len(self.id2label))
 
     async def classify(self, item: str | list[int]) -> dict[str, Any]:
-        """One input (text, or token ids) -> its label, class probabilities and number of classes."""
+        """One input (text, or token ids) -> its label, class probabilities, number of classes and of tokens read."""
         ids = self._ids(item)
-        return await self._batched(ids)
+        return {**await self._batched(ids), "num_tokens": len(ids)}
 
     async def info(self) -> dict[str, Any]:
-        return {"id2label": self.id2label, "num_labels": len(self.id2label)}
+        return {"id2label": self.id2label, "num_labels": len(self.id2label), "template": self.template}
 
     def _ids(self, item: str | list[int]) -> list[int]:
         if isinstance(item, str):
             if not item.strip():
                 raise ValueError("input must not be empty")
-            ids = self.tokenizer.encode(item)
+            ids = self.tokenizer.encode(apply_template(self.template, item))
         else:
             vocab = self.model.config.vocab_size
             if not item or any(not isinstance(t, int) or not 0 <= t < vocab for t in item):

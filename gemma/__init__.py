@@ -5,6 +5,7 @@ This package never imports Ray or any serving code; it runs on a laptop CPU.
 """
 
 from gemma.config import GemmaConfig
+from gemma.label_words import label_word_classifier, load_classifier
 from gemma.llm import LLM
 from gemma.model import GemmaForCausalLM, GemmaForSequenceClassification, GemmaModel
 from gemma.sampling import SamplingParams
@@ -18,4 +19,6 @@ __all__ = [
     "GemmaModel",
     "GemmaTokenizer",
     "SamplingParams",
+    "label_word_classifier",
+    "load_classifier",
 ]

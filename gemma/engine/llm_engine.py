@@ -79,7 +79,7 @@ class LLMEngine:
                                   self.max_model_len)
         self.cpu_matmul = self.runner.cpu_matmul
         self.workers = workers
-        self.generator = torch.Generator(device=model.device).manual_seed(config.seed)
+        self.generator = self.runner.generator(config.seed)
         self.requests: dict[str, tuple[list[Sequence], str | None]] = {}
         self.streams: dict[int, _Stream] = {}
         self._seq_ids = count()
@@ -154,7 +154,7 @@ class LLMEngine:
                 seq.arrival_time = arrival_time
             generator = None
             if params.seed is not None:
-                generator = torch.Generator(device=self.model.device).manual_seed(params.seed + i)
+                generator = self.runner.generator(params.seed + i)
             decoder = self.tokenizer.incremental_decoder(params.skip_special_tokens) if self.tokenizer else None
             self.streams[seq.seq_id] = _Stream(decoder, generator, logprobs=[] if params.logprobs is not None else None)
             seqs.append(seq)

@@ -89,6 +89,10 @@ class ModelRunner:
         loads (or compiles) its code (see LLMEngine.warm_up)."""
         return self.device.type == "cuda"
 
+    def generator(self, seed: int) -> torch.Generator:
+        """A random generator on the model's device (sampling draws where the logits are)."""
+        return torch.Generator(device=self.device).manual_seed(seed)
+
     def use_graphs(self, max_num_seqs: int, max_model_len: int, record: bool = True) -> None:
         """Replay decode steps as CUDA graphs (gemma.engine.cuda_graphs); `record=False` runs the same padded
         steps eagerly (how CPU tests check them). Rank 0 only, at TP=1."""

@@ -9,7 +9,9 @@ does reject unknown keys; a broken copy proves the check bites.
 from __future__ import annotations
 
 import copy
+import os
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,7 @@ SERVE_CONFIG = ROOT / "serve_config.yaml"
 RAYSERVICE = ROOT / "cluster" / "rayservice.yaml"
 CLUSTER = ROOT / "cluster" / "cluster.yaml"
 
-DEPLOYMENTS = {"ingress", "model", "tokenizer"}  # "classifier" exists only with args.classifier_model
+DEPLOYMENTS = {"ingress", "model", "tokenizer", "classifier"}  # "classifier" exists while args.classifier_model is set
 AUTOSCALING_KEYS = {"min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s", "downscale_delay_s"}
 DEPLOYMENT_KEYS = {
     "autoscaling_config", "max_ongoing_requests", "max_queued_requests", "graceful_shutdown_timeout_s",
@@ -206,15 +208,33 @@ def test_serve_config_builds_the_app(config):
     names = {d.name for d in build_deployments(app, name="gemma").deployments}
     assert names == DEPLOYMENTS == set(deployments(config))
 
-    with_classifier = app_module.build_app(args | {"classifier_model": "/nonexistent/classifier"})
-    assert {d.name for d in build_deployments(with_classifier, name="gemma").deployments} == DEPLOYMENTS | {"classifier"}
+    without = app_module.build_app(args | {"classifier_model": None})
+    assert {d.name for d in build_deployments(without, name="gemma").deployments} == DEPLOYMENTS - {"classifier"}
+
+
+def test_serve_config_runs_the_preset_classifier_on_two_cores(config):
+    """The shipped app classifies with the label-word preset, its classifier replicas can fill their batches, and
+    every deployment's first replica fits a 2-core machine (`make serve`), or one would stay PENDING."""
+    from gemma.label_words import CLASSIFIER_PRESETS
+
+    args, by_name = config["applications"][0]["args"], deployments(config)
+    assert args["classifier_model"] in CLASSIFIER_PRESETS
+    assert by_name["classifier"]["max_ongoing_requests"] >= args["classifier_max_batch_size"]
+    reserved = 0.0
+    for name, d in by_name.items():
+        bundles = d.get("placement_group_bundles")  # the replica runs inside its bundles: they are the reservation
+        cpus = sum(b.get("CPU", 0) for b in bundles) if bundles else d["ray_actor_options"]["num_cpus"]
+        reserved += cpus * d["autoscaling_config"]["min_replicas"]
+    assert reserved <= 2
 
 
 def test_every_place_ray_starts_sets_serves_request_path(config):
-    """deployments/app.py SERVE_ENV: in the app's runtime_env (its replicas), and where Ray starts (so the proxies
-    use it too): each RayService container, both `ray start` commands of cluster.yaml, and `make serve`."""
-    from deployments.app import SERVE_ENV
+    """deployments/serve.env, the one source of SERVE_ENV: in the app's runtime_env (its replicas), and where Ray
+    starts (so the proxies use it too): each RayService container, both `ray start` commands of cluster.yaml, and
+    `make serve`, which sources the file itself."""
+    from deployments.app import SERVE_ENV, SERVE_ENV_FILE
 
+    assert SERVE_ENV and all(k.startswith("RAY_SERVE_") for k in SERVE_ENV)
     assert config["applications"][0]["runtime_env"]["env_vars"] == SERVE_ENV
     service = yaml.safe_load(RAYSERVICE.read_text())
     spec = service["spec"]["rayClusterConfig"]
@@ -227,4 +247,75 @@ def test_every_place_ray_starts_sets_serves_request_path(config):
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = [c for c in cluster[key] if "ray start" in c]
         assert start and all(f"export {exports};" in c for c in start), key
-    assert f"{exports} \\" in (ROOT / "Makefile").read_text()
+    serve_target = re.search(r"^serve:.*\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(), re.M)
+    assert serve_target and f". ./{SERVE_ENV_FILE.relative_to(ROOT)} " in serve_target.group(1)
+
+
+def test_serve_env_reads_the_same_in_sh_and_python():
+    """`make serve` and cluster/README.md source deployments/serve.env with sh; the app parses it in Python."""
+    from deployments.app import SERVE_ENV, SERVE_ENV_FILE
+
+    script = f"set -a; . {SERVE_ENV_FILE}; set +a; env"
+    env = {"PATH": os.environ["PATH"]}
+    out = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+    from_sh = dict(line.split("=", 1) for line in out.splitlines() if line.startswith("RAY_SERVE_"))
+    assert from_sh == SERVE_ENV
+
+
+def test_env_file_errors_name_the_line(tmp_path):
+    from deployments.app import read_env_file
+
+    path = tmp_path / "x.env"
+    path.write_text("# comment\n\nA=1\nB=two words\n")
+    assert read_env_file(path) == {"A": "1", "B": "two words"}
+    path.write_text("A=1\nexport B\n")
+    with pytest.raises(ValueError, match=r"x.env:2: expected KEY=VALUE"):
+        read_env_file(path)
+
+
+# --- engine settings: declared once (gemma/engine/config.py), composed by every entry point ---------------------
+
+
+def test_engine_settings_are_declared_once_with_one_set_of_defaults():
+    """EngineArgs, AppArgs and BatchArgs take the engine's fields from gemma.engine's LoadConfig and EngineConfig;
+    only ServingEngineConfig redeclares any (dtype and device, each with its reason), and none adds another copy."""
+    from deployments.app import AppArgs
+    from deployments.batch import BatchArgs
+    from deployments.model import EngineArgs, ServingEngineConfig
+    from gemma.engine import EngineConfig, LoadConfig
+
+    library = {**LoadConfig().model_dump(), **EngineConfig().model_dump()}
+    serving_overrides = {"dtype", "device"}
+    for cls in (ServingEngineConfig, EngineArgs, AppArgs, BatchArgs):
+        own = set(cls.__dict__.get("__annotations__", {}))
+        expected = serving_overrides if cls is ServingEngineConfig else set()
+        assert own & set(library) == expected, f"{cls.__name__} redeclares {own & set(library)}"
+        assert cls.model_config.get("extra") == "forbid", cls.__name__
+    app = AppArgs()
+    batch = BatchArgs(input="in.jsonl", output="out.jsonl")
+    for args in (app, app.engine_args(), EngineArgs(), batch):
+        assert args.engine_config() == EngineConfig(), type(args).__name__
+        assert {k for k, v in library.items() if getattr(args, k) != v} == serving_overrides, type(args).__name__
+    assert (app.dtype, app.device, LoadConfig().dtype, LoadConfig().device) == ("bfloat16", "cpu", "float32", None)
+    with pytest.raises(ValueError, match="max_num_seq"):
+        AppArgs(max_num_seq=8)
+    with pytest.raises(ValueError, match="kv_cache_mem"):
+        BatchArgs(input="in.jsonl", output="out.jsonl", kv_cache_mem="1GiB")
+
+
+def test_batch_cli_defaults_are_batch_args_defaults():
+    from deployments.batch import BatchArgs, parse_args
+
+    assert parse_args(["--input", "in.jsonl", "--output", "out.jsonl"]) == BatchArgs(input="in.jsonl", output="out.jsonl")
+    args = parse_args(["--input", "in.jsonl", "--output", "out", "--max-num-seqs", "8", "--seed", "3", "--stop", "x"])
+    assert args.max_num_seqs == 8 and args.seed == 0 and args.sampling_params == {"seed": 3, "stop": ["x"]}
+
+
+def test_serve_config_documents_the_engine_defaults(config):
+    """serve_config.yaml's args list every engine field at the library's default, dtype aside (serving's own)."""
+    from gemma.engine import EngineConfig, LoadConfig
+
+    args = config["applications"][0]["args"]
+    assert {k: args[k] for k in EngineConfig.model_fields} == EngineConfig().model_dump()
+    load = LoadConfig().model_dump()
+    assert {k: args[k] for k in load} == load | {"dtype": "bfloat16", "device": "cpu"}

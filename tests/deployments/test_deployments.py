@@ -171,3 +171,57 @@ def test_classifier_batches_concurrent_calls_and_matches_transformers(classifier
         assert (await dep.info())["id2label"] == {0: "negative", 1: "neutral", 2: "positive"}
 
     asyncio.run(bad())
+
+
+def test_classifier_with_a_template_reads_text_through_it_and_ids_verbatim(checkpoint, monkeypatch):
+    """A label-word preset (here over the tiny LM): a text input is classified as the LM's next-token probabilities
+    of the label words on the templated text; token ids are the model input as given."""
+    from ray.serve.batching import _BatchQueue
+
+    from gemma import label_words
+
+    monkeypatch.setattr(_BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
+    labels, template = {"a": "light", "b": "vocab"}, "Text: {text}\nLabel:"  # one token each in the tiny vocab
+    preset = label_words.LabelWordPreset(base=str(checkpoint), labels=labels, template=template)
+    monkeypatch.setitem(label_words.CLASSIFIER_PRESETS, "tiny-label-words", preset)
+    dep = ClassifierDeployment("tiny-label-words", max_batch_size=8, batch_wait_timeout_s=0.05)
+    tok = GemmaTokenizer.from_pretrained(checkpoint)
+    lm = GemmaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    word_ids = label_words.label_word_ids(tok, labels)
+    texts = ["great movie", "The quick brown fox jumps over the lazy dog."]
+    templated = [tok.encode(template.replace("{text}", t)) for t in texts]
+
+    async def main():
+        return await asyncio.gather(*(dep.classify(t) for t in texts), dep.classify(templated[0]),
+                                    dep.classify(tok.encode(texts[0])))
+
+    results = asyncio.run(main())
+    for ids, res in zip(templated, results):
+        with torch.no_grad():
+            ref = torch.softmax(lm(torch.tensor([ids])).logits[0, -1, word_ids], -1)
+        torch.testing.assert_close(torch.tensor(res["probs"]), ref, rtol=0, atol=1e-6)
+        assert res["label"] == ["a", "b"][int(ref.argmax())] and res["num_tokens"] == len(ids)
+    assert results[2] == results[0]  # the templated text's ids classify as the text
+    assert results[3]["probs"] != results[0]["probs"]  # bare ids get no template
+    assert asyncio.run(dep.info()) == {"id2label": {0: "a", 1: "b"}, "num_labels": 2, "template": template}
+
+    # the same classifier from label words over the LM directory (AppArgs' classifier_labels / classifier_template)
+    direct = ClassifierDeployment(str(checkpoint), labels=labels, template=template)
+    alone = asyncio.run(direct.classify(texts[0]))  # a batch of one: same math, other matmul blocking
+    assert alone["label"] == results[0]["label"] and alone["num_tokens"] == results[0]["num_tokens"]
+    torch.testing.assert_close(torch.tensor(alone["probs"]), torch.tensor(results[0]["probs"]), rtol=0, atol=1e-6)
+
+
+def test_app_args_for_label_words_name_the_bad_field():
+    from deployments.app import AppArgs
+
+    assert AppArgs().classifier_model == "gemma-3-270m-sentiment" and AppArgs(classifier_model=None).classifier_model is None
+    words = {"sports": " sports", "politics": " politics"}
+    with pytest.raises(ValueError, match="classifier_labels and classifier_template go together"):
+        AppArgs(classifier_model="gemma-3-270m", classifier_labels=words)
+    with pytest.raises(ValueError, match=r"classifier_template\n.*exactly once"):
+        AppArgs(classifier_model="gemma-3-270m", classifier_labels=words, classifier_template="Topic:")
+    with pytest.raises(ValueError, match=r"classifier_labels\n.*at least two"):
+        AppArgs(classifier_model="gemma-3-270m", classifier_labels={"sports": " sports"}, classifier_template="{text}")
+    with pytest.raises(ValueError, match="needs classifier_model"):
+        AppArgs(classifier_model=None, classifier_labels=words, classifier_template="{text}\nTopic:")
