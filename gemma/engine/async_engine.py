@@ -122,11 +122,15 @@ class AsyncEngine(ABC):
         """Release what the engine holds (worker processes); it cannot step afterwards. Idempotent."""
 
     @abstractmethod
+    async def _call(self, name: str, *args: Any) -> Any:
+        """The `LLMEngine` method `name` called with `args` between two steps; its result, or its exception."""
+
     async def _add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None, arrival_time: float,
         prompt: str | None,
     ) -> None:
         """`LLMEngine.add_request`, made between two steps; raises its ValueError."""
+        await self._call("add_request", request_id, prompt_token_ids, params, arrival_time, prompt)
 
     @abstractmethod
     async def _abort_request(self, request_id: str) -> RequestOutput | None:
@@ -205,12 +209,6 @@ class AsyncLLMEngine(AsyncEngine):
     def close(self) -> None:
         """Stop the tensor-parallel workers (ranks 1..N-1); the engine cannot step afterwards."""
         self.engine.shutdown()
-
-    async def _add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None, arrival_time: float,
-        prompt: str | None,
-    ) -> None:
-        await self._call("add_request", request_id, prompt_token_ids, params, arrival_time, prompt)
 
     async def _abort_request(self, request_id: str) -> RequestOutput | None:
         if self.is_running:

@@ -104,12 +104,6 @@ class AsyncEngineProcess(AsyncEngine):
         self._send(("call", call_id, name, args))
         return await future
 
-    async def _add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None, arrival_time: float,
-        prompt: str | None,
-    ) -> None:
-        await self._call("add_request", request_id, prompt_token_ids, params, arrival_time, prompt)
-
     async def _abort_request(self, request_id: str) -> RequestOutput | None:
         if self._dead is not None or self._closed:
             return None

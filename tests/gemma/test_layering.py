@@ -12,15 +12,16 @@ ROOT = Path(__file__).resolve().parents[2]
 FORBIDDEN_IN_GEMMA = {"ray", "fastapi", "starlette", "uvicorn", "deployments", "transformers"}
 
 
-def imported_modules(path: Path) -> set[str]:
+def imported_modules(path: Path, top_level: bool = True) -> set[str]:
+    """The modules `path` imports (absolute imports, lazy ones included): their top-level packages, or in full."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
+            names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
-    return names
+            names.add(node.module)
+    return {n.split(".")[0] for n in names} if top_level else names
 
 
 def test_gemma_imports_no_serving_code():
@@ -99,3 +100,16 @@ def test_model_and_parallel_know_nothing_of_the_cpu_fast_path():
     graph = gemma_module_imports()
     for name in ("gemma.model", "gemma.parallel", "gemma.layers"):
         assert not {m for m in graph[name] if m.startswith("gemma.cpu")}, name
+
+
+def test_no_test_module_imports_another():
+    """Tests share code through tests/helpers only: importing a test module (or conftest) runs its collection-time
+    code a second time and hides which module a fixture comes from."""
+    offenders = {}
+    for path in (ROOT / "tests").rglob("*.py"):
+        names = {n.rpartition(".")[2] for n in imported_modules(path, top_level=False)}
+        bad = sorted(n for n in names if n.startswith("test_") or n == "conftest")
+        if bad:
+            offenders[str(path.relative_to(ROOT))] = bad
+    assert not offenders
+
