@@ -93,10 +93,18 @@ class _Job:
     continuous_usage: bool = False  # `usage` on every chunk: running totals
     record: AccessRecord = field(default_factory=AccessRecord)
     created: int = field(default_factory=lambda: int(time.time()))
+    cached: dict[int, int] = field(default_factory=dict)  # prompt index -> its tokens served from the prefix cache
 
     def usage(self, completion_tokens: int) -> s.UsageInfo:
         prompt = sum(len(p) for p in self.prompts)
-        return s.UsageInfo(prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens)
+        details = s.PromptTokensDetails(cached_tokens=sum(self.cached.values()))
+        return s.UsageInfo(prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens,
+                           prompt_tokens_details=details)
+
+    def saw(self, index: int, out: RequestOutput) -> None:
+        """Note what an engine output says of its prompt (how much of it the prefix cache served)."""
+        if out.num_cached_tokens is not None:
+            self.cached[index] = out.num_cached_tokens
 
 
 def _sse(body: BaseModel) -> str:
@@ -315,6 +323,7 @@ class Ingress:
     async def _collect(self, job: _Job, gen: ModelStreams) -> Response:
         finals: dict[int, RequestOutput] = {}
         async for i, out in gen.outputs():
+            job.saw(i, out)
             if out.finished:
                 finals[i] = out
         n, choices, used = job.params.n, [], 0
@@ -336,6 +345,7 @@ class Ingress:
                 for index in sent:
                     yield self._chunk(job, index, s.DeltaMessage(role="assistant", content=""), None, None, sent)
             async for i, out in gen.outputs():
+                job.saw(i, out)
                 for o in out.outputs:
                     choice = sent[i * n + o.index]
                     if choice.finished:

@@ -345,10 +345,15 @@ class DetokenizeRequest(Request):
 # ---- responses -----------------------------------------------------------------------------------------
 
 
+class PromptTokensDetails(Response):
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+
 class UsageInfo(Response):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None  # completions and chat (OpenAI's shape)
 
 
 class CompletionLogprobs(Response):

@@ -7,8 +7,12 @@ i*bs .. i*bs+bs-1) to a physical block, and position p lives in slot `table[p //
 Layers with the same attention window form a KV group with its own pool and tables (`BlockManager`); a
 sliding-window group (a query at q sees keys q - W < k <= q) releases blocks no future query can see.
 `KVCacheManager` puts all groups behind one sequence-level API; gemma.engine.kv_budget sizes them.
-Prefix caching: a full, computed block is registered under a chained sha256 of its tokens, so a later
-prompt with the same prefix reuses it; unreferenced cached blocks wait in an LRU pool until evicted.
+Prefix caching: a full, computed block is registered under a chained sha256 of its tokens (the KV at a position
+depends on every token up to it, in every layer), so a later prompt with the same prefix reuses it; unreferenced
+cached blocks, of finished sequences and those a sliding window released, wait in an LRU pool until evicted.
+A hit of h tokens needs, in a global group, every block before h, and in a sliding group of window W only the
+blocks the first uncached query can see (positions h - W + 1 .. h - 1); `KVCacheManager` takes the longest h for
+which every group has what it needs (vLLM's hybrid KV-cache manager does the same).
 
 Scheduler protocol per sequence: `allocate_prompt` on (re-)admission (returns the tokens already cached);
 each step `ensure_slots(tokens after the step)`, run the model, `mark_computed(tokens, computed)`; `free` on
@@ -38,6 +42,15 @@ def hash_block(parent: bytes, token_ids: list[int]) -> bytes:
     digest cover the whole prefix, so equal blocks at different positions or after different prefixes differ.
     """
     return hashlib.sha256(parent + struct.pack(f"<{len(token_ids)}q", *token_ids)).digest()
+
+
+def prompt_chain(token_ids: list[int], block_size: int) -> list[bytes]:
+    """The chained hashes of the full blocks that a hit may cover: those wholly before the last token."""
+    chain, parent = [], _ROOT_HASH
+    for i in range(max(0, len(token_ids) - 1) // block_size):
+        parent = hash_block(parent, token_ids[i * block_size : (i + 1) * block_size])
+        chain.append(parent)
+    return chain
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -71,10 +84,7 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.window = window
-        # Always off for a windowed group: it releases the start of every sequence, so it cannot keep a
-        # hash chain from position 0; and a hit is only usable if every layer group holds the KV of the
-        # hit tokens (a windowed group would need the window's blocks right before the hit point).
-        self.enable_prefix_caching = enable_prefix_caching and window is None
+        self.enable_prefix_caching = enable_prefix_caching
         self._ref = [0] * num_blocks
         self._hash: list[bytes | None] = [None] * num_blocks
         self._by_hash: dict[bytes, int] = {}
@@ -103,29 +113,62 @@ class BlockManager:
         return seq_id in self._seqs
 
     # ---- sequence API ----
-    def num_cached_blocks(self, token_ids: list[int]) -> int:
-        """How many leading full blocks of this prompt `allocate_prompt` would reuse now; changes nothing."""
-        return len(self._match_prefix(token_ids, None)[1])
+    def needed_blocks(self, hit_blocks: int) -> range:
+        """The logical blocks a hit of `hit_blocks` full blocks needs from the cache: all of them in a global group;
+        in a windowed one those holding a key the first uncached query (at hit_blocks * block_size) can see."""
+        if self.window is None:
+            return range(hit_blocks)
+        first = max(0, hit_blocks * self.block_size - self.window + 1) // self.block_size
+        # at least the last block, even where the window sees none of it (W = 1): a hit is only ever claimed for
+        # a prefix some sequence computed
+        return range(min(first, hit_blocks - 1) if hit_blocks else 0, hit_blocks)
 
-    def allocate_prompt(self, seq_id: Hashable, token_ids: list[int], max_cached_blocks: int | None = None) -> int:
+    def has_blocks(self, chain: list[bytes], hit_blocks: int) -> bool:
+        """Whether a hit of `hit_blocks` blocks of the prompt whose block hashes are `chain` could be served."""
+        return self.enable_prefix_caching and all(chain[i] in self._by_hash for i in self.needed_blocks(hit_blocks))
+
+    def num_cached_blocks(self, token_ids: list[int]) -> int:
+        """The longest hit, in blocks, that `allocate_prompt` would serve now from this group alone; changes nothing."""
+        return self.longest_hit(prompt_chain(token_ids, self.block_size))
+
+    def longest_hit(self, chain: list[bytes], top: int | None = None) -> int:
+        """The longest hit of at most `top` blocks this group can serve for a prompt whose block hashes are `chain`."""
+        top = len(chain) if top is None else min(top, len(chain))
+        if not self.enable_prefix_caching:
+            return 0
+        if self.window is None:  # a prefix: the consecutive cached blocks from the start
+            return next((i for i in range(top) if chain[i] not in self._by_hash), top)
+        return next((n for n in range(top, 0, -1) if self.has_blocks(chain, n)), 0)
+
+    def allocate_prompt(
+        self, seq_id: Hashable, token_ids: list[int], hit_blocks: int | None = None, chain: list[bytes] | None = None
+    ) -> int:
         """Register a sequence being (re-)admitted; `token_ids` are all its tokens so far.
 
-        With prefix caching, reuses every consecutive cached full block from the start (at most
-        `max_cached_blocks`), never one covering the last token: at least one token is left to compute,
-        since its logits are needed. Returns the number of tokens whose KV is already cached
-        (a multiple of block_size). Allocates no other block.
+        With prefix caching, reuses the cached blocks a hit of `hit_blocks` full blocks needs (`needed_blocks`;
+        default: this group's longest hit, `num_cached_blocks`), never one covering the last token: at least one
+        token is left to compute, since its logits are needed. A windowed group's blocks before the needed ones
+        start released. Returns the number of tokens whose KV is already cached (a multiple of block_size).
+        Allocates no other block.
         """
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id!r} is already allocated")
         if not token_ids:
             raise ValueError(f"sequence {seq_id!r} has no tokens")
-        hashes, blocks = self._match_prefix(token_ids, max_cached_blocks)
-        for b in blocks:
+        chain = prompt_chain(token_ids, self.block_size) if chain is None else chain
+        if hit_blocks is None:
+            hit_blocks = self.longest_hit(chain)
+        if hit_blocks and not self.has_blocks(chain, hit_blocks):
+            raise ValueError(f"sequence {seq_id!r}: a hit of {hit_blocks} blocks is not in the cache")
+        needed = self.needed_blocks(hit_blocks)
+        table = [-1] * needed.start + [self._by_hash[chain[i]] for i in needed]
+        for b in table[needed.start :]:
             if self._ref[b] == 0:
                 del self._evictable[b]  # a hit on a free-but-cached block takes it out of the pool
             self._ref[b] += 1
-        cached = len(blocks) * self.block_size
-        self._seqs[seq_id] = _SeqState(table=list(blocks), num_computed=cached, hashes=hashes)
+        cached = hit_blocks * self.block_size
+        self._seqs[seq_id] = _SeqState(table=table, num_computed=cached, hashes=chain[:hit_blocks],
+                                       released=needed.start)
         if self.enable_prefix_caching:
             self.prefix_queries += len(token_ids)
             self.prefix_hits += cached
@@ -245,25 +288,6 @@ class BlockManager:
         except KeyError:
             raise KeyError(f"unknown sequence {seq_id!r}: allocate_prompt it first") from None
 
-    def _match_prefix(self, token_ids: list[int], limit: int | None) -> tuple[list[bytes], list[int]]:
-        """Hashes and block ids of the consecutive cached full blocks from the start."""
-        if not self.enable_prefix_caching:
-            return [], []
-        bs = self.block_size
-        n = max(0, len(token_ids) - 1) // bs  # only blocks wholly before the last token
-        if limit is not None:
-            n = min(n, limit)
-        hashes, blocks, parent = [], [], _ROOT_HASH
-        for i in range(n):
-            h = hash_block(parent, token_ids[i * bs : (i + 1) * bs])
-            b = self._by_hash.get(h)
-            if b is None:
-                break
-            hashes.append(h)
-            blocks.append(b)
-            parent = h
-        return hashes, blocks
-
     def _missing(self, st: _SeqState | None, num_tokens: int) -> int:
         """How many blocks must be allocated so that positions [0, num_tokens) are usable.
 
@@ -305,9 +329,8 @@ class KVCacheManager:
         if not groups:
             raise ValueError("at least one KV group is needed")
         self.block_size = block_size
-        # A hit must be usable by every layer: only when all groups are global (see BlockManager).
-        self.enable_prefix_caching = enable_prefix_caching and all(g.window is None for g in groups)
-        self.groups = [BlockManager(g.num_blocks, block_size, g.window, self.enable_prefix_caching) for g in groups]
+        self.enable_prefix_caching = enable_prefix_caching
+        self.groups = [BlockManager(g.num_blocks, block_size, g.window, enable_prefix_caching) for g in groups]
         self.prefix_queries = 0  # prompt tokens looked up (vLLM's prefix_cache_queries)
         self.prefix_hits = 0  # of those, tokens served from the cache
 
@@ -328,15 +351,28 @@ class KVCacheManager:
     def __contains__(self, seq_id: Hashable) -> bool:
         return seq_id in self.groups[0]
 
+    def num_cached_blocks(self, token_ids: list[int]) -> int:
+        """The longest hit, in blocks, that every group can serve now: each group has the blocks it needs."""
+        if not self.enable_prefix_caching:
+            return 0
+        return self._longest_hit(prompt_chain(token_ids, self.block_size))
+
+    def _longest_hit(self, chain: list[bytes]) -> int:
+        top = len(chain)
+        for g in self.groups:  # a global group's hits are prefixes: its longest bounds the search from above
+            if g.window is None:
+                top = g.longest_hit(chain, top)
+        return next((n for n in range(top, 0, -1) if all(g.has_blocks(chain, n) for g in self.groups)), 0)
+
     def allocate_prompt(self, seq_id: Hashable, token_ids: list[int]) -> int:
         """Register a (re-)admitted sequence in every group; returns its tokens already cached (0 if caching is off)."""
         if any(seq_id in g for g in self.groups):
             raise ValueError(f"sequence {seq_id!r} is already allocated")
         if not token_ids:
             raise ValueError(f"sequence {seq_id!r} has no tokens")
-        # Several global groups (not built by split_kv_budget, but allowed) reuse only the common prefix.
-        limit = min(g.num_cached_blocks(token_ids) for g in self.groups) if len(self.groups) > 1 else None
-        cached = [g.allocate_prompt(seq_id, token_ids, limit) for g in self.groups][0]
+        chain = prompt_chain(token_ids, self.block_size)
+        hit = self._longest_hit(chain) if self.enable_prefix_caching else 0
+        cached = [g.allocate_prompt(seq_id, token_ids, hit, chain) for g in self.groups][0]
         if self.enable_prefix_caching:
             self.prefix_queries += len(token_ids)
             self.prefix_hits += cached

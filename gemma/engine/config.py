@@ -41,7 +41,7 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=2)  # prompt + output tokens; None: the model's positions, <= 8192
     block_size: int = Field(16, ge=1)  # tokens per KV block
     kv_cache_memory: int | str = "1GiB"  # KV pool budget (per rank with TP): bytes, or "512MiB", "2GB", ...
-    enable_prefix_caching: bool = True  # share full blocks of identical prompt prefixes (global-attention models)
+    enable_prefix_caching: bool = True  # reuse the KV of identical prompt prefixes (sliding-window layers too)
     seed: int = 0  # of the generator behind sampling without a per-request seed
     # the matmul of half-precision weights on CPUs without native bf16/fp16 instructions: "kernel" (our AVX2 bf16
     # kernel, built at first use), "fp32" (fp32 weight copies for batches, +2x their bytes), "torch", or "auto"

@@ -303,7 +303,8 @@ class LLMEngine:
             del self.requests[request_id]
             for seq in seqs:
                 del self.streams[seq.seq_id]
-        return RequestOutput(request_id, prompt, list(first.prompt_token_ids), outputs, finished, metrics)
+        return RequestOutput(request_id, prompt, list(first.prompt_token_ids), outputs, finished, metrics,
+                             first.num_cached_tokens)
 
     def warm_up(self) -> float:
         """Run each kind of step once on throwaway requests; returns the seconds it took. Called by the

@@ -53,6 +53,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache (vLLM's name); None: not yet
 
     # the first completion's fields, for the common n=1 case
     @property

@@ -37,6 +37,7 @@ class Sequence:
     last_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache at its first admission
 
     @property
     def num_tokens(self) -> int:

@@ -222,7 +222,8 @@ async def test_max_tokens_default_stays_within_the_context(make, lm):
     size = len(lm[1].apply_chat_template(messages, tokenize=True))
     r = await client.post("/v1/chat/completions", json={"messages": messages, **GREEDY})
     assert r.status_code == 200, r.text
-    assert r.json()["usage"] == {"prompt_tokens": size, "completion_tokens": 96 - size, "total_tokens": 96}
+    assert r.json()["usage"] == {"prompt_tokens": size, "completion_tokens": 96 - size, "total_tokens": 96,
+                               "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 async def test_a_large_body_is_refused_by_its_content_length_without_reading_it(lm):

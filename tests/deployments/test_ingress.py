@@ -104,7 +104,8 @@ async def test_completion_matches_the_engine_and_counts_usage(server):
         pass
     [choice] = body["choices"]
     assert choice == {"index": 0, "text": out.text, "logprobs": None, "finish_reason": "length", "stop_reason": None}
-    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 9, "total_tokens": len(ids) + 9}
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 9, "total_tokens": len(ids) + 9,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 async def test_list_prompts_token_ids_and_n_give_indexed_choices(server):
@@ -143,7 +144,7 @@ async def test_streamed_completion_adds_up_to_the_non_streamed_one(server, n):
         assert reasons[-1] == "length" and set(reasons[:-1]) <= {None}
     assert len(events) - 2 > 2 * n  # one event per engine output, not one per choice
     usage = events[-2]
-    assert usage["choices"] == [] and usage["usage"] == whole["usage"]
+    assert usage["choices"] == [] and tokens(usage["usage"]) == tokens(whole["usage"])
 
 
 async def test_streamed_text_never_shows_a_stop_string_prefix(server):
@@ -189,12 +190,13 @@ async def test_chat_completion_and_its_stream(server):
     [choice] = whole["choices"]
     assert choice["message"]["role"] == "assistant" and choice["finish_reason"] == "length"
     prompt = server.tokenizer.apply_chat_template(CHAT, tokenize=True)
-    assert whole["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 7, "total_tokens": len(prompt) + 7}
+    assert whole["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 7, "total_tokens": len(prompt) + 7,
+                              "prompt_tokens_details": {"cached_tokens": 0}}
     events = sse(await server.post("/v1/chat/completions", {**body, "stream": True, "stream_options": {"include_usage": True}}))
     assert events[0]["object"] == "chat.completion.chunk"
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert streamed_texts(events, chat=True) == {0: choice["message"]["content"]}
-    assert finish_reasons(events)[0][-1] == "length" and events[-2]["usage"] == whole["usage"]
+    assert finish_reasons(events)[0][-1] == "length" and tokens(events[-2]["usage"]) == tokens(whole["usage"])
 
 
 async def test_without_max_tokens_chat_and_null_max_tokens_run_to_the_context_length(server):
@@ -240,7 +242,7 @@ async def test_developer_role_is_a_system_message(server):
                                                      temperature=0, extra_body={"ignore_eos": True})
     as_developer = await client.chat.completions.create(model="tiny", messages=developer, max_completion_tokens=5,
                                                         temperature=0, extra_body={"ignore_eos": True})
-    assert as_developer.usage == as_system.usage and as_developer.usage.prompt_tokens == len(ids)
+    assert tokens(as_developer.usage.model_dump()) == tokens(as_system.usage.model_dump()) and as_developer.usage.prompt_tokens == len(ids)
     assert as_developer.choices[0].message.content == as_system.choices[0].message.content
 
 
@@ -261,11 +263,13 @@ async def test_user_metadata_store_false_and_service_tier_are_accepted_and_chang
     chat = dict(model="tiny", messages=CHAT, max_completion_tokens=6, temperature=0, extra_body={"ignore_eos": True})
     plain = await client.chat.completions.create(**chat)
     tagged = await client.chat.completions.create(**chat, **extra)
-    assert tagged.choices[0].message.content == plain.choices[0].message.content and tagged.usage == plain.usage
+    assert tagged.choices[0].message.content == plain.choices[0].message.content
+    assert tokens(tagged.usage.model_dump()) == tokens(plain.usage.model_dump())
     completion = dict(model="tiny", prompt="Hello", max_tokens=6, temperature=0)
     plain = await client.completions.create(**completion, extra_body={"ignore_eos": True})
     tagged = await client.completions.create(**completion, extra_body={"ignore_eos": True, **extra})
-    assert tagged.choices[0].text == plain.choices[0].text and tagged.usage == plain.usage
+    assert tagged.choices[0].text == plain.choices[0].text
+    assert tokens(tagged.usage.model_dump()) == tokens(plain.usage.model_dump())
     r = await server.post("/v1/completions", {"prompt": "Hi", "max_tokens": 1, "store": None, "metadata": None})
     assert r.status_code == 200, r.text
 
@@ -284,7 +288,8 @@ async def test_continuous_usage_stats_put_running_usage_on_every_chunk(server):
     assert used == [sum(streamed[: k + 1]) for k in range(len(chunks))] and used[0] == 0 and used[-1] == 8
     assert {ch.usage.prompt_tokens for ch in chunks} == {whole.usage.prompt_tokens}
     assert all(ch.usage.total_tokens == ch.usage.prompt_tokens + ch.usage.completion_tokens for ch in chunks)
-    assert chunks[-1].choices == [] and chunks[-1].usage == chunks[-2].usage == whole.usage
+    assert chunks[-1].choices == [] and chunks[-1].usage == chunks[-2].usage
+    assert tokens(chunks[-1].usage.model_dump()) == tokens(whole.usage.model_dump())
 
     # completions with several prompts and n: the request's running totals, without include_usage too
     base = {"prompt": ["The quick brown fox", "def f(x):"], "n": 2, "max_tokens": 6, **GREEDY}
@@ -295,7 +300,7 @@ async def test_continuous_usage_stats_put_running_usage_on_every_chunk(server):
     assert all(e["choices"] for e in events[:-1])  # no usage-only chunk without include_usage
     streamed = [len(e["choices"][0]["logprobs"]["tokens"]) for e in events[:-1]]
     assert running == [sum(streamed[: k + 1]) for k in range(len(streamed))]
-    assert events[-2]["usage"] == usage
+    assert tokens(events[-2]["usage"]) == tokens(usage)
     plain = sse(await server.post("/v1/completions", {**base, "stream": True}))
     assert all(e["usage"] is None for e in plain[:-1])
 
@@ -659,3 +664,30 @@ async def test_in_a_serve_replica_the_request_id_header_is_left_to_serve():
         r = await http.get("/id", headers={"x-request-id": "set-by-serve"})
     assert r.json() == {"id": "set-by-serve"} and "x-request-id" not in r.headers
     assert not in_serve_replica()
+
+
+async def test_usage_reports_the_prompt_tokens_the_prefix_cache_served(server):
+    """A prompt sent again is served from the prefix cache: usage.prompt_tokens_details.cached_tokens says how much,
+    the same figure streamed (with include_usage and continuous usage) as not, and the text is unchanged."""
+    prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 3)
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 5, **GREEDY}
+    first = (await server.post("/v1/completions", body)).json()
+    second = (await server.post("/v1/completions", body)).json()
+    n = first["usage"]["prompt_tokens"]
+    assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached == (n - 1) // 4 * 4 and cached > 0  # every full block before the last token (block_size 4)
+    assert second["choices"][0]["text"] == first["choices"][0]["text"]
+    events = sse(await server.post("/v1/completions", {**body, "stream": True, "stream_options": {
+        "include_usage": True, "continuous_usage_stats": True}}))
+    assert events[-2]["usage"] == second["usage"]
+    assert all(e["usage"]["prompt_tokens_details"]["cached_tokens"] == cached for e in events[:-1])
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "max_tokens": 3, **GREEDY}
+    await server.post("/v1/chat/completions", chat)
+    again = (await server.post("/v1/chat/completions", chat)).json()
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+def tokens(usage: dict) -> dict:
+    """A usage body without its prefix-cache details: those depend on what ran before (a repeated prompt hits)."""
+    return {k: v for k, v in usage.items() if k != "prompt_tokens_details"}

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from gemma.engine.block_manager import BlockManager, KVCacheManager, hash_block
+from gemma.engine.block_manager import BlockManager, KVCacheManager, hash_block, prompt_chain
 from gemma.engine.kv_budget import KVGroupSpec, max_window_blocks, split_kv_budget
 
 
@@ -247,7 +247,6 @@ def test_caching_disabled():
 def test_window_releases_blocks_exactly_when_they_leave_the_window():
     w, bs = 5, 4
     m = BlockManager(16, bs, window=w)
-    assert not m.enable_prefix_caching  # a windowed group never caches
     tokens = [7]
     m.allocate_prompt(1, tokens)
     for c in range(1, 40):
@@ -348,10 +347,10 @@ def test_window_cap_suffices_for_a_full_scheduler(seed):
 
 
 def test_kv_cache_manager_is_atomic_across_groups():
-    kv = KVCacheManager([KVGroupSpec(None, 8), KVGroupSpec(4, 2)], 4)
-    assert not kv.enable_prefix_caching and not any(g.enable_prefix_caching for g in kv.groups)
+    kv = KVCacheManager([KVGroupSpec(None, 8), KVGroupSpec(4, 2)], 4, enable_prefix_caching=False)
+    assert not any(g.enable_prefix_caching for g in kv.groups)
     assert run_prefill(kv, 1, list(range(4))) == 0
-    assert kv.allocate_prompt(2, list(range(9))) == 0  # caching is off with a windowed group
+    assert kv.allocate_prompt(2, list(range(9))) == 0
     before = (kv.groups[0].num_free_blocks, kv.block_table(0, 2), kv.block_table(1, 2))
     assert not kv.can_allocate(2, 9)  # global has room, the windowed group (1 free block) has not
     assert not kv.ensure_slots(2, 9)
@@ -385,6 +384,62 @@ def test_kv_cache_manager_prefix_caching_with_global_groups():
     kv.check_invariants()
     with pytest.raises(ValueError, match="already allocated"):
         kv.allocate_prompt(2, a)
+
+
+def test_windowed_group_hit_needs_only_the_blocks_the_window_sees():
+    """A hit of h tokens: the global group reuses blocks [0, h/bs), the windowed group only the blocks holding
+    keys h - W + 1 .. h - 1; the blocks before those start released, and everything returns to the pool."""
+    bs, w = 4, 5
+    kv = KVCacheManager([KVGroupSpec(None, 16), KVGroupSpec(w, 16)], bs)
+    prompt = list(range(100, 121))  # 21 tokens: a hit may cover the 5 blocks before the last token
+    assert run_prefill(kv, 1, prompt) == 0
+    kv.free(1)  # its blocks (those the window released during the prefill too) stay cached, evictable
+    assert kv.usage == 0.0 and kv.num_free_blocks == 16
+    assert kv.allocate_prompt(2, prompt) == 20
+    glob, win = kv.block_table(0, 2), kv.block_table(1, 2)
+    assert len(glob) == 5 and -1 not in glob
+    assert win[:4] == [-1] * 4 and win[4] >= 0  # the query at 20 sees keys 16..19: block 4 only
+    assert kv.groups[1].needed_blocks(5) == range(4, 5) and kv.groups[0].needed_blocks(5) == range(5)
+    kv.slot_mapping(1, 2, 16, 20)  # backed
+    with pytest.raises(IndexError):
+        kv.slot_mapping(1, 2, 15, 16)
+    assert kv.ensure_slots(2, 21)
+    kv.mark_computed(2, prompt + [7], 21)
+    kv.check_invariants()
+    kv.free(2)
+    kv.check_invariants()
+    assert kv.usage == 0.0
+
+
+def test_windowed_group_missing_window_block_shortens_the_hit():
+    """When the windowed group lost a block the longest hit needs, the hit is the longest one whose window blocks
+    are all there (not necessarily a prefix of the global group's)."""
+    bs, w = 4, 5
+    kv = KVCacheManager([KVGroupSpec(None, 16), KVGroupSpec(w, 16)], bs)
+    prompt = list(range(100, 121))
+    run_prefill(kv, 1, prompt)
+    kv.free(1)
+    win = kv.groups[1]
+    chain = prompt_chain(prompt, bs)
+    evicted = win._by_hash[chain[4]]  # the block a 20-token hit needs in the windowed group
+    win._evictable.move_to_end(evicted, last=False)  # the least recently used: the next one taken
+    win.allocate_prompt("x", [1])
+    assert win.ensure_slots("x", bs * 12)  # the 11 never-used blocks, then the least recently used cached one
+    assert chain[4] not in win._by_hash
+    # h = 20 needs block 4 (gone); h = 16 needs block 3 (keys 12..15): cached
+    assert kv.num_cached_blocks(prompt) == 4
+    win.free("x")
+    assert kv.allocate_prompt(2, prompt) == 16
+    assert kv.block_table(1, 2) == [-1, -1, -1, kv.block_table(1, 2)[3]] and kv.block_table(1, 2)[3] >= 0
+    kv.check_invariants()
+
+
+def test_prefix_caching_off_caches_nothing_in_any_group():
+    kv = KVCacheManager([KVGroupSpec(None, 16), KVGroupSpec(5, 16)], 4, enable_prefix_caching=False)
+    prompt = list(range(21))
+    run_prefill(kv, 1, prompt)
+    kv.free(1)
+    assert kv.allocate_prompt(2, prompt) == 0 and (kv.prefix_queries, kv.prefix_hits) == (0, 0)
 
 
 # ---- budget split ----
@@ -515,3 +570,4 @@ def test_stress_sliding_and_global_groups(seed):
     prefixes = [[rng.randrange(3) for _ in range(20)]]
     kv = KVCacheManager([KVGroupSpec(None, 30), KVGroupSpec(5, 12), KVGroupSpec(9, 14)], rng.choice([2, 4]))
     _stress(kv, rng, 400, prefixes)
+    assert kv.prefix_hits > 0  # the windowed groups served hits too: every group holds what a hit needs

@@ -64,3 +64,24 @@ def test_header_parser_matches_gguf_reader_on_the_real_file():
     from gemma.registry import resolve_checkpoint
 
     same_as_gguf_reader(resolve_checkpoint("gemma-3-270m"))
+
+
+def test_a_1200_token_shared_prefix_is_served_from_the_cache(model, tokenizer):
+    """Gemma 3's 512-token sliding layers and its global layers both hold what a hit needs: the second request
+    reuses every full block of the shared 1,200 tokens, and its greedy continuation is the uncached one's."""
+    from gemma.engine import EngineConfig, LLMEngine
+    from gemma.sampling import SamplingParams
+
+    shared = tokenizer.encode(REFERENCE["paragraph"] * 20, add_special_tokens=True)[:1200]
+    assert len(shared) == 1200
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    outs = {}
+    for caching in (True, False):
+        engine = LLMEngine(model, None, EngineConfig(enable_prefix_caching=caching, kv_cache_memory="256MiB"))
+        for rid, tail in (("a", [236761]), ("b", [108, 818])):  # one after the other: "b" reuses finished "a"
+            engine.add_request(rid, shared + tail, params)
+            outs.setdefault(caching, []).append(engine.run_to_completion([rid])[rid])
+    first, second = outs[True]
+    assert first.num_cached_tokens == 0 and second.num_cached_tokens >= 1024
+    assert second.num_cached_tokens == 1200 // 16 * 16  # every full block of the shared part
+    assert [o.token_ids for o in outs[True]] == [o.token_ids for o in outs[False]]

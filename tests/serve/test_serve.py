@@ -55,8 +55,10 @@ def test_every_endpoint_end_to_end(url, tiny_lm_dir):
         reference = LLM(str(tiny_lm_dir)).generate(prompt, SamplingParams(max_tokens=12, **GREEDY), use_tqdm=False)[0]
         assert body["choices"][0]["text"] == reference.text
         assert body["choices"][0]["finish_reason"] == "length"
+        cached = body["usage"].pop("prompt_tokens_details")["cached_tokens"]
         assert body["usage"] == {"prompt_tokens": len(reference.prompt_token_ids), "completion_tokens": 12,
                                  "total_tokens": len(reference.prompt_token_ids) + 12}
+        assert 0 <= cached < len(reference.prompt_token_ids)
 
         chat = client.post("/v1/chat/completions", json={
             "model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, **GREEDY})
