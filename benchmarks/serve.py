@@ -154,9 +154,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_app_config(app_args: AppArgs, threads: int) -> tuple[dict, dict]:
-    """serve_config.yaml's application with `app_args`, fixed single replicas and the model on `threads` CPUs;
-    and the file's top-level options (http_options, logging_config)."""
+def serve_app_config(app_args: AppArgs, threads: int, model_options: dict | None = None) -> tuple[dict, dict]:
+    """serve_config.yaml's application with `app_args`, fixed single replicas and the model on `threads` CPUs (then
+    `model_options` over the model deployment's); and the file's top-level options (http_options, logging_config)."""
     import yaml
 
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
@@ -172,16 +172,17 @@ def serve_app_config(app_args: AppArgs, threads: int) -> tuple[dict, dict]:
             dep["ray_actor_options"] = {"num_cpus": threads, "num_gpus": gpus}
             dep["placement_group_bundles"] = [{"CPU": threads, "GPU": gpus} if gpus else {"CPU": threads}]
             dep["max_ongoing_requests"] = app_args.max_num_seqs
+            dep.update(model_options or {})
     return app, config
 
 
-def start_serve(app_args: AppArgs, threads: int, timeout_s: float = 600.0) -> str:
+def start_serve(app_args: AppArgs, threads: int, timeout_s: float = 600.0, model_options: dict | None = None) -> str:
     """Start Ray and Serve here and deploy the app (as `serve deploy` does); returns its base URL."""
     import ray
     from ray import serve
     from ray.serve.schema import ServeDeploySchema
 
-    app, config = serve_app_config(app_args, threads)
+    app, config = serve_app_config(app_args, threads, model_options)
     t = time.perf_counter()
     # address="local": always a new cluster of our own, never one another process left running on this machine
     with serve_env():  # Serve's request path in every Ray process, as cluster/ and `make serve` start Ray

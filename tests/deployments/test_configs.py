@@ -123,6 +123,24 @@ def test_model_placement_group_matches_tp_size(config):
     assert model["max_ongoing_requests"] == args["max_num_seqs"], "admit what one engine batch holds"
 
 
+def test_model_deployment_routes_by_prefix_with_the_engines_block_size(config):
+    """The router keys on the engine's own block hashes: its block_size must be the engine's."""
+    import importlib
+
+    from ray.serve.config import RequestRouterConfig
+    from ray.serve.request_router import RequestRouter
+
+    from gemma.engine import EngineConfig
+
+    routing = RequestRouterConfig(**deployments(config)["model"]["request_router_config"])
+    module, _, name = routing.request_router_class.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    assert issubclass(cls, RequestRouter) and cls.__name__ == "PrefixAwareRouter"
+    args = config["applications"][0]["args"]
+    assert routing.request_router_kwargs["block_size"] == args.get("block_size", EngineConfig().block_size)
+    cls.initialize_state(object.__new__(cls), **routing.request_router_kwargs)  # the kwargs are its parameters
+
+
 # --- cluster/rayservice.yaml -------------------------------------------------------------------------------
 
 
