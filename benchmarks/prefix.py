@@ -2,7 +2,7 @@
 
     python benchmarks/prefix.py [--model gemma-3-270m] [--system-prompts 3] [--conversations 2] [--turns 3]
                                 [--system-len 1024,2048] [--user-len 32,96] [--answer-tokens 32] [--threads 2]
-                                [--skip-serve] [--out benchmarks/results]
+                                [--replicas 2] [--skip-serve] [--out benchmarks/results]
 
 Workload (seeded): `--system-prompts` system prompts of random token ids (lengths uniform in --system-len), each
 opening `--conversations` conversations of `--turns` turns; a turn appends a user message (--user-len random ids)
@@ -10,7 +10,8 @@ to the conversation so far, and the model's greedy answer (--answer-tokens) join
 conversation is sent at once, the next turn when all have answered. Phases, same requests:
 1. the engine in this process, `enable_prefix_caching=False`;
 2. the same, caching on;
-3. the app of serve_config.yaml, sent the prompts of phase 2 again round by round, with 2 model replicas (`--threads` // 2 CPUs each) and Serve's default router;
+3. the app of serve_config.yaml, sent the prompts of phase 2 again round by round, with `--replicas` model replicas
+   (sharing `--threads` CPUs: 1 torch thread each below one CPU) and Serve's default router;
 4. the same with the app's prefix router (deployments/prefix_router.py).
 Per phase: the share of prompt tokens served from a prefix cache (engine counters, or usage's
 `prompt_tokens_details.cached_tokens` over HTTP), TTFT p50 / p99 (engine timestamps, or first streamed token at
@@ -148,8 +149,9 @@ def main() -> None:
     p.add_argument("--system-len", type=parse_range, default=(1024, 2048))
     p.add_argument("--user-len", type=parse_range, default=(32, 96))
     p.add_argument("--answer-tokens", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2, help="torch threads of the engine; Serve: split over 2 replicas")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the engine; Serve: shared by the replicas")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replicas", type=int, default=2, help="model replicas of the Serve phases")
     p.add_argument("--skip-serve", action="store_true")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
@@ -171,10 +173,12 @@ def main() -> None:
         from serve import start_serve, stop_serve
 
         app_args = AppArgs(model=args.model, dtype=args.dtype, classifier_model=None, **config)
-        threads = max(1, args.threads // 2)
-        for name, router in (("Serve, 2 replicas, default router", DEFAULT_ROUTER), ("Serve, 2 replicas, prefix router", None)):
-            options = {"num_replicas": 2, **({"request_router_config": router} if router else {})}
-            url = start_serve(app_args, threads, model_options=options)
+        cpus = args.threads / args.replicas  # Ray sets a replica's torch threads from it (at least 1)
+        share = {"ray_actor_options": {"num_cpus": cpus, "num_gpus": 0}, "placement_group_bundles": [{"CPU": cpus}]}
+        for router_name, router in (("default router", DEFAULT_ROUTER), ("prefix router", None)):
+            name = f"Serve, {args.replicas} replicas, {router_name}"
+            options = {"num_replicas": args.replicas, **share, **({"request_router_config": router} if router else {})}
+            url = start_serve(app_args, max(1, int(cpus)), model_options=options)
             try:
                 recorded = per_phase["engine, caching on"]
                 turns, wall = replay(recorded, len(heads), http_answer(url, args.model, args.answer_tokens))
@@ -214,7 +218,7 @@ def report(args: argparse.Namespace, rows: list[dict], per_phase: dict[str, list
         print(f"hit rate, prefix router / default router: {ours:.1%} / {default:.1%} = {gain:.2f}x "
               f"(goal >= {ROUTER_HIT_GOAL}x): {'PASS' if gain >= ROUTER_HIT_GOAL else 'MISS'}")
     out = results_dir(args.out)
-    stem = f"prefix-{Path(args.model).name}-{args.dtype}"
+    stem = f"prefix-{Path(args.model).name}-{args.dtype}" + (f"-{args.replicas}-replicas" if args.replicas != 2 else "")
     (out / f"{stem}.json").write_text(json.dumps({"args": vars(args), "cpu": cpu, "load": load, "date": time.strftime(
         "%Y-%m-%d"), "rows": rows, "targets": targets}, indent=2, default=str))
     plt = pyplot()
