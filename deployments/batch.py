@@ -65,7 +65,12 @@ logger = logging.getLogger(__name__)
 
 Format = Literal["jsonl", "parquet", "csv"]
 EXTENSIONS: dict[str, Format] = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv"}
-CPU_STAGE_CPUS = 0.5  # tokenize / detokenize actors: light next to an engine, they should not hold a whole core
+# What the light parts of a job reserve, so that a job fits on a 2-CPU machine beside an engine of 1 CPU: the tokenize
+# and detokenize actors (each), and every read, finish and write task. Ray Data's default (1 CPU a task) left a read
+# task waiting forever for a CPU the actors held ("Active & requested resources: 3/2 CPU").
+CPU_STAGE_CPUS = 0.25
+IO_TASK_CPUS = 0.25
+IO_ARGS = {"ray_remote_args": {"num_cpus": IO_TASK_CPUS}}
 
 
 class BatchArgs(ServingEngineConfig):
@@ -184,8 +189,8 @@ def read_rows(args: BatchArgs) -> Dataset:
     if fmt == "jsonl":
         # lines=True reads through pandas, which keeps a column whose rows disagree on its type (a prompt that
         # is a number): such a row then gets an error instead of failing the whole read
-        return ray.data.read_json(path, lines=True)
-    return ray.data.read_parquet(path) if fmt == "parquet" else ray.data.read_csv(path)
+        return ray.data.read_json(path, lines=True, **IO_ARGS)
+    return ray.data.read_parquet(path, **IO_ARGS) if fmt == "parquet" else ray.data.read_csv(path, **IO_ARGS)
 
 
 def build_dataset(args: BatchArgs, tally: Any = None, placement: _TPPlacement | None = None) -> Dataset:
@@ -219,7 +224,7 @@ def build_dataset(args: BatchArgs, tally: Any = None, placement: _TPPlacement | 
             )
         ds = ds.map_batches(DetokenizeStage, fn_constructor_args=(tokenizer,), **cpu)
     return ds.map_batches(
-        finish_batch, batch_format="pandas", num_cpus=CPU_STAGE_CPUS,
+        finish_batch, batch_format="pandas", num_cpus=IO_TASK_CPUS,
         fn_kwargs={"task": args.task, "output_format": _output_format(args), "tally": tally,
                    "return_token_ids": args.return_token_ids},
     )
@@ -244,8 +249,9 @@ class JSONLinesDatasink(BlockBasedFileDatasink):
 def write_rows(ds: Dataset, args: BatchArgs) -> None:
     fmt = _output_format(args)
     write = {
-        "jsonl": lambda path, **kw: ds.write_datasink(JSONLinesDatasink(path, **kw)),
-        "parquet": ds.write_parquet, "csv": ds.write_csv,
+        "jsonl": lambda path, **kw: ds.write_datasink(JSONLinesDatasink(path, **kw), **IO_ARGS),
+        "parquet": lambda path, **kw: ds.write_parquet(path, **kw, **IO_ARGS),
+        "csv": lambda path, **kw: ds.write_csv(path, **kw, **IO_ARGS),
     }[fmt]
     if _extension_format(args.output) is None:
         write(_ray_path(args.output))
@@ -273,11 +279,39 @@ def write_rows(ds: Dataset, args: BatchArgs) -> None:
             fs.delete_dir(scratch)
 
 
+def job_resources(args: BatchArgs) -> dict[str, dict[str, float]]:
+    """What the job holds at its smallest (the minimum of each actor pool) and one read/finish/write task needs, by
+    part: {"engines": {"CPU": .., "GPU": ..}, "tokenize / detokenize": {...}, "a read or write task": {...}}."""
+    engines = args.concurrency if isinstance(args.concurrency, int) else args.concurrency[0]
+    light = args.cpu_concurrency if isinstance(args.cpu_concurrency, int) else args.cpu_concurrency[0]
+    ranks = engines * args.tp_size
+    parts = {"engines": {"CPU": ranks * args.num_cpus, "GPU": float(ranks) if args.device == "cuda" else 0.0}}
+    stages = 1 if args.task == "classify" else 2  # classify has no detokenize stage
+    parts["tokenize / detokenize"] = {"CPU": stages * light * CPU_STAGE_CPUS, "GPU": 0.0}
+    parts["a read or write task"] = {"CPU": IO_TASK_CPUS, "GPU": 0.0}
+    return parts
+
+
+def check_resources(args: BatchArgs, cluster: dict[str, float]) -> None:
+    """Refuse at once, naming what is missing, a job the Ray cluster can never run (instead of waiting forever)."""
+    parts = job_resources(args)
+    for resource in ("CPU", "GPU"):
+        need = sum(p[resource] for p in parts.values())
+        have = float(cluster.get(resource, 0.0))
+        if need > have + 1e-9:
+            detail = ", ".join(f"{name} {p[resource]:g}" for name, p in parts.items() if p[resource])
+            raise ValueError(
+                f"the job needs {need:g} {resource} ({detail}) but the Ray cluster has {have:g}: lower num_cpus, "
+                "concurrency, cpu_concurrency or tp_size, or add nodes"
+            )
+
+
 def run_batch(args: BatchArgs | dict[str, Any]) -> BatchSummary:
     """Run the job to the end; connects to Ray first if needed (`ray.init()`, which reads RAY_ADDRESS)."""
     args = args if isinstance(args, BatchArgs) else BatchArgs.model_validate(args)
     if not ray.is_initialized():
         ray.init()
+    check_resources(args, ray.cluster_resources())
     bundle = {"CPU": args.num_cpus} | ({"GPU": 1.0} if args.device == "cuda" else {})
     placement = _TPPlacement(bundle, args.tp_size)
     tally = _Tally.remote()

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from deployments.batch import BatchArgs, main, run_batch
+from deployments.batch import BatchArgs, check_resources, main, run_batch
 from gemma import LLM, GemmaForSequenceClassification, GemmaTokenizer, SamplingParams
 
 MAX_TOKENS = 8
@@ -225,3 +227,35 @@ def test_arguments_are_checked_before_anything_runs():
     with pytest.raises(ValueError, match="input_format"):
         BatchArgs(input="data/prompts", output="b.jsonl")
     assert BatchArgs(input="data/prompts", input_format="csv", output="out").input_format == "csv"
+
+
+def test_a_job_the_cluster_can_never_run_is_refused_at_once_naming_what_is_missing(tiny_lm_dir):
+    two_cpus = BatchArgs(input="in.jsonl", output="out.jsonl", model=str(tiny_lm_dir))
+    check_resources(two_cpus, {"CPU": 2.0})  # an engine of 1 CPU and the light stages fit a 2-core machine
+    with pytest.raises(ValueError, match=r"needs 1.75 CPU \(engines 1, .*\) but the Ray cluster has 1"):
+        check_resources(two_cpus, {"CPU": 1.0})
+    with pytest.raises(ValueError, match="needs 2 GPU .* has 0"):
+        check_resources(two_cpus.model_copy(update={"device": "cuda", "concurrency": 2}), {"CPU": 8.0})
+    with pytest.raises(ValueError, match=r"needs 4.75 CPU \(engines 4, "):
+        check_resources(two_cpus.model_copy(update={"tp_size": 2, "num_cpus": 2.0}), {"CPU": 4.0})
+
+
+@pytest.mark.slow
+def test_the_command_line_runs_on_a_ray_the_size_of_a_2_core_machine(tiny_lm_dir, tmp_path):
+    """`python -m deployments.batch` as a user runs it, on a fresh local Ray of 2 CPUs (the test cluster has more,
+    which hid a job that waited forever for a CPU its own actors held): it finishes, every row written."""
+    rows = [{"prompt": f"row {i}"} for i in range(5)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = (
+        "import sys, ray; ray.init(address='local', num_cpus=2, include_dashboard=False); "
+        "from deployments.batch import main; sys.exit(main(sys.argv[1:]))"
+    )
+    argv = ["--model", str(tiny_lm_dir), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+            "--max-tokens", "3", "--dtype", "float32"]
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in out] == [r["prompt"] for r in rows]
+    assert all(r["error"] is None and r["completion_tokens"] == 3 for r in out)
+
