@@ -245,10 +245,10 @@ class ClassifyStage:
 
     def __init__(self, model: str, dtype: str, device: str, max_batch_size: int = 16, tally: Any = None) -> None:
         from gemma.model import GemmaForSequenceClassification
-        from gemma.weights import DTYPES
+        from gemma.weights import resolve_dtype
 
         device = "cuda:0" if device == "cuda" else device  # Ray makes the actor's one GPU device 0
-        self.model = GemmaForSequenceClassification.from_pretrained(model, dtype=DTYPES[dtype], device=device).eval()
+        self.model = GemmaForSequenceClassification.from_pretrained(model, dtype=resolve_dtype(dtype, model), device=device).eval()
         config = self.model.config
         self.id2label = {int(k): v for k, v in config.id2label.items()}
         self.pad = config.pad_token_id if config.pad_token_id is not None else 0

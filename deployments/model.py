@@ -40,7 +40,6 @@ from gemma.engine import (
     LoadConfig,
     RequestOutput,
 )
-from gemma.engine.config import DType
 from gemma.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -50,9 +49,6 @@ class ServingEngineConfig(EngineConfig, LoadConfig):
     """What one engine of a deployment or batch job loads, and its limits: the fields of gemma.engine's `LoadConfig`
     and `EngineConfig` (documented there), with these serving defaults."""
 
-    # the library computes in float32 (the reference implementations' numbers); a server takes bfloat16: half the
-    # weight bytes to hold, and to read in every decode step
-    dtype: DType = "bfloat16"
     # named, not detected: it decides whether a replica reserves GPUs from Ray (one per rank); Ray then shows each
     # GPU actor one device
     device: Literal["cpu", "cuda"] = "cpu"

@@ -14,7 +14,7 @@ from typing import get_args
 import torch
 
 from gemma.engine.config import DType, LoadConfig
-from gemma.weights import DTYPES
+from gemma.weights import resolve_dtype
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -26,7 +26,7 @@ def generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     log.info("loading %s (%s)", args.model, args.dtype)
     tokenizer = GemmaTokenizer.from_pretrained(args.model)
-    model = GemmaForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    model = GemmaForCausalLM.from_pretrained(args.model, dtype=resolve_dtype(args.dtype, args.model), device=args.device)
     log.info("loaded in %.1f s", time.perf_counter() - start)
 
     if args.chat:

@@ -32,8 +32,34 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# dtype names accepted on command lines and in configs
+# dtype names accepted on command lines and in configs, besides "auto" (`resolve_dtype`)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def checkpoint_dtype(name_or_path: str | os.PathLike) -> torch.dtype:
+    """The dtype a checkpoint asks for (vLLM's `dtype="auto"`): an HF directory's config.json `dtype` (transformers
+    5) or `torch_dtype`, float32 when it names none or another; bfloat16 for a `.gguf`, whose quantized weights have
+    no float dtype of their own (bf16 activations read half the bytes of fp32 ones, and the CPU kernels take them)."""
+    path = resolve_checkpoint(name_or_path)
+    if path.suffix == ".gguf":
+        return torch.bfloat16
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return torch.float32  # from_pretrained reports what is wrong with the checkpoint
+    name = config.get("dtype") or config.get("torch_dtype")
+    return DTYPES.get(str(name).removeprefix("torch."), torch.float32)
+
+
+def resolve_dtype(dtype: str | torch.dtype, name_or_path: str | os.PathLike) -> torch.dtype:
+    """A dtype name ("auto" = the checkpoint's, `checkpoint_dtype`) or torch dtype, as the torch dtype to load in."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return checkpoint_dtype(name_or_path)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 HEAD_PREFIXES = ("lm_head.", "score.")  # task heads: the only tensors a base model may skip

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-DType = Literal["float32", "bfloat16", "float16"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
 CpuMatmul = Literal["auto", "kernel", "fp32", "torch"]
 
 
@@ -22,9 +22,10 @@ class LoadConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = "gemma-3-270m"  # a named model (gemma.registry), an HF checkpoint directory or a .gguf file
-    # float32 computes as the reference implementations do (the parity tests' setting); bfloat16 halves the bytes
-    # every decode step reads
-    dtype: DType = "float32"
+    # "auto" (vLLM's default): the checkpoint's dtype (config.json's; bfloat16 for a .gguf, gemma.weights.
+    # checkpoint_dtype); float32 computes as the reference implementations do (the parity tests' setting), bfloat16
+    # halves the bytes every decode step reads
+    dtype: DType = "auto"
     device: str | None = None  # "cpu", "cuda", "cuda:1", ...; None: cuda when available, else cpu
     tp_size: int = Field(1, ge=1)  # tensor-parallel ranks: this process is rank 0, ranks 1..N-1 are started for it
 

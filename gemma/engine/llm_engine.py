@@ -33,7 +33,7 @@ from gemma.engine.sequence import Sequence
 from gemma.model import GemmaForCausalLM
 from gemma.sampling import SamplingParams, sample
 from gemma.tokenizer import GemmaTokenizer, IncrementalDecoder
-from gemma.weights import DTYPES, parse_size
+from gemma.weights import DTYPES, parse_size, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class LLMEngine:
 
     @classmethod
     def from_pretrained(
-        cls, model: str, dtype: str = "float32", device: str | None = None, tp_size: int = 1,
+        cls, model: str, dtype: str = "auto", device: str | None = None, tp_size: int = 1,
         config: EngineConfig | None = None, launcher: type = LocalLauncher, host: str = "127.0.0.1",
     ) -> LLMEngine:
         """Load `model` (a named model, HF directory or .gguf) and its tokenizer and build an engine on them.
@@ -98,15 +98,16 @@ class LLMEngine:
         With `tp_size > 1` this process is rank 0 and `launcher(spec)` starts ranks 1..N-1 (local processes by
         default; deployments/ passes a Ray-actor launcher); they rendezvous at `host`.
         """
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        # "auto": the checkpoint's dtype (vLLM's meaning), resolved here so that every rank loads the same
+        torch_dtype = resolve_dtype(dtype, model)  # raises, naming it, on an unknown name
+        dtype = next(name for name, d in DTYPES.items() if d == torch_dtype)
         if tp_size < 1:
             raise ValueError(f"tp_size must be >= 1, got {tp_size}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         tokenizer = GemmaTokenizer.from_pretrained(model)
         workers = None
         if tp_size == 1:
-            lm = GemmaForCausalLM.from_pretrained(model, dtype=DTYPES[dtype], device=device)
+            lm = GemmaForCausalLM.from_pretrained(model, dtype=torch_dtype, device=device)
         else:
             backend = "nccl" if device.startswith("cuda") else "gloo"
             spec = WorkerSpec(str(model), dtype, device, tp_size, host=host, backend=backend)

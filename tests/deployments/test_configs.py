@@ -296,14 +296,14 @@ def test_env_file_errors_name_the_line(tmp_path):
 
 def test_engine_settings_are_declared_once_with_one_set_of_defaults():
     """EngineArgs, AppArgs and BatchArgs take the engine's fields from gemma.engine's LoadConfig and EngineConfig;
-    only ServingEngineConfig redeclares any (dtype and device, each with its reason), and none adds another copy."""
+    only ServingEngineConfig redeclares one (device, with its reason), and none adds another copy."""
     from deployments.app import AppArgs
     from deployments.batch import BatchArgs
     from deployments.model import EngineArgs, ServingEngineConfig
     from gemma.engine import EngineConfig, LoadConfig
 
     library = {**LoadConfig().model_dump(), **EngineConfig().model_dump()}
-    serving_overrides = {"dtype", "device"}
+    serving_overrides = {"device"}
     for cls in (ServingEngineConfig, EngineArgs, AppArgs, BatchArgs):
         own = set(cls.__dict__.get("__annotations__", {}))
         expected = serving_overrides if cls is ServingEngineConfig else set()
@@ -314,7 +314,7 @@ def test_engine_settings_are_declared_once_with_one_set_of_defaults():
     for args in (app, app.engine_args(), EngineArgs(), batch):
         assert args.engine_config() == EngineConfig(), type(args).__name__
         assert {k for k, v in library.items() if getattr(args, k) != v} == serving_overrides, type(args).__name__
-    assert (app.dtype, app.device, LoadConfig().dtype, LoadConfig().device) == ("bfloat16", "cpu", "float32", None)
+    assert (app.dtype, app.device, LoadConfig().dtype, LoadConfig().device) == ("auto", "cpu", "auto", None)
     with pytest.raises(ValueError, match="max_num_seq"):
         AppArgs(max_num_seq=8)
     with pytest.raises(ValueError, match="kv_cache_mem"):
@@ -330,10 +330,10 @@ def test_batch_cli_defaults_are_batch_args_defaults():
 
 
 def test_serve_config_documents_the_engine_defaults(config):
-    """serve_config.yaml's args list every engine field at the library's default, dtype aside (serving's own)."""
+    """serve_config.yaml's args list every engine field at the library's default, device aside (serving's own)."""
     from gemma.engine import EngineConfig, LoadConfig
 
     args = config["applications"][0]["args"]
     assert {k: args[k] for k in EngineConfig.model_fields} == EngineConfig().model_dump()
     load = LoadConfig().model_dump()
-    assert {k: args[k] for k in load} == load | {"dtype": "bfloat16", "device": "cpu"}
+    assert {k: args[k] for k in load} == load | {"device": "cpu"}

@@ -28,8 +28,8 @@ def test_llm_takes_the_config_fields_and_names_a_bad_one_before_loading(tiny_lm_
 
 
 def test_library_defaults():
-    """The defaults every loader starts from (serving changes dtype and device only: tests/deployments)."""
-    assert LoadConfig() == LoadConfig(model="gemma-3-270m", dtype="float32", device=None, tp_size=1)
+    """The defaults every loader starts from (serving changes device only: tests/deployments)."""
+    assert LoadConfig() == LoadConfig(model="gemma-3-270m", dtype="auto", device=None, tp_size=1)
     config = EngineConfig()
     assert (config.max_num_seqs, config.max_model_len, config.kv_cache_memory) == (32, None, "1GiB")
     with pytest.raises(ValidationError, match="tp_size"):

@@ -134,3 +134,19 @@ def test_saved_config_names_the_architecture_as_transformers_does(tmp_path, fami
 def test_saved_dtype_is_the_weights_dtype(checkpoint, tmp_path):
     GemmaForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_auto_dtype_is_the_checkpoints(tmp_path, tiny_lm_dir):
+    """dtype="auto" (vLLM's default): config.json's dtype for an HF directory, bfloat16 for a .gguf; names check."""
+    from gemma.weights import checkpoint_dtype, resolve_dtype
+
+    model = GemmaForCausalLM.from_pretrained(write_hf_checkpoint(tmp_path / "fp32", **SHAPES["mqa"]))
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert checkpoint_dtype(tmp_path / "fp32") == torch.float32 and checkpoint_dtype(tmp_path / "bf16") == torch.bfloat16
+    assert checkpoint_dtype(tmp_path / "model.gguf") == torch.bfloat16
+    assert resolve_dtype("auto", tmp_path / "bf16") == torch.bfloat16 and resolve_dtype("float16", "x") == torch.float16
+    with pytest.raises(ValueError, match="dtype must be 'auto' or one of"):
+        resolve_dtype("fp8", tmp_path / "bf16")
+    from gemma import LLM
+
+    assert LLM(str(tiny_lm_dir), kv_cache_memory="4MiB").engine.model.dtype == torch.float32  # LLM's default: auto
