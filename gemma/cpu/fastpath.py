@@ -12,12 +12,16 @@ before Zen 4), PyTorch's half-precision matmul is slow: on 2 AVX2 cores it compu
 fp32, and reads a bf16 weight for one row at ~11-16 GB/s of the memory's ~25-29. The modes:
 - "kernel": gemma.cpu.kernels' bf16 matmul (fp32 accumulation, no extra memory) for bf16 weights, and its fused
   RMSNorm, rotary embedding and decode attention; q/k/v and gate/up weights are joined into one matrix each (the
-  modules' weights become views into it), so a layer makes 4 matmul calls instead of 7;
+  modules' weights become views into it), so a layer makes 4 matmul calls instead of 7. Each product is ours below
+  a row count and PyTorch's (oneDNN) from there on (`torch_rows`, per weight shape): on a CPU with native bf16
+  (AVX-512-BF16, AMX) oneDNN wins batches while ours wins decode-sized inputs, so the crossover is measured at
+  start-up; without native bf16 ours wins at every size and no measuring is needed;
 - "fp32": an fp32 copy of each half-precision weight for inputs of `FP32_MATMUL_MIN_ROWS` rows or more (the
   products of bf16 values computed in fp32 and rounded back, as a bf16 GEMM with fp32 accumulation does, at 2x
   the weights' bytes in memory); fewer rows keep the half-precision weight, being bound by reading it;
 - "torch": PyTorch's own;
-- "auto": the kernel where `slow_half_matmul` and it builds, else "fp32" where `slow_half_matmul`, else "torch".
+- "auto": "kernel" for bf16 weights on the CPU where the kernels build, else "fp32" where `slow_half_matmul`, else
+  "torch".
 
 `decode_step` runs an engine step in which every sequence decodes one token as one C++ call per layer
 (`kernels.decode_layer`: the same kernels and ATen ops in the same order as the modules, so the same bits), where
@@ -26,6 +30,9 @@ fp32, and reads a bf16 weight for one row at ~11-16 GB/s of the memory's ~25-29.
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 from typing import NamedTuple
 
 import torch
@@ -37,7 +44,12 @@ from gemma.layers import GemmaMLP, RMSNorm
 from gemma.model import GemmaAttention, GemmaDecoderLayer, GemmaModel
 from gemma.parallel import Linear
 
+logger = logging.getLogger(__name__)
+
 CPU_MATMUL_MODES = ("auto", "kernel", "fp32", "torch")
+NEVER = 2**62  # a row count no input reaches: always our kernel
+CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 64)
+_crossover: dict[tuple[int, int], int] = {}  # (out, in) features -> torch_rows, measured once per process
 FP32_MATMUL_MIN_ROWS = 4  # measured on 2 AVX2 cores: bf16 wins below (it reads half the bytes), fp32 above
 
 
@@ -49,19 +61,69 @@ def slow_half_matmul(device: torch.device, dtype: torch.dtype) -> bool:
     return not (mkldnn._is_mkldnn_bf16_supported() if dtype == torch.bfloat16 else mkldnn._is_mkldnn_fp16_supported())
 
 
+# ---- which product, by row count ------------------------------------------------------------------------------
+
+
+def torch_rows(weight: torch.Tensor) -> int:
+    """From how many input rows PyTorch's product of a bf16 CPU `weight` beats ours on this CPU: measured once per
+    weight shape per process where the CPU has native bf16 (`CALIBRATION_ROWS`, best of 3 timings each, ~0.1-2 s
+    for a model); `NEVER` without it. GEMMA_CPU_TORCH_ROWS=N sets it for every weight instead."""
+    forced = os.environ.get("GEMMA_CPU_TORCH_ROWS")
+    if forced:
+        return int(forced)
+    if slow_half_matmul(weight.device, weight.dtype):
+        return NEVER  # on 2 AVX2 cores PyTorch's bf16 matmul computes ~13-17 GFLOP/s, ours 70-95 (kernels.py)
+    shape = (weight.shape[0], weight.shape[1])
+    if shape not in _crossover:
+        _crossover[shape] = _measure(weight)
+        logger.info("cpu kernels: weight %s: PyTorch's matmul from %s rows on", shape,
+                    "no number of" if _crossover[shape] == NEVER else _crossover[shape])
+    return _crossover[shape]
+
+
+def _measure(weight: torch.Tensor) -> int:
+    """The smallest of CALIBRATION_ROWS from which F.linear is faster than the kernel at it and every larger one."""
+    faster = []
+    reps = max(1, int(2e7 // weight.numel()))  # ~10+ ms of work per timing on small weights, one call on the LM head
+    for rows in CALIBRATION_ROWS:
+        x = torch.randn(rows, weight.shape[1]).to(weight.dtype)
+        times = []
+        for f in (lambda: kernels.linear_bf16(x, weight), lambda: F.linear(x, weight)):
+            f()  # warm: first-call allocations, oneDNN's primitive for this shape
+            best = float("inf")
+            for _ in range(3):
+                start = time.perf_counter()
+                for _ in range(reps):
+                    f()
+                best = min(best, time.perf_counter() - start)
+            times.append(best)
+        faster.append(times[1] < times[0])
+    first = next((i for i in range(len(faster)) if all(faster[i:])), None)
+    return NEVER if first is None else CALIBRATION_ROWS[first]
+
+
+def product(x: torch.Tensor, weight: torch.Tensor, rows_from: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x weight^T by the kernel below `rows_from` rows of x, by F.linear from there on; into `out` when given."""
+    if x.numel() < rows_from * weight.shape[1]:
+        return kernels.linear_bf16(x, weight, out=out)
+    y = F.linear(x, weight)
+    return y if out is None else out.copy_(y)
+
+
 # ---- a Linear's product -------------------------------------------------------------------------------------
 
 
 class KernelMatmul:
-    """`Linear.matmul` on the bf16 kernel: fp32 accumulation, `out` (fp32 or x's dtype) written directly."""
+    """`Linear.matmul` on the bf16 kernel (fp32 accumulation, `out` written directly) below `torch_rows` rows,
+    PyTorch's from there on."""
 
     name = "kernel"
 
-    def __init__(self, linear: Linear) -> None:
-        self.linear = linear
+    def __init__(self, linear: Linear, rows_from: int) -> None:
+        self.linear, self.torch_rows = linear, rows_from
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        return kernels.linear_bf16(x, self.linear.weight, out=out)
+        return product(x, self.linear.weight, self.torch_rows, out)
 
 
 class Fp32Matmul:
@@ -103,12 +165,13 @@ class KernelAttention(GemmaAttention):
     kernel where each row has one query (it reads the engine's pools in place)."""
 
     qkv_weight: torch.Tensor | None = None  # q, k and v's weights as one matrix; theirs are views into it
+    qkv_rows: int = NEVER  # its `torch_rows`
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.qkv_weight is None:
             return super().project_qkv(x)
         sizes = (self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features)
-        return kernels.linear_bf16(x, self.qkv_weight).split(sizes, dim=-1)
+        return product(x, self.qkv_weight, self.qkv_rows).split(sizes, dim=-1)
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return kernels.rope(x, cos, sin)
@@ -147,11 +210,12 @@ class KernelMLP(GemmaMLP):
     """The MLP with gate and up as one product."""
 
     gate_up_weight: torch.Tensor | None = None  # gate and up's weights as one matrix; theirs are views into it
+    gate_up_rows: int = NEVER  # its `torch_rows`
 
     def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.gate_up_weight is None:
             return super().gate_up(x)
-        return kernels.linear_bf16(x, self.gate_up_weight).chunk(2, dim=-1)
+        return product(x, self.gate_up_weight, self.gate_up_rows).chunk(2, dim=-1)
 
 
 SWAPS: dict[type[nn.Module], type[nn.Module]] = {RMSNorm: KernelRMSNorm, GemmaAttention: KernelAttention,
@@ -171,15 +235,15 @@ def set_cpu_matmul(model: nn.Module, mode: str = "auto") -> tuple[str, int]:
     half = [m for m in linears if m.weight.dtype in (torch.bfloat16, torch.float16)]
     if mode == "auto":
         slow = any(slow_half_matmul(m.weight.device, m.weight.dtype) for m in half)
-        bf16 = bool(half) and all(m.weight.dtype == torch.bfloat16 for m in half)
-        mode = "torch" if not slow else "kernel" if bf16 and kernels.available() else "fp32"
+        cpu_bf16 = bool(half) and all(m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu" for m in half)
+        mode = "kernel" if cpu_bf16 and kernels.available() else "fp32" if slow else "torch"
     _reset(model, linears)
     added = 0
     if mode == "kernel":
         kernels.load()  # raises, naming why, where the kernel cannot be built
         for m in half:
             if kernels.usable(m.weight):
-                m.matmul = KernelMatmul(m)
+                m.matmul = KernelMatmul(m, torch_rows(m.weight))
         for m in list(model.modules()):
             if isinstance(m, RMSNorm) and m.weight.device.type == "cpu":
                 m.__class__ = KernelRMSNorm
@@ -187,9 +251,13 @@ def set_cpu_matmul(model: nn.Module, mode: str = "auto") -> tuple[str, int]:
                     and m.q_proj.weight.dtype == torch.bfloat16:
                 m.__class__ = KernelAttention
                 m.qkv_weight = join_weights([m.q_proj, m.k_proj, m.v_proj])
+                if m.qkv_weight is not None:
+                    m.qkv_rows = torch_rows(m.qkv_weight)
             elif isinstance(m, GemmaMLP):
                 m.__class__ = KernelMLP
                 m.gate_up_weight = join_weights([m.gate_proj, m.up_proj])
+                if m.gate_up_weight is not None:
+                    m.gate_up_rows = torch_rows(m.gate_up_weight)
     elif mode == "fp32":
         for m in half:
             m.matmul = Fp32Matmul(m)
@@ -204,8 +272,8 @@ def _reset(model: nn.Module, linears: list[Linear]) -> None:
     for m in model.modules():
         for base, swap in SWAPS.items():
             if type(m) is swap:
-                m.__dict__.pop("qkv_weight", None)
-                m.__dict__.pop("gate_up_weight", None)
+                for name in ("qkv_weight", "qkv_rows", "gate_up_weight", "gate_up_rows"):
+                    m.__dict__.pop(name, None)
                 m.__class__ = base
 
 
@@ -276,5 +344,6 @@ def decode_step(
             x, layer_norms, *qk, attn.qkv_weight, attn.o_proj.weight, layer.mlp.gate_up_weight,
             layer.mlp.down_proj.weight, *layer_inputs[i], *ropes[model.config.layer_type(i)], attn.num_heads,
             attn.num_kv_heads, layer.input_layernorm.eps, attn.scaling, attn.softcap or 0.0,
+            [attn.qkv_rows, attn.o_proj.matmul.torch_rows, layer.mlp.gate_up_rows, layer.mlp.down_proj.matmul.torch_rows],
         )
     return model.norm(x[None])

@@ -280,12 +280,38 @@ def test_argmax_kernel_equals_torch_ties_infinities_and_nan(V):
 
 
 @needs_kernel
+def test_each_product_is_ours_below_torch_rows_and_pytorchs_from_there(monkeypatch):
+    monkeypatch.setenv("GEMMA_CPU_TORCH_ROWS", "4")
+    layer = ColumnParallelLinear(64, 48).to(torch.bfloat16)
+    set_cpu_matmul(layer, "kernel")
+    assert layer.matmul.torch_rows == 4
+    g = torch.Generator().manual_seed(5)
+    for rows in (1, 3, 4, 9):
+        x = torch.randn(rows, 64, generator=g).to(torch.bfloat16)
+        want = cpu_kernels.linear_bf16(x, layer.weight) if rows < 4 else F.linear(x, layer.weight)
+        assert torch.equal(layer(x), want), rows
+        into = torch.empty(rows, 48)
+        assert torch.equal(layer.matmul(x, out=into), want.float())
+
+
+def test_without_native_bf16_our_kernel_takes_every_size(monkeypatch):
+    import gemma.cpu.fastpath as fastpath
+
+    monkeypatch.delenv("GEMMA_CPU_TORCH_ROWS", raising=False)
+    monkeypatch.setattr(fastpath, "slow_half_matmul", lambda device, dtype: True)
+    assert fastpath.torch_rows(torch.zeros(16, 8, dtype=torch.bfloat16)) == fastpath.NEVER
+
+
+@needs_kernel
+@pytest.mark.parametrize("torch_rows", [None, "2"], ids=["measured", "pytorch-from-2-rows"])
 @pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text"])
-def test_fused_decode_layer_equals_the_unfused_layer_bit_for_bit(tmp_path, family, monkeypatch):
+def test_fused_decode_layer_equals_the_unfused_layer_bit_for_bit(tmp_path, family, torch_rows, monkeypatch):
     """The engine's single-token decode steps run each layer as one `cpu_kernels.decode_layer` call: with and
     without it, the same tokens and the same logprobs to the bit (Gemma 1's norms, Gemma 2's soft-capping and
     windows, Gemma 3's qk-norms and two rope tables), mixed prefill + decode steps included."""
 
+    if torch_rows:  # steps of 2+ decodes take PyTorch's product in both paths, single ones ours
+        monkeypatch.setenv("GEMMA_CPU_TORCH_ROWS", torch_rows)
     extra = FAMILIES.get(family, dict(num_attention_heads=4, num_key_value_heads=1, head_dim=16))
     model = GemmaForCausalLM.from_pretrained(write_hf_checkpoint(tmp_path, family=family, **extra), dtype=torch.bfloat16)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=3)

@@ -279,16 +279,24 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 // with Gemma 2/3's sandwich norms, else {input, post_attention} (Gemma 1: post_attention is the MLP's norm);
 // q_norm/k_norm: Gemma 3's per-head norms; the pools (P, Hkv, D); write_slots (n,) where this step's keys go;
 // slots/allowed (n, S): the keys each row attends; cos/sin (1, n, D). Returns the layer's output (n, C).
+// x w^T by the product gemma.cpu.fastpath chose for w at this row count: ours below `torch_rows`, PyTorch's (oneDNN,
+// native bf16 / AMX where the CPU has them) from there on, exactly as the unfused module computes it.
+static torch::Tensor product(const torch::Tensor& x, const torch::Tensor& w, int64_t torch_rows) {
+  return x.size(0) >= torch_rows ? at::linear(x, w) : linear_bf16(x, w, c10::nullopt);
+}
+
 torch::Tensor decode_layer(torch::Tensor x, std::vector<torch::Tensor> norms, c10::optional<torch::Tensor> q_norm,
                            c10::optional<torch::Tensor> k_norm, torch::Tensor qkv_w, torch::Tensor o_w,
                            torch::Tensor gate_up_w, torch::Tensor down_w, torch::Tensor k_pool, torch::Tensor v_pool,
                            torch::Tensor write_slots, torch::Tensor slots, torch::Tensor allowed, torch::Tensor cos,
-                           torch::Tensor sin, int64_t H, int64_t Hkv, double eps, double scale, double softcap) {
+                           torch::Tensor sin, int64_t H, int64_t Hkv, double eps, double scale, double softcap,
+                           std::vector<int64_t> torch_rows) {
   TORCH_CHECK(x.dim() == 2 && (norms.size() == 2 || norms.size() == 4), "decode_layer: x (n, C), 2 or 4 norms");
   TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "decode_layer: both qk norms or neither");
   const int64_t n = x.size(0), D = k_pool.size(-1);
   TORCH_CHECK(qkv_w.size(0) == (H + 2 * Hkv) * D, "decode_layer: qkv weight rows");
-  auto qkv = linear_bf16(rms_norm(x, norms[0], eps), qkv_w, c10::nullopt);  // (n, (H + 2 Hkv) D)
+  TORCH_CHECK(torch_rows.size() == 4, "decode_layer: torch_rows of qkv, o, gate_up, down");
+  auto qkv = product(rms_norm(x, norms[0], eps), qkv_w, torch_rows[0]);  // (n, (H + 2 Hkv) D)
   auto q = qkv.narrow(1, 0, H * D).view({1, n, H, D}).transpose(1, 2);  // (1, H, n, D), as the module's views
   auto k = qkv.narrow(1, H * D, Hkv * D).view({1, n, Hkv, D}).transpose(1, 2);
   auto v = qkv.narrow(1, (H + Hkv) * D, Hkv * D).view({n, Hkv, D});
@@ -302,11 +310,11 @@ torch::Tensor decode_layer(torch::Tensor x, std::vector<torch::Tensor> norms, c1
   v_pool.index_copy_(0, write_slots, v);
   auto o = decode_attention(q[0].transpose(0, 1), k_pool.unsqueeze(0), v_pool.unsqueeze(0), slots, allowed, scale,
                             softcap);  // (n, H, D)
-  auto h = linear_bf16(o.view({n, H * D}), o_w, c10::nullopt);
+  auto h = product(o.view({n, H * D}), o_w, torch_rows[1]);
   auto mlp = [&](const torch::Tensor& in) {
-    auto gu = linear_bf16(in, gate_up_w, c10::nullopt);
+    auto gu = product(in, gate_up_w, torch_rows[2]);
     const int64_t I = gu.size(1) / 2;
-    return linear_bf16(at::mul(at::gelu(gu.narrow(1, 0, I), "tanh"), gu.narrow(1, I, I)), down_w, c10::nullopt);
+    return product(at::mul(at::gelu(gu.narrow(1, 0, I), "tanh"), gu.narrow(1, I, I)), down_w, torch_rows[3]);
   };
   if (norms.size() == 4) {
     x = at::add(x, rms_norm(h, norms[1], eps));
