@@ -84,7 +84,8 @@ def torch_rows(weight: torch.Tensor) -> int:
 def _measure(weight: torch.Tensor) -> int:
     """The smallest of CALIBRATION_ROWS from which F.linear is faster than the kernel at it and every larger one."""
     faster = []
-    reps = max(1, int(2e7 // weight.numel()))  # ~10+ ms of work per timing on small weights, one call on the LM head
+    # ~10 ms of work per timing on the 270M's layers, one call on its LM head, at most 100 calls on tiny test models
+    reps = max(1, min(100, int(2e7 // weight.numel())))
     for rows in CALIBRATION_ROWS:
         x = torch.randn(rows, weight.shape[1]).to(weight.dtype)
         times = []

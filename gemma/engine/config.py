@@ -44,9 +44,10 @@ class EngineConfig(BaseModel):
     kv_cache_memory: int | str = "1GiB"  # KV pool budget (per rank with TP): bytes, or "512MiB", "2GB", ...
     enable_prefix_caching: bool = True  # reuse the KV of identical prompt prefixes (sliding-window layers too)
     seed: int = 0  # of the generator behind sampling without a per-request seed
-    # the matmul of half-precision weights on CPUs without native bf16/fp16 instructions: "kernel" (our AVX2 bf16
-    # kernel, built at first use), "fp32" (fp32 weight copies for batches, +2x their bytes), "torch", or "auto"
-    # (kernel if it builds, else fp32, where the CPU lacks bf16; torch elsewhere)
+    # the matmul of half-precision weights on the CPU (gemma.cpu.fastpath): "kernel" (our bf16 kernels, built at first
+    # use, below a row count measured per weight shape on CPUs with native bf16 and PyTorch's above it), "fp32" (fp32
+    # weight copies for batches, +2x their bytes), "torch", or "auto" (kernel for bf16 weights where it builds, else
+    # fp32 where the CPU lacks bf16, else torch)
     cpu_matmul: CpuMatmul = "auto"
     # vLLM's name: True runs every step eagerly; False replays decode steps as CUDA graphs on a GPU at TP=1
     enforce_eager: bool = False
