@@ -1,6 +1,7 @@
-"""Hand-written CPU kernels for x86 CPUs with AVX2 but no native bf16 instructions (`gemma/cpu/csrc/`): a bf16 matmul
-(`bf16_linear.cpp`), fused RMSNorm and rotary embedding, and decode attention over the paged KV pools
-(`decode_ops.cpp`).
+"""Hand-written CPU kernels for x86 CPUs with AVX2 (`gemma/cpu/csrc/`): a bf16 matmul (`bf16_linear.cpp`), fused
+RMSNorm and rotary embedding, and decode attention over the paged KV pools (`decode_ops.cpp`). They are the fast path
+at every size where the CPU has no native bf16, and for decode-sized inputs where it has (gemma.cpu.fastpath measures
+where PyTorch's oneDNN takes over).
 
 On such CPUs (AVX2 without AVX-512-BF16 or AMX: most AMD EPYCs before Zen 4, older Intel Xeons) PyTorch has no
 fast bf16 matmul: measured on 2 AVX2 cores, `F.linear` reads a bf16 weight at ~11-16 GB/s for one row of input
@@ -8,7 +9,7 @@ fast bf16 matmul: measured on 2 AVX2 cores, `F.linear` reads a bf16 weight at ~1
 reads twice the bytes and is slowest of all on the 262k-row tied LM head (~250 ms for 32 rows). The kernel widens
 bf16 to fp32 in registers: one-row decode reads weights at ~20-24 GB/s and big batches run at 70-95 GFLOP/s, with
 no second copy of the weights. The products and the fp32 accumulation are those of any bf16 GEMM; only the order
-of the additions differs (tests/gemma/test_cpu_matmul.py compares against fp32 maths).
+of the additions differs (tests/gemma/test_cpu_fastpath.py compares against fp32 maths).
 
 A decode step also runs ~2000 small PyTorch ops, ~5-10 us of dispatch each on 2 slow cores; the fused RMSNorm (one
 call for ~11 ops) and rotary embedding (one for ~8) compute what those ops compute (the rotary embedding to the

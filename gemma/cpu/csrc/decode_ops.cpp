@@ -275,7 +275,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 // gemma.model.GemmaDecoderLayer.forward computes with the engine's PagedBatch when every sequence of a step decodes
 // one token, in one call instead of ~40 Python-level ops (~5 ms of a 270M decode step on 2 cores). It calls the
 // same kernels and ATen ops, in the same order, on the same values, so it is the unfused path bit for bit
-// (tests/gemma/test_cpu_matmul.py). x (n, C) bf16; norms: {input, post_attention, pre_feedforward, post_feedforward}
+// (tests/gemma/test_cpu_fastpath.py). x (n, C) bf16; norms: {input, post_attention, pre_feedforward, post_feedforward}
 // with Gemma 2/3's sandwich norms, else {input, post_attention} (Gemma 1: post_attention is the MLP's norm);
 // q_norm/k_norm: Gemma 3's per-head norms; the pools (P, Hkv, D); write_slots (n,) where this step's keys go;
 // slots/allowed (n, S): the keys each row attends; cos/sin (1, n, D). Returns the layer's output (n, C).
