@@ -61,6 +61,21 @@ class PrefixAwareRouter(RequestRouter):
             return [by_load[:2]]
         return [ranked[:1], ranked[1:3]]
 
+    def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata=None) -> None:
+        """Give `replica` to the request the routing task chose it for; where that request is not in Serve's index,
+        to the oldest waiting one. The calls one caller makes while serving one request share its internal request
+        id (the ingress sends each prompt of a request as a call of its own), and Serve's index keeps one of them:
+        matching only by id would leave the others waiting forever."""
+        pending = self._get_pending_request_matching_internal_request_id(request_metadata)
+        if pending is None:
+            pending = next((pr for pr in self._pending_requests_to_fulfill if not pr.future.done()), None)
+        if pending is None:
+            return
+        self._cancel_routing_task_for_pending_request(pending)
+        self._record_queue_wait_time(pending)
+        pending.future.set_result(replica)
+        self._remove_pending_request_from_indices(pending)
+
     def prefix_key(self, pending_request: PendingRequest | None) -> bytes | None:
         """The hash chain of the prompt's first `prefix_blocks` full blocks (None: no prompt, or too short)."""
         if pending_request is None or not pending_request.args:
