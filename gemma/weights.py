@@ -60,6 +60,8 @@ def resolve_dtype(dtype: str | torch.dtype, name_or_path: str | os.PathLike) -> 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
+
+
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 HEAD_PREFIXES = ("lm_head.", "score.")  # task heads: the only tensors a base model may skip

@@ -155,7 +155,8 @@ class BlockManager:
             raise ValueError(f"sequence {seq_id!r} is already allocated")
         if not token_ids:
             raise ValueError(f"sequence {seq_id!r} has no tokens")
-        chain = prompt_chain(token_ids, self.block_size) if chain is None else chain
+        if chain is None:  # no caching, no hashing: nothing could hit
+            chain = prompt_chain(token_ids, self.block_size) if self.enable_prefix_caching else []
         if hit_blocks is None:
             hit_blocks = self.longest_hit(chain)
         if hit_blocks and not self.has_blocks(chain, hit_blocks):
@@ -370,8 +371,8 @@ class KVCacheManager:
             raise ValueError(f"sequence {seq_id!r} is already allocated")
         if not token_ids:
             raise ValueError(f"sequence {seq_id!r} has no tokens")
-        chain = prompt_chain(token_ids, self.block_size)
-        hit = self._longest_hit(chain) if self.enable_prefix_caching else 0
+        chain = prompt_chain(token_ids, self.block_size) if self.enable_prefix_caching else []
+        hit = self._longest_hit(chain)
         cached = [g.allocate_prompt(seq_id, token_ids, hit, chain) for g in self.groups][0]
         if self.enable_prefix_caching:
             self.prefix_queries += len(token_ids)
