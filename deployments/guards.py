@@ -68,6 +68,8 @@ class Limits(BaseModel):
     max_stop: int = Field(16, ge=0)  # stop strings per request
     max_messages: int = Field(256, ge=1)  # chat messages per request
     max_classify_inputs: int = Field(256, ge=1)  # inputs of one /v1/classify request
+    max_schema_bytes: int = Field(65536, ge=1)  # an output constraint's JSON schema / regex / grammar / choices
+    max_schema_depth: int = Field(32, ge=1)  # nesting of a JSON schema (objects and arrays within each other)
     request_timeout_s: float | None = Field(580.0, gt=0)  # from arrival at the ingress; then the generation is
     #                                                        aborted: keep it below Serve's http request_timeout_s
 
@@ -86,9 +88,31 @@ class Limits(BaseModel):
         self.check("max_tokens", params.max_tokens or 0, max_tokens)
         return params
 
+    def check_structured(self, params: SamplingParams, param: str) -> None:
+        """The size and nesting of the output constraint (compiling it costs time and memory in the engine)."""
+        spec = params.structured_outputs
+        if spec is None:
+            return
+        value = getattr(spec, spec.kind)
+        text = value if isinstance(value, str) else json.dumps(value)
+        self.check("max_schema_bytes", len(text.encode()), param, " bytes")
+        self.check("max_schema_depth", _depth(value), param, " levels of nesting")
+
     def timeout_error(self) -> s.RequestError:
         return s.RequestError(f"the request took longer than this server allows (request_timeout_s is "
                               f"{self.request_timeout_s:g} s) and was aborted", None, 408)
+
+
+def _depth(value: Any) -> int:
+    """How deeply dicts and lists nest in `value` (iterative: the nesting is the client's choice)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            depth += 1
+            deepest = max(deepest, depth)
+            stack += [(x, depth) for x in (item.values() if isinstance(item, dict) else item)]
+    return deepest
 
 
 class ApiKeys:

@@ -64,6 +64,7 @@ from deployments.logprobs import Logprobs
 from deployments.metrics import Metrics
 from deployments.replica_logs import to_replica_log
 from deployments.streams import DeadlineExceeded, ModelStreams, hold_back
+from deployments.tool_choice import ToolMode, ToolStream
 from gemma.engine.outputs import CompletionOutput, RequestOutput
 from gemma.sampling import SamplingParams
 
@@ -78,6 +79,7 @@ class _Choice:
     offset: int = 0  # text_offset of the next logprob token
     finished: bool = False
     reason: str | None = None
+    tools: ToolStream | None = None  # a chat choice of a request that offers tools
 
 
 @dataclass
@@ -94,6 +96,8 @@ class _Job:
     record: AccessRecord = field(default_factory=AccessRecord)
     created: int = field(default_factory=lambda: int(time.time()))
     cached: dict[int, int] = field(default_factory=dict)  # prompt index -> its tokens served from the prefix cache
+    tools: ToolMode | None = None  # chat with tools offered (tool_choice not "none")
+    structured_param: str = "structured_outputs"  # the request field an output-constraint error names
 
     def usage(self, completion_tokens: int) -> s.UsageInfo:
         prompt = sum(len(p) for p in self.prompts)
@@ -186,6 +190,7 @@ class Ingress:
         record = self._record(request, body.model, body.stream, body.prompt)
         _check_text(body.prompts, "prompt")
         params = self.limits.check_sampling(body.to_sampling_params(), len(body.prompts), "max_tokens")
+        self.limits.check_structured(params, body.structured_param)
         prompts = await asyncio.gather(*(
             self.tokenizer.encode.remote(p, add_special_tokens=body.add_special_tokens) if isinstance(p, str)
             else _done(list(p)) for p in body.prompts
@@ -193,18 +198,20 @@ class Ingress:
         record.prompt_tokens = sum(map(len, prompts))
         params = await self._check_prompts(prompts, params, "prompt", "max_tokens")
         job = _Job(request_id(request), self.served_model_name, False, prompts, params, body.include_usage,
-                   body.continuous_usage, record)
+                   body.continuous_usage, record, structured_param=body.structured_param)
         return await self._run(job, body.stream, request)
 
     async def create_chat_completion(self, body: s.ChatCompletionRequest, request: Request) -> Response:
         record = self._record(request, body.model, body.stream, body.chat_messages())
         self.limits.check("max_messages", len(body.messages), "messages", " messages")
         params = self.limits.check_sampling(body.to_sampling_params(), 1, body.max_tokens_param)
-        ids = await self.tokenizer.encode_chat.remote(body.chat_messages(), add_generation_prompt=body.add_generation_prompt)
+        self.limits.check_structured(params, body.structured_param)
+        ids = await self.tokenizer.encode_chat.remote(body.chat_messages(), add_generation_prompt=body.add_generation_prompt,
+                                                      tools=body.template_tools)
         record.prompt_tokens = len(ids)
         params = await self._check_prompts([ids], params, "messages", body.max_tokens_param)
         job = _Job(request_id(request), self.served_model_name, True, [ids], params, body.include_usage,
-                   body.continuous_usage, record)
+                   body.continuous_usage, record, tools=ToolMode.of(body), structured_param=body.structured_param)
         return await self._run(job, body.stream, request)
 
     async def classify(self, body: s.ClassifyRequest, request: Request) -> Response:
@@ -310,11 +317,16 @@ class Ingress:
         if not stream:
             try:
                 return await self._collect(job, gen)
+            except ValueError as exc:
+                raise _named(exc, job) from exc
             finally:
                 job.record.first_token_time = gen.first_token_time
                 self._spawn(gen.close())
         try:
             await gen.start()
+        except ValueError as exc:
+            self._spawn(gen.close())
+            raise _named(exc, job) from exc
         except BaseException:
             self._spawn(gen.close())
             raise
@@ -339,11 +351,12 @@ class Ingress:
 
     async def _events(self, job: _Job, gen: ModelStreams) -> AsyncIterator[str]:
         n, stops = job.params.n, job.params.stop
-        sent = {i * n + k: _Choice() for i in range(len(job.prompts)) for k in range(n)}
+        sent = {i * n + k: _Choice(tools=ToolStream(job.tools) if job.tools else None)
+                for i in range(len(job.prompts)) for k in range(n)}
         try:
             if job.chat:  # OpenAI opens each chat choice with the assistant role
                 for index in sent:
-                    yield self._chunk(job, index, s.DeltaMessage(role="assistant", content=""), None, None, sent)
+                    yield self._chunk(job, index, s.DeltaMessage(role="assistant", content=""), None, None, None, sent)
             async for i, out in gen.outputs():
                 job.saw(i, out)
                 for o in out.outputs:
@@ -354,12 +367,18 @@ class Ingress:
                     delta, new_tokens = text[choice.text:], o.token_ids[choice.tokens:]
                     steps = o.logprobs[choice.tokens:] if o.logprobs is not None else None
                     logprobs, choice.offset = await self._logprobs(job, new_tokens, steps, choice.offset)
-                    if not delta and not (logprobs and new_tokens) and not o.finished:
+                    content: Any = s.DeltaMessage(content=delta) if job.chat else delta
+                    reason, news = o.finish_reason, bool(delta)
+                    if choice.tools is not None:  # calls or content, as the text turns out (deployments/tool_choice.py)
+                        tool_delta, made_calls = choice.tools.step(text, o.finished)
+                        content, news = tool_delta or s.DeltaMessage(), tool_delta is not None
+                        reason = _tool_reason(reason, made_calls)
+                    if not news and not (logprobs and new_tokens) and not o.finished:
                         continue
                     choice.text, choice.tokens, choice.finished = max(choice.text, len(text)), len(o.token_ids), o.finished
-                    choice.reason = o.finish_reason
-                    content = s.DeltaMessage(content=delta) if job.chat else delta
-                    yield self._chunk(job, i * n + o.index, content, logprobs, o if o.finished else None, sent)
+                    choice.reason = reason
+                    yield self._chunk(job, i * n + o.index, content, logprobs, reason if o.finished else None,
+                                      o.stop_reason, sent)
             if job.include_usage:
                 usage = job.usage(sum(c.tokens for c in sent.values()))
                 cls = s.ChatCompletionChunk if job.chat else s.CompletionChunk
@@ -392,23 +411,26 @@ class Ingress:
 
     def _choice(self, job: _Job, index: int, o: CompletionOutput, logprobs: Any) -> BaseModel:
         if job.chat:
-            return s.ChatChoice(index=index, message=s.AssistantMessage(content=o.text), logprobs=logprobs,
-                                finish_reason=o.finish_reason, stop_reason=o.stop_reason)
+            message, reason = s.AssistantMessage(content=o.text), o.finish_reason
+            if job.tools is not None:
+                message, made_calls = job.tools.message(o.text)
+                reason = _tool_reason(reason, made_calls)
+            return s.ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=reason,
+                                stop_reason=o.stop_reason)
         return s.CompletionChoice(index=index, text=o.text, logprobs=logprobs, finish_reason=o.finish_reason,
                                   stop_reason=o.stop_reason)
 
     def _chunk(
-        self, job: _Job, index: int, content: Any, logprobs: Any, final: CompletionOutput | None,
+        self, job: _Job, index: int, content: Any, logprobs: Any, reason: str | None, stop_reason: int | str | None,
         sent: dict[int, _Choice],
     ) -> str:
-        reason = final.finish_reason if final is not None else None
         usage = job.usage(sum(c.tokens for c in sent.values())) if job.continuous_usage else None
         if job.chat:
             choice = s.ChatStreamChoice(index=index, delta=content, logprobs=logprobs, finish_reason=reason)
             return _sse(s.ChatCompletionChunk(id=job.id, created=job.created, model=job.model, choices=[choice],
                                               usage=usage))
         choice = s.CompletionChoice(index=index, text=content, logprobs=logprobs, finish_reason=reason,
-                                    stop_reason=final.stop_reason if final is not None else None)
+                                    stop_reason=stop_reason if reason is not None else None)
         return _sse(s.CompletionChunk(id=job.id, created=job.created, model=job.model, choices=[choice], usage=usage))
 
     async def _logprobs(
@@ -423,6 +445,20 @@ class Ingress:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _tool_reason(reason: str | None, made_calls: bool) -> str | None:
+    return "tool_calls" if made_calls and reason == "stop" else reason
+
+
+def _named(exc: ValueError, job: _Job) -> ValueError:
+    """An engine's refusal of the output constraint ("structured_outputs.json: ..."), as a 400 naming the request
+    field that carried it (response_format, structured_outputs or tool_choice); other errors as they are."""
+    cause = getattr(exc, "cause", None)
+    message = str(cause if isinstance(cause, BaseException) else exc)
+    if not message.startswith("structured_outputs"):
+        return exc
+    return s.RequestError(job.structured_param + message.removeprefix("structured_outputs"), job.structured_param)
 
 
 def _check_text(items: list[Any], param: str) -> None:

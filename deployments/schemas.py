@@ -24,10 +24,13 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
 from gemma.sampling import SamplingParams
+from gemma.structured import StructuredOutputsParams
+from gemma.tool_calls import call_schema, check_tools, chosen_function
 
 
 class RequestError(ValueError):
@@ -109,6 +112,35 @@ def _as_list(value: str | list[str] | list[int] | list[list[int]]) -> list[str |
     return [value] if isinstance(value, str) or _token_ids(value) else list(value)
 
 
+class JsonSchemaFormat(Request):
+    """OpenAI's `response_format.json_schema`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # None: any JSON object
+    strict: bool | None = None  # accepted; the output always matches the schema
+
+
+class ResponseFormat(Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('json_schema is required with type "json_schema", and only allowed with it')
+        return self
+
+    def structured(self) -> StructuredOutputsParams | None:
+        if self.type == "json_object" or (self.json_schema is not None and self.json_schema.schema_ is None):
+            return StructuredOutputsParams(json_object=True)
+        if self.json_schema is not None:
+            return StructuredOutputsParams(json=self.json_schema.schema_)
+        return None
+
+
 class SamplingFields(Request):
     """Fields shared by completions and chat; `None` means SamplingParams' default."""
 
@@ -135,6 +167,8 @@ class SamplingFields(Request):
     store: bool | None = None  # neutral value only: nothing is stored
     service_tier: str | None = None  # OpenAI's processing tier; accepted, unused (one tier here)
     logit_bias: dict[str, float] | None = None  # neutral value only
+    response_format: ResponseFormat | None = None  # text, json_object or json_schema (OpenAI)
+    structured_outputs: StructuredOutputsParams | None = None  # vLLM extension: json, regex, choice, grammar
 
     @field_validator("stream_options")
     @classmethod
@@ -177,9 +211,22 @@ class SamplingFields(Request):
     def continuous_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.continuous_usage_stats
 
+    @property
+    def structured_param(self) -> str:
+        """The request field that carries the output constraint (errors about it name this field)."""
+        return "structured_outputs" if self.structured_outputs is not None else "response_format"
+
+    def structured(self) -> StructuredOutputsParams | None:
+        from_format = self.response_format.structured() if self.response_format is not None else None
+        if from_format is not None and self.structured_outputs is not None:
+            raise RequestError("give one of response_format and structured_outputs, not both", "structured_outputs")
+        return self.structured_outputs or from_format
+
     def _sampling_params(self, extra: dict[str, Any], rename: dict[str, str]) -> SamplingParams:
-        fields = set(SamplingParams.model_fields) & set(SamplingFields.model_fields)
+        fields = set(SamplingParams.model_fields) & set(SamplingFields.model_fields) - {"structured_outputs"}
         values = {f: getattr(self, f) for f in fields if getattr(self, f) is not None}
+        if "structured_outputs" not in extra:
+            values["structured_outputs"] = self.structured()
         # max_tokens None is meaningful (up to the context length), not "SamplingParams' default of 16"
         values |= {k: v for k, v in extra.items() if v is not None or k == "max_tokens"}
         try:
@@ -238,13 +285,27 @@ class TextPart(Request):
     text: str
 
 
+class ToolCallFunction(Request):
+    name: str
+    arguments: str  # a JSON object's text
+
+
+class ToolCallItem(Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(Request):
     """One chat turn, held in the form the chat template takes: OpenAI's `developer` role (its newer name for
-    `system`) becomes `system`, and an assistant's `content: null` (a turn with no text) becomes ""."""
+    `system`) becomes `system`, and an assistant's `content: null` (a turn with no text, e.g. only tool calls)
+    becomes "". `tool` messages carry a tool's result for the call `tool_call_id`."""
 
-    role: Literal["system", "developer", "user", "assistant", "model"]
+    role: Literal["system", "developer", "user", "assistant", "model", "tool"]
     content: str | list[TextPart]
     name: str | None = None  # OpenAI's participant name; passed to the chat template
+    tool_calls: list[ToolCallItem] | None = None  # assistant messages: the calls it made
+    tool_call_id: str | None = None  # tool messages: the call this is the result of
 
     @field_validator("role")
     @classmethod
@@ -263,6 +324,14 @@ class ChatMessage(Request):
             raise ValueError('content must be a string or a list of {"type": "text", "text": ...} parts')
         return value
 
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.tool_calls and self.role not in ("assistant", "model"):
+            raise ValueError("tool_calls: only assistant messages carry tool calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("tool_call_id: required on tool messages")
+        return self
+
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -271,10 +340,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None  # alternatives per token, with logprobs=true
     add_generation_prompt: bool = True  # vLLM extension: end the prompt with the model's turn
-    tools: list[Any] | None = None  # neutral value only, like tool_choice and response_format
-    tool_choice: Any = None
-    parallel_tool_calls: bool | None = None  # accepted, meaningless without tools
-    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None  # functions the model may call (gemma/tool_calls.py)
+    tool_choice: str | dict[str, Any] | None = None  # none | auto (default with tools) | required | a function
+    parallel_tool_calls: bool = True  # False: at most one call per turn
 
     @field_validator("top_logprobs")
     @classmethod
@@ -283,10 +351,29 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("requires logprobs=true")
         return value
 
-    @field_validator("tools", "tool_choice", "response_format")
+    @field_validator("tools")
     @classmethod
-    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
-        return _neutral(value, (None, [], "none", "auto", {"type": "text"}))
+    def _check_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        check_tools(value or [])
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _check_tool_choice(cls, value: Any, info: ValidationInfo) -> Any:
+        if "tools" in info.data:  # else tools failed its own check
+            chosen_function(value, check_tools(info.data["tools"] or []))
+        return value
+
+    @property
+    def functions(self) -> dict[str, dict[str, Any]]:
+        return check_tools(self.tools or [])
+
+    @property
+    def tool_mode(self) -> str | None:
+        """None (no tools offered, or tool_choice "none"), "auto", "required", or the named function's name."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return chosen_function(self.tool_choice, self.functions) or self.tool_choice or "auto"
 
     @property
     def max_tokens_param(self) -> str:
@@ -296,9 +383,27 @@ class ChatCompletionRequest(SamplingFields):
         """The messages as the tokenizer's `encode_chat` takes them."""
         return [m.model_dump(exclude_none=True) for m in self.messages]
 
+    @property
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the prompt offers: none with tool_choice "none" (the model is not to call any)."""
+        return self.tools if self.tool_mode is not None else None
+
+    @property
+    def structured_param(self) -> str:
+        return "tool_choice" if self.tool_mode not in (None, "auto") else super().structured_param
+
     def to_sampling_params(self) -> SamplingParams:
         top = self.top_logprobs or 0
-        extra = {"max_tokens": self.max_completion_tokens or self.max_tokens, "logprobs": top if self.logprobs else None}
+        extra: dict[str, Any] = {"max_tokens": self.max_completion_tokens or self.max_tokens,
+                                 "logprobs": top if self.logprobs else None}
+        mode = self.tool_mode
+        if mode not in (None, "auto"):  # the call is constrained: its arguments always match the parameters
+            if self.structured() is not None:
+                raise RequestError("tool_choice forces a tool call: it cannot be combined with response_format or "
+                                   "structured_outputs", "tool_choice")
+            name = None if mode == "required" else mode
+            schema = call_schema(self.functions, name, self.parallel_tool_calls)
+            extra["structured_outputs"] = StructuredOutputsParams(json=schema)
         return self._sampling_params(extra, {"max_tokens": self.max_tokens_param, "logprobs": "top_logprobs"})
 
 
@@ -394,9 +499,16 @@ class ChatLogprobs(Response):
     content: list[ChatLogprobToken] | None = None
 
 
+class ToolCallOut(Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class AssistantMessage(Response):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallOut] = []
 
 
 class ChatChoice(Response):
@@ -416,9 +528,31 @@ class ChatCompletionResponse(Response):
     usage: UsageInfo
 
 
+class DeltaFunction(Response):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(Response):
+    """A streamed tool call: the first delta of a call has its id, type and name; later ones argument text."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction
+
+
 class DeltaMessage(Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None  # left out of the JSON when None, as OpenAI's deltas do
+
+    @model_serializer(mode="wrap")
+    def _without_absent_calls(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatStreamChoice(Response):

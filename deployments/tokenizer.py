@@ -25,13 +25,16 @@ class TokenizerDeployment:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     async def encode_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, chat_template: str | None = None
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, chat_template: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
-        """The chat template rendered and encoded (the template writes `<bos>` itself); ValueError if invalid."""
+        """The chat template rendered and encoded (the template writes `<bos>` itself); ValueError if invalid.
+        `tools` (OpenAI's form) are offered in the prompt (gemma/tool_calls.py)."""
         if not messages:
             raise ValueError("messages must not be empty")
         return self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=True, chat_template=chat_template
+            messages, add_generation_prompt=add_generation_prompt, tokenize=True, chat_template=chat_template,
+            tools=tools,
         )
 
     async def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:

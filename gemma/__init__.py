@@ -9,6 +9,7 @@ from gemma.label_words import label_word_classifier, load_classifier
 from gemma.llm import LLM
 from gemma.model import GemmaForCausalLM, GemmaForSequenceClassification, GemmaModel
 from gemma.sampling import SamplingParams
+from gemma.structured import StructuredOutputsParams
 from gemma.tokenizer import GemmaTokenizer
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "GemmaModel",
     "GemmaTokenizer",
     "SamplingParams",
+    "StructuredOutputsParams",
     "label_word_classifier",
     "load_classifier",
 ]

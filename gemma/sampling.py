@@ -1,7 +1,7 @@
 """`SamplingParams` (vLLM's names and defaults) and `sample`, a batched sampler with per-row parameters.
 
 `sample` turns one step's (N, V) logits into one token per row, each row under its own parameters, in vLLM's
-order: min_tokens masking of the row's stop ids, penalties (repetition on prompt + output tokens,
+order: a grammar's token mask (structured outputs), min_tokens masking of the row's stop ids, penalties (repetition on prompt + output tokens,
 presence/frequency on output tokens), then greedy argmax or temperature -> top-k -> top-p -> min-p -> draw.
 Returned logprobs are vLLM's default "raw" ones: log_softmax of the logits as given, before any of that.
 
@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from gemma.cpu import kernels as cpu_kernels
+from gemma.structured import StructuredOutputsParams, apply_bitmask_
 
 # torch.Generator.manual_seed accepts exactly this range; checking it here makes a bad seed a 4xx, not a crash.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
@@ -62,6 +63,7 @@ class SamplingParams(BaseModel):
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None  # top alternatives per token; 0 = chosen only
     skip_special_tokens: bool = True  # drop special tokens when detokenizing
     include_stop_str_in_output: bool = False  # keep the matched stop string in the text
+    structured_outputs: StructuredOutputsParams | None = None  # the output must match a schema/regex/choice/grammar
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -131,12 +133,15 @@ def sample(
     output_token_ids: list[list[int]],
     stop_ids: list[list[int]],
     generators: list[torch.Generator | None],
+    token_masks: tuple[list[int], torch.Tensor] | None = None,
 ) -> SamplerOutput:
     """Pick one token per row of `logits` (N, V), any float dtype (computed in fp32), under that row's params.
 
     `stop_ids[i]` are the ids that would end row i (eos unless ignore_eos, plus stop_token_ids); they are
     masked out while the row has fewer than `min_tokens` outputs. `generators[i]` (see `make_generator`)
     makes row i reproducible. Every list must have N entries, else ValueError naming the list.
+    `token_masks` = (rows, bitmask): the tokens a grammar allows each of those rows (gemma.structured), applied
+    first, in place on those rows of `logits`, after the raw logprobs are taken.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be (N, V), got shape {tuple(logits.shape)}")
@@ -149,6 +154,8 @@ def sample(
 
     want_logprobs = any(p.logprobs is not None for p in params)
     raw_logprobs = logits.float().log_softmax(-1) if want_logprobs else None
+    if token_masks is not None:
+        apply_bitmask_(logits, *token_masks)
 
     # Both return their input untouched when no row needs them, so an all-greedy batch without penalties or
     # pending min_tokens is one argmax in the model's dtype (exact: fp32 would not reorder bf16 values).

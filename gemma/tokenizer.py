@@ -365,12 +365,44 @@ class GemmaTokenizer:
         (`messages`, `add_generation_prompt`, the named special tokens, `tools`/`documents` = None unless
         given) and may call `raise_exception(msg)`, which raises ValueError. With `tokenize=True` the
         ids come without an extra BOS: the template writes `<bos>` itself.
+
+        Tools (`tools=[...]` in OpenAI's form, `tool` messages, assistant `tool_calls`) are rendered by the
+        checkpoint's template when it handles tools, else by `DEFAULT_CHAT_TEMPLATE` (gemma/tool_calls.py).
+        A tool call's `arguments` may be OpenAI's JSON text: templates get it as a dict, as in vLLM.
         """
-        template = compile_template(chat_template or self.chat_template or DEFAULT_CHAT_TEMPLATE)
+        source = chat_template or self.chat_template or DEFAULT_CHAT_TEMPLATE
+        if _uses_tools(messages, template_kwargs.get("tools")) and "tool" not in source:
+            source = DEFAULT_CHAT_TEMPLATE  # the checkpoint's template knows no tools: ours renders them
+        template = compile_template(source)
         context = {name: getattr(self, name) for name in NAMED_SPECIALS} | {"tools": None, "documents": None}
         context |= template_kwargs
+        messages = [_arguments_as_dicts(m, i) for i, m in enumerate(messages)]
         text = template.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def _uses_tools(messages: list[dict[str, Any]], tools: Any) -> bool:
+    return bool(tools) or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
+
+
+def _arguments_as_dicts(message: dict[str, Any], index: int) -> dict[str, Any]:
+    """The message with each tool call's JSON-text `arguments` parsed (ValueError naming the message if it is not
+    a JSON object)."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    parsed = []
+    for j, call in enumerate(calls):
+        fn = dict(call.get("function") or {})
+        if isinstance(fn.get("arguments"), str):
+            try:
+                fn["arguments"] = json.loads(fn["arguments"])
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"messages[{index}].tool_calls[{j}].function.arguments is not JSON: {exc}") from None
+        if not isinstance(fn.get("arguments", {}), dict):
+            raise ValueError(f"messages[{index}].tool_calls[{j}].function.arguments must be a JSON object")
+        parsed.append({**call, "function": fn})
+    return {**message, "tool_calls": parsed}
 
 
 def _token_content(value: Any) -> Any:

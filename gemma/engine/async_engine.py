@@ -210,6 +210,15 @@ class AsyncLLMEngine(AsyncEngine):
         """Stop the tensor-parallel workers (ranks 1..N-1); the engine cannot step afterwards."""
         self.engine.shutdown()
 
+    async def _add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None, arrival_time: float,
+        prompt: str | None,
+    ) -> None:
+        if params is not None and params.structured_outputs is not None:
+            # compiling a grammar takes milliseconds to seconds: done here, off the step loop (cached for add_request)
+            await asyncio.to_thread(self.engine.prepare, params)
+        await super()._add_request(request_id, prompt_token_ids, params, arrival_time, prompt)
+
     async def _abort_request(self, request_id: str) -> RequestOutput | None:
         if self.is_running:
             return await self._call("abort_request", request_id)

@@ -34,6 +34,7 @@ import pickle
 import queue
 import threading
 import traceback
+from concurrent.futures import Future
 from collections.abc import Callable
 from typing import Any
 
@@ -229,6 +230,23 @@ def portable(exc: Exception) -> Exception:
         return kind(f"{type(exc).__name__}: {exc}")
 
 
+def _grammar_of(message: tuple) -> Any:
+    """The output constraint of an add_request call, if it has one."""
+    if message[0] != "call" or message[2] != "add_request":
+        return None
+    params = message[3][2]
+    return params.structured_outputs if params is not None else None
+
+
+def _make_call(conn: Any, engine: LLMEngine, message: tuple) -> None:
+    _, call_id, name, args = message
+    try:
+        result, error = getattr(engine, name)(*args), None
+    except Exception as exc:  # noqa: BLE001 - the caller's error (ValueError for a bad request)
+        result, error = None, portable(exc)
+    conn.send(("result", call_id, result, error, engine_stats(engine)))
+
+
 def _child_main(conn: Any, factory: Callable[[], LLMEngine]) -> None:
     """The engine process: build, then make queued calls and step until told to stop or orphaned."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine process %(levelname)s %(name)s: %(message)s")
@@ -238,23 +256,29 @@ def _child_main(conn: Any, factory: Callable[[], LLMEngine]) -> None:
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", traceback.format_exc()))
         return
+    compiling: list[tuple[Future, tuple]] = []  # add_request calls waiting for their grammar to compile
     try:
         while True:
-            busy = engine.has_unfinished_requests()
+            busy = engine.has_unfinished_requests() or compiling
             # wait for calls while idle (waking each second to notice a parent that died without closing)
             while not busy and not conn.poll(1.0):
                 if os.getppid() == 1:
                     return
+            if not engine.has_unfinished_requests() and compiling:
+                conn.poll(0.005)  # only compiles to wait for: do not spin
             while conn.poll(0):
                 message = conn.recv()
                 if message[0] == "stop":
                     return
-                _, call_id, name, args = message
-                try:
-                    result, error = getattr(engine, name)(*args), None
-                except Exception as exc:  # noqa: BLE001 - the caller's error (ValueError for a bad request)
-                    result, error = None, portable(exc)
-                conn.send(("result", call_id, result, error, engine_stats(engine)))
+                spec = _grammar_of(message)
+                if spec is not None and engine.tokenizer is not None and not engine.grammar_compiler().cached(spec):
+                    # compiled on the compiler's thread; the call is made once it is (the steps go on meanwhile)
+                    compiling.append((engine.grammar_compiler().submit(spec), message))
+                    continue
+                _make_call(conn, engine, message)
+            for item in [c for c in compiling if c[0].done()]:
+                compiling.remove(item)
+                _make_call(conn, engine, item[1])  # its compile error, if any, is raised again by add_request
             if not engine.has_unfinished_requests():
                 continue
             try:

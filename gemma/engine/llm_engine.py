@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import count
+from typing import Any
 
 import torch
 
@@ -32,6 +33,7 @@ from gemma.engine.scheduler import Scheduler
 from gemma.engine.sequence import Sequence
 from gemma.model import GemmaForCausalLM
 from gemma.sampling import SamplingParams, sample
+from gemma.structured import GrammarCompiler
 from gemma.tokenizer import GemmaTokenizer, IncrementalDecoder
 from gemma.weights import DTYPES, parse_size, resolve_dtype
 
@@ -49,6 +51,7 @@ class _Stream:
     reported_text: int = 0
     checked_text: int = 0  # text already searched for stop strings
     logprobs: list[dict[int, float]] | None = None
+    matcher: Any = None  # the grammar's matcher (gemma.structured), for a request with structured_outputs
 
 
 class LLMEngine:
@@ -83,6 +86,7 @@ class LLMEngine:
         self.requests: dict[str, tuple[list[Sequence], str | None]] = {}
         self.streams: dict[int, _Stream] = {}
         self._seq_ids = count()
+        self.grammars: GrammarCompiler | None = None  # made at the first request with structured_outputs
         logger.info("engine: KV groups %s, block size %d, max_model_len %d",
                     [(s.window, s.num_blocks) for s in specs], config.block_size, self.max_model_len)
         if self.runner.needs_warm_up:
@@ -148,6 +152,7 @@ class LLMEngine:
             )
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need an engine with a tokenizer")
+        self.prepare(params)
         seqs = []
         for i in range(params.n):
             seq = Sequence(next(self._seq_ids), request_id, list(prompt_token_ids), params, index=i)
@@ -157,11 +162,30 @@ class LLMEngine:
             if params.seed is not None:
                 generator = self.runner.generator(params.seed + i)
             decoder = self.tokenizer.incremental_decoder(params.skip_special_tokens) if self.tokenizer else None
-            self.streams[seq.seq_id] = _Stream(decoder, generator, logprobs=[] if params.logprobs is not None else None)
+            matcher = self.grammars.matcher(params.structured_outputs) if params.structured_outputs else None
+            self.streams[seq.seq_id] = _Stream(decoder, generator, logprobs=[] if params.logprobs is not None else None,
+                                               matcher=matcher)
             seqs.append(seq)
         self.requests[request_id] = (seqs, prompt)
         for seq in seqs:
             self.scheduler.add(seq)
+
+    def prepare(self, params: SamplingParams) -> None:
+        """Compile the request's output constraint, if it has one (cached by its spec; thread-safe, so an async
+        engine calls this off its step loop before `add_request`). ValueError naming `structured_outputs.<kind>`
+        when it does not compile."""
+        if params.structured_outputs is None:
+            return
+        self.grammar_compiler().compile(params.structured_outputs)
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The engine's grammar compiler, made on first use (its tokenizer preprocessing starts then)."""
+        if self.grammars is None:
+            if self.tokenizer is None:
+                raise ValueError("structured_outputs: needs an engine with a tokenizer")
+            self.grammars = GrammarCompiler(self.tokenizer.backend_tokenizer.to_str(), self.model.config.vocab_size,
+                                            self.model.config.eos_token_ids)
+        return self.grammars
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; returns its final output (None if unknown or done)."""
@@ -189,6 +213,8 @@ class LLMEngine:
                 self.model.tp.broadcast_object(None)
             self.workers.stop()
             self.workers = None
+        if self.grammars is not None:
+            self.grammars.shutdown()
 
     @property
     def num_requests_running(self) -> int:
@@ -219,6 +245,7 @@ class LLMEngine:
                 [s.output_token_ids for s in seqs],
                 [(list(s.params.stop_token_ids) + ([] if s.params.ignore_eos else eos)) for s in seqs],
                 [self.streams[s.seq_id].generator or self.generator for s in seqs],
+                self._token_masks(seqs),
             )
             now = time.monotonic()
             for j, seq in enumerate(seqs):
@@ -228,8 +255,17 @@ class LLMEngine:
                 touched.add(seq.request_id)
         return [self._output(r) for r in touched]
 
+    def _token_masks(self, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor] | None:
+        """The rows of `seqs` under a grammar and, per row, the bitmask of the tokens it allows next."""
+        rows = [j for j, seq in enumerate(seqs) if self.streams[seq.seq_id].matcher is not None]
+        if not rows:
+            return None
+        return rows, self.grammars.fill_bitmask([self.streams[seqs[j].seq_id].matcher for j in rows])
+
     def _append(self, seq: Sequence, token: int, top: dict[int, float] | None, chosen: float | None, now: float) -> None:
         params, stream = seq.params, self.streams[seq.seq_id]
+        if stream.matcher is not None and not self._grammar_allows(seq, stream, token):
+            return None
         seq.output_token_ids.append(token)
         seq.first_token_time = seq.first_token_time or now
         seq.last_token_time = now
@@ -245,9 +281,25 @@ class LLMEngine:
                 return self._finish(seq, "stop", token)
             if params.stop and self._stop_string(seq, stream):
                 return None
+        if stream.matcher is not None and stream.matcher.is_stopped():
+            return self._finish(seq, "stop")  # the grammar is complete: nothing but EOS could follow
         if (params.max_tokens is not None and n_out >= params.max_tokens) or seq.num_tokens >= self.max_model_len:
             self._finish(seq, "length")
         return None
+
+    def _grammar_allows(self, seq: Sequence, stream: _Stream, token: int) -> bool:
+        """Feed the grammar `token`. False (and the sequence ends, "abort") when the token breaks it: only a row
+        whose every allowed token was banned by something else, such as min_tokens holding back EOS, samples
+        one."""
+        matcher = stream.matcher
+        if token in self.model.config.eos_token_ids and matcher.is_accepting():
+            return True  # ends the sequence as any EOS does
+        if matcher.consume_token(token):
+            return True
+        logger.warning("request %s: token %d breaks its grammar (%s); ending it", seq.request_id, token,
+                       matcher.get_error())
+        self._finish(seq, "abort")
+        return False
 
     def _stop_string(self, seq: Sequence, stream: _Stream) -> bool:
         """End the sequence at the first stop string in the new text; truncate the text there."""

@@ -16,7 +16,7 @@ from gemma.sampling import SamplingParams, apply_penalties, filter_top_k_top_p, 
 VLLM_DEFAULTS = dict(
     n=1, max_tokens=16, min_tokens=0, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
     presence_penalty=0.0, frequency_penalty=0.0, stop=[], stop_token_ids=[], ignore_eos=False, seed=None,
-    logprobs=None, skip_special_tokens=True, include_stop_str_in_output=False,
+    logprobs=None, skip_special_tokens=True, include_stop_str_in_output=False, structured_outputs=None,
 )
 
 
