@@ -2,7 +2,8 @@
 
     python -m deployments.batch --model gemma-3-270m --input prompts.jsonl --output out.jsonl \\
         [--task generate|chat|classify] [--concurrency N | MIN,MAX] [--tp-size N] [--batch-size N] \\
-        [--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S] [--stop STR ...]
+        [--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S] [--stop STR ...] \\
+        [--response-format json_object | --json-schema schema.json]
     ray job submit --working-dir . -- python -m deployments.batch ...   # on a cluster (ray.init() reads RAY_ADDRESS)
 
     from deployments.batch import BatchArgs, run_batch
@@ -14,7 +15,9 @@ node sees: one machine, or NFS). A row carries `prompt` (generate), `messages` (
 content}` list, rendered with the chat template) or `text` (classify); any other columns (`id`, ...) are carried
 through. Per-row sampling overrides live in one optional column, `sampling_params`: an object with
 `SamplingParams` fields (a JSON string in CSV) that overrides the job's defaults field by field. `n` must be 1
-and `logprobs` unset.
+and `logprobs` unset. Structured outputs: `structured_outputs` (json, regex, choice, grammar) or OpenAI's
+`response_format` there, or `--json-schema FILE` / `--response-format` for every row; a row whose constraint does
+not compile gets its `error` (a bad job default fails the job at once).
 
 Output: every input column, then `generated_text`, `prompt_tokens`, `completion_tokens`, `finish_reason`, `error`
 (classify: `label`, `probs`, `prompt_tokens`, `error`); `error` is null on rows that went well. Rows in == rows
@@ -92,7 +95,8 @@ class BatchArgs(ServingEngineConfig):
     concurrency: int | tuple[int, int] = 1  # engine actors: N, or (MIN, MAX) for an autoscaling pool
     cpu_concurrency: int | tuple[int, int] = 1  # tokenize and detokenize actors, each
     batch_size: int = Field(128, ge=1)  # rows per engine call; above max_num_seqs so the engine stays full
-    sampling_params: dict[str, Any] = {}  # defaults for every row (SamplingParams fields); rows override them
+    sampling_params: dict[str, Any] = {}  # defaults for every row (SamplingParams fields, and OpenAI's
+    #                                       response_format); rows override them
     classifier_batch_size: int = Field(16, ge=1)  # rows per classifier forward
     return_token_ids: bool = False  # add `completion_token_ids` to generate/chat output
     preserve_order: bool = True  # rows out in input order (else as they finish: a little faster)
@@ -106,9 +110,15 @@ class BatchArgs(ServingEngineConfig):
                 raise ValueError(f"{name} must be N >= 1 or (MIN, MAX) with 1 <= MIN <= MAX, got {value}")
         if self.input_format is None and _extension_format(self.input) is None:
             raise ValueError(f"cannot tell the format of {self.input!r} from its name: give input_format (--input-format)")
+        from deployments.batch_stages import with_response_format
         from gemma.sampling import SamplingParams
+        from gemma.structured import check_grammar
 
-        SamplingParams.model_validate(self.sampling_params)  # a bad default fails the job now, not every row
+        # a bad default fails the job now, not every row
+        self.sampling_params = with_response_format(self.sampling_params)
+        params = SamplingParams.model_validate(self.sampling_params)
+        if params.structured_outputs is not None:
+            check_grammar(params.structured_outputs)
         return self
 
 
@@ -380,14 +390,31 @@ def parse_args(argv: list[str] | None = None) -> BatchArgs:
     p.add_argument("--seed", type=int, help="sampling seed of every row (rows may override it)")
     p.add_argument("--stop", action="append", help="a stop string (repeatable)")
     p.add_argument("--sampling-params", type=json.loads, help="JSON object of more SamplingParams defaults")
+    p.add_argument("--response-format", type=_response_format,
+                   help='every row\'s output format: json_object, or OpenAI\'s response_format as JSON')
+    p.add_argument("--json-schema", type=_schema_file, help="a JSON schema file every row's output matches")
     p.add_argument("--return-token-ids", action="store_true", help="add completion_token_ids to the output")
     p.add_argument("--no-preserve-order", dest="preserve_order", action="store_false")
     a = vars(p.parse_args(argv))
     sampling = dict(a.pop("sampling_params", {}))
-    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop"):
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "response_format"):
         if name in a:
             sampling[name] = a.pop(name)
+    schema = a.pop("json_schema", None)
+    if schema is not None:
+        if "response_format" in sampling:
+            p.error("give one of --response-format and --json-schema")
+        sampling["structured_outputs"] = {"json": schema}
     return BatchArgs(**a, sampling_params=sampling)
+
+
+def _response_format(text: str) -> dict[str, Any]:
+    return {"type": "json_object"} if text in ("json_object", "json") else json.loads(text)
+
+
+def _schema_file(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from pydantic import TypeAdapter, ValidationError
 
-from deployments.schemas import ChatMessage
+from deployments.schemas import ChatMessage, ResponseFormat
 from gemma import torch_thread
 from gemma.sampling import SamplingParams
 
@@ -88,6 +88,24 @@ def _json_cell(value: Any, what: str) -> Any:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{what} is a string that is not JSON: {exc}") from None
     return plain(value)
+
+
+def with_response_format(sampling: dict[str, Any]) -> dict[str, Any]:
+    """SamplingParams fields, with OpenAI's `response_format` (text, json_object, json_schema) turned into the
+    `structured_outputs` it means; ValueError if both are given."""
+    if "response_format" not in sampling:
+        return sampling
+    sampling = dict(sampling)
+    fmt = _json_cell(sampling.pop("response_format"), "response_format")
+    try:
+        spec = ResponseFormat.model_validate(fmt).structured()
+    except ValidationError as exc:
+        raise ValueError(f"response_format: {error_message(exc)}") from None
+    if spec is not None:
+        if sampling.get("structured_outputs") is not None:
+            raise ValueError("sampling_params: give one of response_format and structured_outputs")
+        sampling["structured_outputs"] = spec.model_dump(exclude_defaults=True)
+    return sampling
 
 
 def _ready(tally: Any) -> None:
@@ -155,7 +173,8 @@ class TokenizeStage:
         if not isinstance(overrides, dict):
             raise TypeError(f"sampling_params must be an object, got {type(overrides).__name__}")
         # a Parquet struct column has every field of every row: a None there means "not set in this row"
-        merged = {**self.defaults, **{k: v for k, v in overrides.items() if v is not None}}
+        row = with_response_format({k: v for k, v in overrides.items() if v is not None})
+        merged = {**self.defaults, **row}
         try:
             params = SamplingParams.model_validate(merged)
         except ValidationError as exc:

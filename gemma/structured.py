@@ -120,6 +120,16 @@ def grammar_text(spec: StructuredOutputsParams) -> str:
         raise ValueError(f"structured_outputs.{kind}: {exc}") from None
 
 
+def check_grammar(spec: StructuredOutputsParams) -> None:
+    """Whether `spec` compiles, without a tokenizer (a job checks its default this way before it starts);
+    ValueError naming `structured_outputs.<kind>`."""
+    import llguidance as llg
+
+    error = llg.LLMatcher.validate_grammar(grammar_text(spec))
+    if error:
+        raise ValueError(f"structured_outputs.{spec.kind}: {error}")
+
+
 class GrammarCompiler:
     """Compiles `StructuredOutputsParams` for one tokenizer; thread-safe, with an LRU cache of compiled grammars.
 

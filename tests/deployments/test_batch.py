@@ -58,7 +58,11 @@ BAD_ROWS = [
     ({"id": "unknown-field", "prompt": "hi", "sampling_params": {"temprature": 0.5}}, "temprature"),
     ({"id": "n", "prompt": "hi", "sampling_params": {"n": 2}}, "n must be 1"),
     ({"id": "params-not-object", "prompt": "hi", "sampling_params": [1, 2]}, "must be an object"),
+    ({"id": "bad-schema", "prompt": "hi", "sampling_params": {"structured_outputs": {"json": '{"type": "nope"}'}}},
+     "structured_outputs.json"),
 ]
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["n"],
+          "additionalProperties": False}
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +74,11 @@ def generate_job(ray_cluster, tiny_lm_dir, llm, tmp_path_factory):
     rows = [{"id": i, "prompt": p, "extra": f"x{i}"} for i, p in enumerate(PROMPTS)]
     rows.insert(30, {"id": "short", "prompt": PROMPTS[3], "sampling_params": {"max_tokens": 3}})
     rows.insert(60, {"id": "stop", "prompt": PROMPTS[5], "sampling_params": {"stop": [stop]}})
+    # a schema as JSON text (a struct column would give each row every other row's keys), or OpenAI's response_format
+    rows.insert(70, {"id": "json", "prompt": PROMPTS[6], "sampling_params": {
+        "max_tokens": 30, "structured_outputs": {"json": json.dumps(SCHEMA)}}})
+    rows.insert(80, {"id": "response-format", "prompt": PROMPTS[7], "sampling_params": {
+        "max_tokens": 30, "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": SCHEMA}}}})
     for k, (row, _) in enumerate(BAD_ROWS):
         rows.insert(10 * k + 5, row)
     source = write_jsonl(tmp / "in.jsonl", rows)
@@ -90,7 +99,7 @@ def test_generate_matches_llm_generate_token_for_token(generate_job, llm):
         assert row["prompt_tokens"] == len(ref.prompt_token_ids)
         assert row["completion_tokens"] == len(ref.token_ids)
         assert row["extra"] == f"x{i}" and row["prompt"] == PROMPTS[i]  # input columns are kept
-    good = [by_id[i] for i in range(100)] + [by_id["short"], by_id["stop"]]
+    good = [by_id[i] for i in range(100)] + [by_id[k] for k in ("short", "stop", "json", "response-format")]
     assert summary.prompt_tokens == sum(r["prompt_tokens"] for r in good)
     assert summary.completion_tokens == sum(r["completion_tokens"] for r in good)
     assert summary.tokens_per_s > 0 and summary.elapsed_s > 0
@@ -106,6 +115,10 @@ def test_per_row_overrides_and_stop_strings_match_the_engine(generate_job, llm):
     assert by_id["stop"]["finish_reason"] == "stop"
     assert by_id["stop"]["completion_token_ids"] == stopped.token_ids
     assert by_id["stop"]["generated_text"] == stopped.text  # cut at the stop string, as the engine's text is
+    for key, prompt in (("json", PROMPTS[6]), ("response-format", PROMPTS[7])):
+        constrained = llm.generate(prompt, greedy(30, structured_outputs={"json": SCHEMA}), use_tqdm=False)[0]
+        assert by_id[key]["completion_token_ids"] == constrained.token_ids
+        assert 0 <= json.loads(by_id[key]["generated_text"])["n"] <= 99 and by_id[key]["finish_reason"] == "stop"
 
 
 def test_bad_rows_get_an_error_and_nothing_is_lost(generate_job):
@@ -137,8 +150,11 @@ def test_chat_parquet_on_tp2_engines_matches_llm_on_templated_ids(ray_cluster, t
     import pyarrow.parquet as pq
     from ray.util import placement_group_table
 
-    # a struct column has every field in every row: None means "not set here" (row 0 alone overrides max_tokens)
-    rows = [{"id": i, "messages": m, "sampling_params": {"max_tokens": 4 if i == 0 else None, "top_k": None}}
+    # a struct column has every field in every row: None means "not set here" (row 0 alone overrides max_tokens,
+    # row 2 alone is constrained: rank 0 samples under the grammar)
+    regex = {"regex": "[a-z]{2,5}( [a-z]{1,3})?"}
+    rows = [{"id": i, "messages": m, "sampling_params": {"max_tokens": 4 if i == 0 else None, "top_k": None,
+                                                          "structured_outputs": regex if i == 2 else None}}
             for i, m in enumerate(CHATS)]
     rows += [{"id": 10, "messages": []}, {"id": 11, "messages": [{"role": "robot", "content": "beep"}]},
              {"id": 12, "messages": None}]
@@ -151,7 +167,7 @@ def test_chat_parquet_on_tp2_engines_matches_llm_on_templated_ids(ray_cluster, t
 
     tok = GemmaTokenizer.from_pretrained(tiny_lm_dir)
     expected = llm.generate([tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True) for m in CHATS],
-                            [greedy(4)] + [greedy()] * (len(CHATS) - 1), use_tqdm=False)
+                            [greedy(4), greedy(), greedy(structured_outputs=regex)], use_tqdm=False)
     for row, ref in zip(out, expected):
         assert row["error"] is None and row["messages"] == CHATS[row["id"]]
         assert row["completion_token_ids"] == ref.token_ids and row["generated_text"] == ref.text
@@ -227,6 +243,22 @@ def test_arguments_are_checked_before_anything_runs():
     with pytest.raises(ValueError, match="input_format"):
         BatchArgs(input="data/prompts", output="b.jsonl")
     assert BatchArgs(input="data/prompts", input_format="csv", output="out").input_format == "csv"
+    with pytest.raises(ValueError, match="structured_outputs.regex"):  # a job default that cannot compile
+        BatchArgs(input="a.jsonl", output="b.jsonl", sampling_params={"structured_outputs": {"regex": "("}})
+
+
+def test_command_line_structured_output_flags(tmp_path):
+    from deployments.batch import parse_args
+
+    (tmp_path / "schema.json").write_text(json.dumps(SCHEMA))
+    base = ["--model", "m", "--input", "in.jsonl", "--output", "out.jsonl"]
+    args = parse_args([*base, "--json-schema", str(tmp_path / "schema.json")])
+    assert args.sampling_params == {"structured_outputs": {"json": SCHEMA}}
+    args = parse_args([*base, "--response-format", "json_object"])
+    assert args.sampling_params == {"structured_outputs": {"json_object": True}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": SCHEMA}}
+    assert parse_args([*base, "--response-format", json.dumps(fmt)]).sampling_params == {
+        "structured_outputs": {"json": SCHEMA}}
 
 
 def test_a_job_the_cluster_can_never_run_is_refused_at_once_naming_what_is_missing(tiny_lm_dir):
