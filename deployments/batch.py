@@ -14,7 +14,8 @@ node sees: one machine, or NFS). A row carries `prompt` (generate), `messages` (
 content}` list, rendered with the chat template) or `text` (classify); any other columns (`id`, ...) are carried
 through. Per-row sampling overrides live in one optional column, `sampling_params`: an object with
 `SamplingParams` fields (a JSON string in CSV) that overrides the job's defaults field by field. `n` must be 1
-and `logprobs` unset.
+and `logprobs` unset. An optional `lora` column runs a row with a LoRA adapter: a name of the job's `lora_modules`
+(`--lora NAME=PATH`, repeatable) or an adapter directory (with `--enable-lora`); empty cells run the base model.
 
 Output: every input column, then `generated_text`, `prompt_tokens`, `completion_tokens`, `finish_reason`, `error`
 (classify: `label`, `probs`, `prompt_tokens`, `error`); `error` is null on rows that went well. Rows in == rows
@@ -345,6 +346,13 @@ def _concurrency(text: str) -> int | tuple[int, int]:
     return parts[0] if len(parts) == 1 else (parts[0], parts[1])
 
 
+def _lora_module(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
+
+
 def parse_args(argv: list[str] | None = None) -> BatchArgs:
     # a flag left out is left out of BatchArgs too, so every default is the field's (shown by --help)
     p = argparse.ArgumentParser(prog="python -m deployments.batch", description=__doc__.split("\n\n")[0],
@@ -380,9 +388,16 @@ def parse_args(argv: list[str] | None = None) -> BatchArgs:
     p.add_argument("--seed", type=int, help="sampling seed of every row (rows may override it)")
     p.add_argument("--stop", action="append", help="a stop string (repeatable)")
     p.add_argument("--sampling-params", type=json.loads, help="JSON object of more SamplingParams defaults")
+    p.add_argument("--lora", action="append", type=_lora_module, dest="lora_modules", metavar="NAME=PATH",
+                   help="a LoRA adapter rows may name in their `lora` column (repeatable; turns --enable-lora on)")
+    p.add_argument("--enable-lora", action="store_true", help="rows may name adapter directories in `lora`")
+    add("--max-loras", "adapters an engine computes with at once", type=int)
+    add("--max-lora-rank", type=int)
     p.add_argument("--return-token-ids", action="store_true", help="add completion_token_ids to the output")
     p.add_argument("--no-preserve-order", dest="preserve_order", action="store_false")
     a = vars(p.parse_args(argv))
+    if "lora_modules" in a:
+        a["lora_modules"] = dict(a["lora_modules"])
     sampling = dict(a.pop("sampling_params", {}))
     for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop"):
         if name in a:
