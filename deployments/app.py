@@ -154,4 +154,5 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
         model, tokenizer, classifier, served_model_name=args.served_model_name or args.model,
         classifier_name=args.served_classifier_name or args.classifier_model, limits=args.limits,
         api_keys=[k.get_secret_value() for k in args.api_keys], log_prompts=args.log_prompts,
+        lora_modules=args.lora_modules,
     )

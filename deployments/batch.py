@@ -17,7 +17,8 @@ through. Per-row sampling overrides live in one optional column, `sampling_param
 `SamplingParams` fields (a JSON string in CSV) that overrides the job's defaults field by field. `n` must be 1
 and `logprobs` unset. Structured outputs: `structured_outputs` (json, regex, choice, grammar) or OpenAI's
 `response_format` there, or `--json-schema FILE` / `--response-format` for every row; a row whose constraint does
-not compile gets its `error` (a bad job default fails the job at once).
+not compile gets its `error` (a bad job default fails the job at once). An optional `lora` column runs a row with a LoRA adapter: a name of the job's `lora_modules`
+(`--lora NAME=PATH`, repeatable) or an adapter directory (with `--enable-lora`); empty cells run the base model.
 
 Output: every input column, then `generated_text`, `prompt_tokens`, `completion_tokens`, `finish_reason`, `error`
 (classify: `label`, `probs`, `prompt_tokens`, `error`); `error` is null on rows that went well. Rows in == rows
@@ -355,6 +356,13 @@ def _concurrency(text: str) -> int | tuple[int, int]:
     return parts[0] if len(parts) == 1 else (parts[0], parts[1])
 
 
+def _lora_module(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
+
+
 def parse_args(argv: list[str] | None = None) -> BatchArgs:
     # a flag left out is left out of BatchArgs too, so every default is the field's (shown by --help)
     p = argparse.ArgumentParser(prog="python -m deployments.batch", description=__doc__.split("\n\n")[0],
@@ -393,9 +401,16 @@ def parse_args(argv: list[str] | None = None) -> BatchArgs:
     p.add_argument("--response-format", type=_response_format,
                    help='every row\'s output format: json_object, or OpenAI\'s response_format as JSON')
     p.add_argument("--json-schema", type=_schema_file, help="a JSON schema file every row's output matches")
+    p.add_argument("--lora", action="append", type=_lora_module, dest="lora_modules", metavar="NAME=PATH",
+                   help="a LoRA adapter rows may name in their `lora` column (repeatable; turns --enable-lora on)")
+    p.add_argument("--enable-lora", action="store_true", help="rows may name adapter directories in `lora`")
+    add("--max-loras", "adapters an engine computes with at once", type=int)
+    add("--max-lora-rank", type=int)
     p.add_argument("--return-token-ids", action="store_true", help="add completion_token_ids to the output")
     p.add_argument("--no-preserve-order", dest="preserve_order", action="store_false")
     a = vars(p.parse_args(argv))
+    if "lora_modules" in a:
+        a["lora_modules"] = dict(a["lora_modules"])
     sampling = dict(a.pop("sampling_params", {}))
     for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "response_format"):
         if name in a:

@@ -5,7 +5,7 @@ cannot be served gets a message in its `error` column and is passed through unto
 row is ever dropped. Columns starting with `__` are internal and removed by `finish_batch` before writing.
 
     TokenizeStage    prompt | messages | text  (+ sampling_params)  ->  __ids, __params, error
-    GenerateStage    __ids, __params  ->  __completion_ids, __stop, finish_reason  (one LLMEngine per actor)
+    GenerateStage    __ids, __params (+ lora)  ->  __completion_ids, __stop, finish_reason  (one LLMEngine per actor)
     DetokenizeStage  __completion_ids  ->  generated_text
     ClassifyStage    __ids  ->  label, probs
     finish_batch     -> prompt_tokens, completion_tokens, drops __*, counts the batch
@@ -19,11 +19,13 @@ scales apart from the engines, while the engine stage passes only ids between pr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import time
 from itertools import count
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -33,6 +35,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from deployments.schemas import ChatMessage, ResponseFormat
 from gemma import torch_thread
+from gemma.lora import LoRARequest
 from gemma.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -188,13 +191,16 @@ class TokenizeStage:
 
 class GenerateStage:
     """One `LLMEngine` per actor (a TP group when tp_size > 1). Each call adds the batch's valid rows and steps
-    the engine until all finish: continuous batching within the batch, up to `max_num_seqs` at once."""
+    the engine until all finish: continuous batching within the batch, up to `max_num_seqs` at once. A row's `lora`
+    cell names a LoRA adapter of the job's `lora_modules`, or is an adapter directory (the job needs enable_lora)."""
 
     def __init__(self, engine_args: dict[str, Any], tally: Any = None) -> None:
         from deployments.model import ServingEngineConfig, load_engine
 
+        args = ServingEngineConfig.model_validate(engine_args)
+        self.adapters = args.lora_requests()
         # the stage steps the engine itself (no stream to serve): in this actor's process, on the thread that steps it
-        self.engine = torch_thread.call(load_engine, ServingEngineConfig.model_validate(engine_args))
+        self.engine = torch_thread.call(load_engine, args)
         self._ids = count()
         _ready(tally)
 
@@ -204,12 +210,13 @@ class GenerateStage:
         stops: list[str | None] = [None] * len(batch)
         finish: list[str | None] = [None] * len(batch)
         pending: dict[str, int] = {}
-        for i, (ids, params) in enumerate(zip(batch["__ids"], batch["__params"])):
+        for i, (ids, params, lora) in enumerate(zip(batch["__ids"], batch["__params"], _column(batch, "lora"))):
             if errors[i] is not None:
                 continue
             request_id = f"row-{next(self._ids)}"
-            try:  # the engine's own checks: prompt + max_tokens within max_model_len, ids in the vocab, ...
-                self.engine.add_request(request_id, [int(t) for t in ids], SamplingParams.model_validate_json(params))
+            try:  # the engine's own checks: prompt + max_tokens within max_model_len, ids in the vocab, the adapter ...
+                self.engine.add_request(request_id, [int(t) for t in ids], SamplingParams.model_validate_json(params),
+                                        lora_request=self._adapter(lora))
             except ValueError as exc:
                 errors[i] = error_message(exc)
                 continue
@@ -224,6 +231,20 @@ class GenerateStage:
         _set(batch, "finish_reason", finish)
         _set(batch, "error", errors)
         return batch
+
+    def _adapter(self, cell: Any) -> LoRARequest | None:
+        """A `lora` cell: a name of lora_modules, or an adapter directory (the same id in every actor: from its path)."""
+        if cell is None or cell == "":
+            return None
+        if not isinstance(cell, str):
+            raise ValueError(f"lora must be an adapter name or directory, got {type(plain(cell)).__name__}")
+        if cell in self.adapters:
+            return self.adapters[cell]
+        if not Path(cell).is_dir():
+            raise ValueError(f"lora {cell!r} is neither an adapter of lora_modules ({sorted(self.adapters)}) nor a "
+                             "directory")
+        digest = int.from_bytes(hashlib.sha256(cell.encode()).digest()[:4], "big") >> 1
+        return LoRARequest(cell, len(self.adapters) + 1 + digest, cell)
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)

@@ -20,6 +20,9 @@ Contracts (errors and request ids: deployments/http_util.py; API keys, limits, a
   an error event before [DONE]. Text that could be the start of a stop string is held back until it cannot,
   so the deltas add up to the non-streamed text. A client that goes away cancels the model streams and aborts
   their engine requests.
+- LoRA adapters (`lora_modules`, name -> path): a request names one as its `model`; its model calls carry it as
+  Serve's `multiplexed_model_id` (deployments/model.py), the response echoes it, `/v1/models` lists it with `parent`
+  the served model. An unknown name is a 404; an adapter the model deployment cannot load, a 400 saying why.
 - Logprobs (deployments/logprobs.py): token strings from the tokenizer handle's `decode_tokens(ids) ->
   list[str]`, cached by id; OpenAI's completions and chat shapes.
 """
@@ -87,7 +90,7 @@ class _Job:
     """One completion or chat request on its way through the model."""
 
     id: str
-    model: str
+    model: str  # the served model's name, or a LoRA adapter's
     chat: bool
     prompts: list[list[int]]
     params: SamplingParams
@@ -98,6 +101,7 @@ class _Job:
     cached: dict[int, int] = field(default_factory=dict)  # prompt index -> its tokens served from the prefix cache
     tools: ToolMode | None = None  # chat with tools offered (tool_choice not "none")
     structured_param: str = "structured_outputs"  # the request field an output-constraint error names
+    adapter: str | None = None  # the LoRA adapter it runs with
 
     def usage(self, completion_tokens: int) -> s.UsageInfo:
         prompt = sum(len(p) for p in self.prompts)
@@ -125,8 +129,10 @@ class Ingress:
         self, model: Any, tokenizer: Any, classifier: Any = None, served_model_name: str = "gemma",
         classifier_name: str | None = None, limits: Limits | dict[str, Any] | None = None,
         api_keys: list[str] | None = None, log_prompts: bool = False, metrics: Metrics | None = None,
+        lora_modules: dict[str, str] | None = None,
     ) -> None:
         self.model, self.tokenizer, self.classifier = model, tokenizer, classifier
+        self.lora_modules = dict(lora_modules or {})
         self.served_model_name, self.classifier_name = served_model_name, classifier_name
         self.limits = limits if isinstance(limits, Limits) else Limits.model_validate(limits or {})
         self.keys = ApiKeys.from_config(api_keys or [])  # plus GEMMA_API_KEYS of this replica's environment
@@ -197,8 +203,9 @@ class Ingress:
         ))
         record.prompt_tokens = sum(map(len, prompts))
         params = await self._check_prompts(prompts, params, "prompt", "max_tokens")
-        job = _Job(request_id(request), self.served_model_name, False, prompts, params, body.include_usage,
-                   body.continuous_usage, record, structured_param=body.structured_param)
+        job = _Job(request_id(request), record.model, False, prompts, params, body.include_usage,
+                   body.continuous_usage, record, structured_param=body.structured_param,
+                   adapter=self._adapter(body.model))
         return await self._run(job, body.stream, request)
 
     async def create_chat_completion(self, body: s.ChatCompletionRequest, request: Request) -> Response:
@@ -210,14 +217,15 @@ class Ingress:
                                                       tools=body.template_tools)
         record.prompt_tokens = len(ids)
         params = await self._check_prompts([ids], params, "messages", body.max_tokens_param)
-        job = _Job(request_id(request), self.served_model_name, True, [ids], params, body.include_usage,
-                   body.continuous_usage, record, tools=ToolMode.of(body), structured_param=body.structured_param)
+        job = _Job(request_id(request), record.model, True, [ids], params, body.include_usage,
+                   body.continuous_usage, record, tools=ToolMode.of(body), structured_param=body.structured_param,
+                   adapter=self._adapter(body.model))
         return await self._run(job, body.stream, request)
 
     async def classify(self, body: s.ClassifyRequest, request: Request) -> Response:
         if self.classifier is None:
             raise s.RequestError("classification is not enabled on this server (it has no classifier_model)", None, 404)
-        self._check_model(body.model, self.classifier_name)
+        self._check_model(body.model, self.classifier_name, adapters=False)
         record = access(request)
         record.model = name = body.model or self.classifier_name or self.served_model_name
         self.limits.check("max_classify_inputs", len(body.inputs), "input", " inputs")
@@ -249,6 +257,8 @@ class Ingress:
     async def list_models(self) -> Response:
         info = await self.model_info()
         cards = [s.ModelCard(id=self.served_model_name, root=info.get("model"), max_model_len=info["max_model_len"])]
+        cards += [s.ModelCard(id=name, root=path, parent=self.served_model_name, max_model_len=info["max_model_len"])
+                  for name, path in sorted(self.lora_modules.items())]
         if self.classifier is not None and self.classifier_name not in (None, self.served_model_name):
             cards.append(s.ModelCard(id=self.classifier_name))
         return json_response(s.ModelList(data=cards))
@@ -268,15 +278,19 @@ class Ingress:
 
     # ---- checks ----
 
-    def _check_model(self, name: str | None, other: str | None = None) -> None:
-        if name is not None and name not in (self.served_model_name, other):
+    def _check_model(self, name: str | None, other: str | None = None, adapters: bool = True) -> None:
+        if name is not None and name not in (self.served_model_name, other) and not (adapters and name in self.lora_modules):
             raise s.RequestError(f"The model `{name}` does not exist.", "model", 404)
+
+    def _adapter(self, name: str | None) -> str | None:
+        """The LoRA adapter a request's `model` names (None: the base model)."""
+        return name if name in self.lora_modules else None
 
     def _record(self, request: Request, model: str | None, stream: bool, prompt: Any) -> AccessRecord:
         """Check the model name, and start the request's access record."""
         self._check_model(model)
         record = access(request)
-        record.model, record.stream = self.served_model_name, stream
+        record.model, record.stream = self._adapter(model) or self.served_model_name, stream
         record.prompt = prompt if self.log_prompts else None
         return record
 
@@ -313,7 +327,7 @@ class Ingress:
         state = request.scope.get("state", {})
         suffix = "" if state.get("request_id_generated", True) else f"-{uuid.uuid4().hex[:8]}"  # client ids may repeat
         engine_ids = [f"{job.id}-{i}{suffix}" for i in range(len(job.prompts))]
-        gen = ModelStreams(self.model, job.prompts, job.params, engine_ids, deadline(request))
+        gen = ModelStreams(self.model, job.prompts, job.params, engine_ids, deadline(request), job.adapter)
         if not stream:
             try:
                 return await self._collect(job, gen)

@@ -7,6 +7,14 @@ rank 0 and ranks 1..N-1 are Ray actors in its placement group (deployments/tp_wo
 engine's outputs; a caller that goes away (an HTTP client disconnecting cancels the call) aborts its request and
 frees its KV blocks.
 
+LoRA adapters (`lora_modules`: name -> PEFT adapter directory) use Serve's model multiplexing: a request names its
+adapter as the handle's `multiplexed_model_id`, `generate` reads it (`serve.get_multiplexed_model_id()`) and gets the
+adapter from a loader wrapped in `serve.multiplexed(max_num_models_per_replica=max_cpu_loras)`, which loads it into the
+engine (`AsyncEngine.add_lora`: checked against the model, a ValueError naming what does not fit) and tells Serve's
+routers which adapters this replica holds, so that requests for an adapter go to replicas that hold it. An adapter
+that fails to load fails its request only; Serve keeps no failed load, and the replica serves the others. Outside a
+Serve replica (tests) the loader runs unwrapped.
+
 `ServingEngineConfig` is the engine's part of every Ray entry point's args (`EngineArgs` here, `AppArgs`,
 `BatchArgs`): gemma.engine's `LoadConfig` and `EngineConfig` fields, flat as vLLM's engine arguments are, with the
 two serving defaults it names.
@@ -29,8 +37,11 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any, Literal
 
+from pydantic import model_validator
+from ray import serve
+
 from deployments.metrics import EngineGauges, Metrics, RequestRecorder
-from deployments.replica_logs import to_replica_log
+from deployments.replica_logs import in_serve_replica, to_replica_log
 from gemma.engine import (
     AsyncEngine,
     AsyncEngineProcess,
@@ -40,6 +51,7 @@ from gemma.engine import (
     LoadConfig,
     RequestOutput,
 )
+from gemma.lora import LoRARequest
 from gemma.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -52,6 +64,19 @@ class ServingEngineConfig(EngineConfig, LoadConfig):
     # named, not detected: it decides whether a replica reserves GPUs from Ray (one per rank); Ray then shows each
     # GPU actor one device
     device: Literal["cpu", "cuda"] = "cpu"
+    # LoRA adapters served beside the base model: name (what requests send as "model") -> PEFT adapter directory (on
+    # every node with a model replica); any entry turns enable_lora on
+    lora_modules: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _adapters_need_lora(self) -> ServingEngineConfig:
+        if self.lora_modules:
+            self.enable_lora = True
+        return self
+
+    def lora_requests(self) -> dict[str, LoRARequest]:
+        """The adapters by name, with ids every replica and batch worker agrees on (1.. in name order)."""
+        return {name: LoRARequest(name, i, path) for i, (name, path) in enumerate(sorted(self.lora_modules.items()), 1)}
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(**self.model_dump(include=set(EngineConfig.model_fields)))
@@ -88,6 +113,13 @@ def build_engine(args: EngineArgs) -> AsyncEngine:
     return AsyncLLMEngine.from_engine_factory(functools.partial(load_engine, args))
 
 
+def _replica_id() -> str | None:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside a replica
+        return None
+
+
 def _device(args: ServingEngineConfig) -> str:
     # Ray gives each GPU actor one visible device: every rank's device is cuda:0 in its own process.
     return "cuda:0" if args.device == "cuda" else args.device
@@ -104,7 +136,18 @@ class ModelDeployment:
         self.metrics = metrics if metrics is not None else Metrics(served_model_name or self.args.model)
         self.stats_interval_s = stats_interval_s
         self._stats_task: asyncio.Task | None = None
-        logger.info("model %s ready (tp_size %d)", self.args.model, self.args.tp_size)
+        self.adapters = self.args.lora_requests()
+        self.adapter_loads = 0  # adapters this replica loaded (Serve's multiplexing reloads one it dropped)
+        self._load_adapter = self._load_adapter_now
+        if self.adapters and in_serve_replica():
+            # a plain function: Serve keeps its cache on the wrapped object (a bound method cannot hold it)
+            async def load(model_id: str) -> LoRARequest:
+                return await self._load_adapter_now(model_id)
+
+            self._load_adapter = serve.multiplexed(max_num_models_per_replica=self.args.max_cpu_loras
+                                                   or self.args.max_loras)(load)
+        logger.info("model %s ready (tp_size %d, LoRA adapters %s)", self.args.model, self.args.tp_size,
+                    sorted(self.adapters) or "none")
 
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams | dict[str, Any] | None, request_id: str
@@ -113,16 +156,32 @@ class ModelDeployment:
         if not isinstance(params, SamplingParams):
             params = SamplingParams.model_validate(params or {})
         self._publish_stats()
+        lora = await self.adapter(serve.get_multiplexed_model_id())
+        extra = {"lora_request": lora} if lora is not None else {}
         recorder = RequestRecorder(self.metrics, params.n)
         try:
             # aclosing: a caller that leaves (aclose, cancellation) aborts the request now, not at garbage collection
-            async with aclosing(self.engine.generate(list(prompt_token_ids), params, request_id)) as stream:
+            async with aclosing(self.engine.generate(list(prompt_token_ids), params, request_id, **extra)) as stream:
                 async for out in stream:
                     recorder.output(out)
                     yield out
         except (GeneratorExit, asyncio.CancelledError):
             recorder.left()
             raise
+
+    async def adapter(self, name: str) -> LoRARequest | None:
+        """The loaded adapter `name` ("" or the base model's name: None); ValueError naming why it cannot be served."""
+        if not name or name == self.args.model:
+            return None
+        if name not in self.adapters:
+            raise ValueError(f"unknown LoRA adapter {name!r}; this model serves {sorted(self.adapters)}")
+        return await self._load_adapter(name)
+
+    async def _load_adapter_now(self, name: str) -> LoRARequest:
+        request = self.adapters[name]
+        await self.engine.add_lora(request)
+        self.adapter_loads += 1
+        return request
 
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
@@ -131,8 +190,9 @@ class ModelDeployment:
         return {"model": self.args.model, **self.engine.info()}
 
     async def stats(self) -> dict[str, Any]:
-        """The engine's counters; `rss_bytes` is the resident memory of this replica and its engine's process."""
-        return self.engine.stats()
+        """The engine's counters; `rss_bytes` is the resident memory of this replica and its engine's process;
+        `lora_adapter_loads`, the adapters this replica loaded."""
+        return {**self.engine.stats(), "lora_adapter_loads": self.adapter_loads, "replica": _replica_id()}
 
     async def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy and Serve replaces it."""

@@ -17,6 +17,10 @@ of the deployment's handle (the ingress replicas):
   first's queue is full. When the preferred replica's queue (Serve's cached queue length) is more than
   `imbalanced_threshold` requests longer than the shortest, the request goes to the least loaded replica instead.
 
+- LoRA adapters: a request that names one (its `multiplexed_model_id`, deployments/model.py) is routed among the
+  replicas that hold the adapter, as Serve's default router does (`MultiplexMixin`: those that hold it, else those
+  holding the fewest, after a timeout any); the prefix key then ranks those replicas.
+
 It reads nothing from the replicas beyond the queue lengths Serve already tracks (no routing stats): the key
 predicts the cache contents because this router put them there.
 """
@@ -26,12 +30,12 @@ from __future__ import annotations
 import hashlib
 import random
 
-from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import MultiplexMixin, PendingRequest, RequestRouter, RunningReplica
 
 from gemma.engine.block_manager import prompt_chain
 
 
-class PrefixAwareRouter(RequestRouter):
+class PrefixAwareRouter(MultiplexMixin, RequestRouter):
     """See the module doc. `request_router_kwargs`: `block_size` (the engine's; default 16), `prefix_blocks` (how
     many leading full blocks make the key; default 8), `imbalanced_threshold` (default 8 requests)."""
 
@@ -46,6 +50,9 @@ class PrefixAwareRouter(RequestRouter):
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
+        if getattr(getattr(pending_request, "metadata", None), "multiplexed_model_id", ""):
+            holders = self.apply_multiplex_routing(pending_request)
+            candidate_replicas = [r for r in candidate_replicas if r.replica_id in holders]
         if not candidate_replicas:
             return []
         key = self.prefix_key(pending_request)

@@ -607,6 +607,7 @@ class ModelCard(Response):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "gemma-ray"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter's base model
     max_model_len: int | None = None
 
 

@@ -3,7 +3,8 @@
 `ModelStreams` starts one `generate` stream per prompt on a model deployment handle and reads them together,
 in the order outputs arrive. `close()` is the one way to end it early: it cancels the handle streams and
 aborts the engine requests that did not finish (cancellation alone may not reach a replica). With a `deadline`
-(on the event loop's clock), waiting for an output past it raises `DeadlineExceeded`.
+(on the event loop's clock), waiting for an output past it raises `DeadlineExceeded`. With `multiplexed_model_id` (a
+LoRA adapter's name) the calls carry it, so Serve routes them to a replica that holds the adapter.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ class ModelStreams:
 
     def __init__(
         self, model: Any, prompts: list[list[int]], params: SamplingParams, engine_ids: list[str],
-        deadline: float | None = None,
+        deadline: float | None = None, multiplexed_model_id: str | None = None,
     ) -> None:
+        if multiplexed_model_id:
+            model = model.options(multiplexed_model_id=multiplexed_model_id)
         self.model, self.engine_ids, self.deadline = model, engine_ids, deadline
         self.finished: set[int] = set()
         self.first_token_time: float | None = None  # time.monotonic() when the first token arrived

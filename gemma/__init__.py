@@ -7,6 +7,7 @@ This package never imports Ray or any serving code; it runs on a laptop CPU.
 from gemma.config import GemmaConfig
 from gemma.label_words import label_word_classifier, load_classifier
 from gemma.llm import LLM
+from gemma.lora import LoRARequest
 from gemma.model import GemmaForCausalLM, GemmaForSequenceClassification, GemmaModel
 from gemma.sampling import SamplingParams
 from gemma.structured import StructuredOutputsParams
@@ -19,6 +20,7 @@ __all__ = [
     "GemmaForSequenceClassification",
     "GemmaModel",
     "GemmaTokenizer",
+    "LoRARequest",
     "SamplingParams",
     "StructuredOutputsParams",
     "label_word_classifier",

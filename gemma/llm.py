@@ -4,6 +4,9 @@
     llm = LLM("gemma-3-270m", dtype="bfloat16")      # tp_size=2: two ranks, this process and one worker
     for out in llm.generate(["The capital of France is"], SamplingParams(max_tokens=32, temperature=0)):
         print(out.text)
+
+    llm = LLM("gemma-3-270m", enable_lora=True, max_loras=4)          # LoRA adapters per request (gemma.lora)
+    llm.generate(prompts, params, lora_request=LoRARequest("sql", 1, "path/to/adapter"))
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from tqdm import tqdm
 from gemma.engine.config import EngineConfig, LoadConfig
 from gemma.engine.llm_engine import LLMEngine
 from gemma.engine.outputs import RequestOutput
+from gemma.lora import LoRARequest
 from gemma.sampling import SamplingParams
 
 Prompt = str | list[int]
@@ -53,8 +57,10 @@ class LLM:
         prompts: Prompt | Seq[Prompt],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Outputs in the order of `prompts` (strings, or token-id lists); one SamplingParams or one per prompt."""
+        """Outputs in the order of `prompts` (strings, or token-id lists); one SamplingParams or one per prompt; one
+        LoRA adapter for all (`lora_request`, with enable_lora) or one per prompt (None: the base model)."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -64,15 +70,22 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras = [lora_request] * len(prompts)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(f"lora_request has {len(loras)} entries for {len(prompts)} prompts")
         ids = []
         try:
-            for prompt, p in zip(prompts, params):
+            for prompt, p, lora in zip(prompts, params, loras):
                 request_id = f"llm-{self._counter}"
                 self._counter += 1
                 if isinstance(prompt, str):
-                    self.engine.add_request(request_id, self.tokenizer.encode(prompt), p, prompt=prompt)
+                    self.engine.add_request(request_id, self.tokenizer.encode(prompt), p, prompt=prompt,
+                                            lora_request=lora)
                 else:
-                    self.engine.add_request(request_id, list(prompt), p)
+                    self.engine.add_request(request_id, list(prompt), p, lora_request=lora)
                 ids.append(request_id)
         except ValueError:
             for request_id in ids:  # all or nothing: a bad prompt leaves no half-run batch behind

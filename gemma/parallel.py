@@ -11,7 +11,8 @@ Each layer's `load_shard(full)` cuts its slice out of a checkpoint tensor, so a 
 shard (the checkpoint itself is memory-mapped).
 
 A backend may replace a layer's product (`Linear.matmul`, before its bias and collective) per instance:
-gemma.cpu.fastpath does so with its CPU kernels; the sharding and the collectives stay here.
+gemma.cpu.fastpath does so with its CPU kernels; the sharding and the collectives stay here. A LoRA bank
+(gemma.lora) sets a layer's `lora` hook, which adds its adapters' deltas to the product, also before the collective.
 """
 
 from __future__ import annotations
@@ -131,15 +132,22 @@ def padded_rows(full: torch.Tensor, start: int, count: int) -> torch.Tensor:
 
 class Linear(nn.Linear):
     """nn.Linear with its product split out: `matmul` is `x W^T` without the bias or any collective, the one
-    operation a backend replaces per instance (gemma.cpu.fastpath's kernels)."""
+    operation a backend replaces per instance (gemma.cpu.fastpath's kernels). `lora`, where set (gemma.lora), adds
+    low-rank adapter deltas to that product (`add_lora`)."""
+
+    lora: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T; `out` (contiguous, of the result's shape) receives it when given, converted to out's dtype."""
         y = F.linear(x, self.weight)
         return y if out is None else out.copy_(y)
 
+    def add_lora(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y (this layer's product of x, or a view of it) plus the adapters' deltas, in place; y without a hook."""
+        return y if self.lora is None else self.lora(x, y)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.matmul(x)
+        y = self.add_lora(x, self.matmul(x))
         return y if self.bias is None else y + self.bias
 
 
@@ -168,7 +176,7 @@ class RowParallelLinear(Linear):
         return full if full.dim() == 1 else full.narrow(1, self.start, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(self.matmul(x))
+        y = self.tp.all_reduce(self.add_lora(x, self.matmul(x)))
         return y if self.bias is None else y + self.bias
 
 

@@ -172,7 +172,8 @@ class KernelAttention(GemmaAttention):
         if self.qkv_weight is None:
             return super().project_qkv(x)
         sizes = (self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features)
-        return product(x, self.qkv_weight, self.qkv_rows).split(sizes, dim=-1)
+        q, k, v = product(x, self.qkv_weight, self.qkv_rows).split(sizes, dim=-1)
+        return self.q_proj.add_lora(x, q), self.k_proj.add_lora(x, k), self.v_proj.add_lora(x, v)  # views: in place
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return kernels.rope(x, cos, sin)
@@ -216,7 +217,8 @@ class KernelMLP(GemmaMLP):
     def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.gate_up_weight is None:
             return super().gate_up(x)
-        return product(x, self.gate_up_weight, self.gate_up_rows).chunk(2, dim=-1)
+        gate, up = product(x, self.gate_up_weight, self.gate_up_rows).chunk(2, dim=-1)
+        return self.gate_proj.add_lora(x, gate), self.up_proj.add_lora(x, up)
 
 
 SWAPS: dict[type[nn.Module], type[nn.Module]] = {RMSNorm: KernelRMSNorm, GemmaAttention: KernelAttention,

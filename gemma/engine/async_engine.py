@@ -38,6 +38,7 @@ from typing import Any
 from gemma import torch_thread
 from gemma.engine.llm_engine import LLMEngine
 from gemma.engine.outputs import RequestOutput, merge_outputs
+from gemma.lora import LoRARequest
 from gemma.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -59,15 +60,17 @@ class AsyncEngine(ABC):
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}  # the event loop's alone
 
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams | None, request_id: str, prompt: str | None = None
+        self, prompt_token_ids: list[int], params: SamplingParams | None, request_id: str, prompt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream the request's outputs as tokens are produced; the last one has `finished=True`."""
+        """Stream the request's outputs as tokens are produced; the last one has `finished=True`. `lora_request`:
+        the LoRA adapter it runs with (an engine with enable_lora)."""
         if request_id in self._queues:
             raise ValueError(f"request_id {request_id!r} is already in use")
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = queue  # before the add: the step right after it may already have an output
         try:  # raises ValueError (and queues nothing) when the request cannot be served
-            await self._add_request(request_id, prompt_token_ids, params, time.monotonic(), prompt)
+            await self._add_request(request_id, prompt_token_ids, params, time.monotonic(), prompt, lora_request)
         except BaseException as exc:
             self._queues.pop(request_id, None)
             if isinstance(exc, asyncio.CancelledError):  # the add may still be made: undo it (calls run in order)
@@ -125,12 +128,20 @@ class AsyncEngine(ABC):
     async def _call(self, name: str, *args: Any) -> Any:
         """The `LLMEngine` method `name` called with `args` between two steps; its result, or its exception."""
 
+    async def add_lora(self, lora_request: LoRARequest) -> bool:
+        """`LLMEngine.add_lora`: load an adapter now; raises ValueError naming what does not fit the model."""
+        return await self._call("add_lora", lora_request)
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        return await self._call("remove_lora", lora_int_id)
+
     async def _add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None, arrival_time: float,
-        prompt: str | None,
+        prompt: str | None, lora_request: LoRARequest | None = None,
     ) -> None:
         """`LLMEngine.add_request`, made between two steps; raises its ValueError."""
-        await self._call("add_request", request_id, prompt_token_ids, params, arrival_time, prompt)
+        args = (lora_request,) if lora_request is not None else ()  # engines without LoRA keep their signature
+        await self._call("add_request", request_id, prompt_token_ids, params, arrival_time, prompt, *args)
 
     @abstractmethod
     async def _abort_request(self, request_id: str) -> RequestOutput | None:
@@ -212,12 +223,12 @@ class AsyncLLMEngine(AsyncEngine):
 
     async def _add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None, arrival_time: float,
-        prompt: str | None,
+        prompt: str | None, lora_request: LoRARequest | None = None,
     ) -> None:
         if params is not None and params.structured_outputs is not None:
             # compiling a grammar takes milliseconds to seconds: done here, off the step loop (cached for add_request)
             await asyncio.to_thread(self.engine.prepare, params)
-        await super()._add_request(request_id, prompt_token_ids, params, arrival_time, prompt)
+        await super()._add_request(request_id, prompt_token_ids, params, arrival_time, prompt, lora_request)
 
     async def _abort_request(self, request_id: str) -> RequestOutput | None:
         if self.is_running:

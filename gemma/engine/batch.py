@@ -45,6 +45,7 @@ class StepInput:
     logits_at: list[int]  # flat indices of the tokens to compute logits for
     write_slots: list[torch.Tensor] = field(default_factory=list)  # per group: (T,) slots of the new tokens
     subbatches: list[SubBatch] = field(default_factory=list)
+    lora: Any = None  # gemma.engine.lora_manager.LoRAStep: the step's adapters; None: every row is the base model
 
 
 class PagedBatch:

@@ -8,7 +8,9 @@ Layers with the same attention window form a KV group with its own pool and tabl
 sliding-window group (a query at q sees keys q - W < k <= q) releases blocks no future query can see.
 `KVCacheManager` puts all groups behind one sequence-level API; gemma.engine.kv_budget sizes them.
 Prefix caching: a full, computed block is registered under a chained sha256 of its tokens (the KV at a position
-depends on every token up to it, in every layer), so a later prompt with the same prefix reuses it; unreferenced
+depends on every token up to it, in every layer), so a later prompt with the same prefix reuses it; a sequence's
+chain starts from a root of its own `salt` (a LoRA adapter's, gemma.lora.LoRARequest.cache_salt: an adapter changes
+the KV, so no adapter or base-model sequence reuses another's blocks); unreferenced
 cached blocks, of finished sequences and those a sliding window released, wait in an LRU pool until evicted.
 A hit of h tokens needs, in a global group, every block before h, and in a sliding group of window W only the
 blocks the first uncached query can see (positions h - W + 1 .. h - 1); `KVCacheManager` takes the longest h for
@@ -44,9 +46,14 @@ def hash_block(parent: bytes, token_ids: list[int]) -> bytes:
     return hashlib.sha256(parent + struct.pack(f"<{len(token_ids)}q", *token_ids)).digest()
 
 
-def prompt_chain(token_ids: list[int], block_size: int) -> list[bytes]:
+def chain_root(salt: bytes = b"") -> bytes:
+    """The parent digest of a sequence's first block: the fixed root, or one of its own for a salted sequence."""
+    return _ROOT_HASH if not salt else hashlib.sha256(_ROOT_HASH + salt).digest()
+
+
+def prompt_chain(token_ids: list[int], block_size: int, salt: bytes = b"") -> list[bytes]:
     """The chained hashes of the full blocks that a hit may cover: those wholly before the last token."""
-    chain, parent = [], _ROOT_HASH
+    chain, parent = [], chain_root(salt)
     for i in range(max(0, len(token_ids) - 1) // block_size):
         parent = hash_block(parent, token_ids[i * block_size : (i + 1) * block_size])
         chain.append(parent)
@@ -64,6 +71,7 @@ class _SeqState:
     num_computed: int = 0  # positions [0, num_computed) have their KV written
     hashes: list[bytes] = field(default_factory=list)  # hash chain of the full computed blocks
     released: int = 0  # logical blocks [0, released) were released by the sliding window
+    root: bytes = _ROOT_HASH  # the parent digest of its first block (`chain_root` of its salt)
 
 
 class BlockManager:
@@ -127,9 +135,9 @@ class BlockManager:
         """Whether a hit of `hit_blocks` blocks of the prompt whose block hashes are `chain` could be served."""
         return self.enable_prefix_caching and all(chain[i] in self._by_hash for i in self.needed_blocks(hit_blocks))
 
-    def num_cached_blocks(self, token_ids: list[int]) -> int:
+    def num_cached_blocks(self, token_ids: list[int], salt: bytes = b"") -> int:
         """The longest hit, in blocks, that `allocate_prompt` would serve now from this group alone; changes nothing."""
-        return self.longest_hit(prompt_chain(token_ids, self.block_size))
+        return self.longest_hit(prompt_chain(token_ids, self.block_size, salt))
 
     def longest_hit(self, chain: list[bytes], top: int | None = None) -> int:
         """The longest hit of at most `top` blocks this group can serve for a prompt whose block hashes are `chain`."""
@@ -141,7 +149,8 @@ class BlockManager:
         return next((n for n in range(top, 0, -1) if self.has_blocks(chain, n)), 0)
 
     def allocate_prompt(
-        self, seq_id: Hashable, token_ids: list[int], hit_blocks: int | None = None, chain: list[bytes] | None = None
+        self, seq_id: Hashable, token_ids: list[int], hit_blocks: int | None = None, chain: list[bytes] | None = None,
+        salt: bytes = b"",
     ) -> int:
         """Register a sequence being (re-)admitted; `token_ids` are all its tokens so far.
 
@@ -149,14 +158,14 @@ class BlockManager:
         default: this group's longest hit, `num_cached_blocks`), never one covering the last token: at least one
         token is left to compute, since its logits are needed. A windowed group's blocks before the needed ones
         start released. Returns the number of tokens whose KV is already cached (a multiple of block_size).
-        Allocates no other block.
+        Allocates no other block. `salt` starts the sequence's hash chain (`chain_root`; `chain` must be of it).
         """
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id!r} is already allocated")
         if not token_ids:
             raise ValueError(f"sequence {seq_id!r} has no tokens")
         if chain is None:  # no caching, no hashing: nothing could hit
-            chain = prompt_chain(token_ids, self.block_size) if self.enable_prefix_caching else []
+            chain = prompt_chain(token_ids, self.block_size, salt) if self.enable_prefix_caching else []
         if hit_blocks is None:
             hit_blocks = self.longest_hit(chain)
         if hit_blocks and not self.has_blocks(chain, hit_blocks):
@@ -169,7 +178,7 @@ class BlockManager:
             self._ref[b] += 1
         cached = hit_blocks * self.block_size
         self._seqs[seq_id] = _SeqState(table=table, num_computed=cached, hashes=chain[:hit_blocks],
-                                       released=needed.start)
+                                       released=needed.start, root=chain_root(salt))
         if self.enable_prefix_caching:
             self.prefix_queries += len(token_ids)
             self.prefix_hits += cached
@@ -234,7 +243,7 @@ class BlockManager:
             raise IndexError(f"sequence {seq_id!r}: {num_computed} positions computed, {len(st.table)} blocks held")
         st.num_computed = num_computed
         if self.enable_prefix_caching:
-            parent = st.hashes[-1] if st.hashes else _ROOT_HASH
+            parent = st.hashes[-1] if st.hashes else st.root
             for i in range(len(st.hashes), num_computed // bs):
                 h = hash_block(parent, token_ids[i * bs : (i + 1) * bs])
                 b = st.table[i]
@@ -352,11 +361,11 @@ class KVCacheManager:
     def __contains__(self, seq_id: Hashable) -> bool:
         return seq_id in self.groups[0]
 
-    def num_cached_blocks(self, token_ids: list[int]) -> int:
+    def num_cached_blocks(self, token_ids: list[int], salt: bytes = b"") -> int:
         """The longest hit, in blocks, that every group can serve now: each group has the blocks it needs."""
         if not self.enable_prefix_caching:
             return 0
-        return self._longest_hit(prompt_chain(token_ids, self.block_size))
+        return self._longest_hit(prompt_chain(token_ids, self.block_size, salt))
 
     def _longest_hit(self, chain: list[bytes]) -> int:
         top = len(chain)
@@ -365,15 +374,16 @@ class KVCacheManager:
                 top = g.longest_hit(chain, top)
         return next((n for n in range(top, 0, -1) if all(g.has_blocks(chain, n) for g in self.groups)), 0)
 
-    def allocate_prompt(self, seq_id: Hashable, token_ids: list[int]) -> int:
-        """Register a (re-)admitted sequence in every group; returns its tokens already cached (0 if caching is off)."""
+    def allocate_prompt(self, seq_id: Hashable, token_ids: list[int], salt: bytes = b"") -> int:
+        """Register a (re-)admitted sequence in every group; returns its tokens already cached (0 if caching is off).
+        `salt` separates its hash chain from other sequences' (see the module doc)."""
         if any(seq_id in g for g in self.groups):
             raise ValueError(f"sequence {seq_id!r} is already allocated")
         if not token_ids:
             raise ValueError(f"sequence {seq_id!r} has no tokens")
-        chain = prompt_chain(token_ids, self.block_size) if self.enable_prefix_caching else []
+        chain = prompt_chain(token_ids, self.block_size, salt) if self.enable_prefix_caching else []
         hit = self._longest_hit(chain)
-        cached = [g.allocate_prompt(seq_id, token_ids, hit, chain) for g in self.groups][0]
+        cached = [g.allocate_prompt(seq_id, token_ids, hit, chain, salt) for g in self.groups][0]
         if self.enable_prefix_caching:
             self.prefix_queries += len(token_ids)
             self.prefix_hits += cached

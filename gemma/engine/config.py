@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 CpuMatmul = Literal["auto", "kernel", "fp32", "torch"]
@@ -51,3 +51,16 @@ class EngineConfig(BaseModel):
     cpu_matmul: CpuMatmul = "auto"
     # vLLM's name: True runs every step eagerly; False replays decode steps as CUDA graphs on a GPU at TP=1
     enforce_eager: bool = False
+    # LoRA adapters per request (gemma.lora, vLLM's names): requests may name a PEFT adapter (`lora_request`), and one
+    # step mixes adapters and the base model. Steps with an adapter's rows run without CUDA graphs or the fused CPU
+    # decode layer
+    enable_lora: bool = False
+    max_loras: int = Field(1, ge=1)  # adapters on the device at once (slots): the running requests use at most these
+    max_lora_rank: int = Field(16, ge=1)  # adapters of a higher rank are refused
+    max_cpu_loras: int | None = Field(None, ge=1)  # adapters kept loaded in host memory (LRU), >= max_loras; None: max_loras
+
+    @model_validator(mode="after")
+    def _cpu_loras_hold_the_slots(self) -> EngineConfig:
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        return self

@@ -3,7 +3,8 @@
 `add_request` validates a request up front (a bad one raises and touches nothing else); `step()` schedules,
 runs the model once, samples every sequence that reached the end of its known tokens with its own
 parameters, detokenizes incrementally, applies stop conditions and returns what changed. `abort_request`
-frees a request's blocks at any time.
+frees a request's blocks at any time. With `enable_lora` a request may run with a LoRA adapter (`lora_request`,
+loaded and checked when the request is added; gemma.engine.lora_manager).
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from gemma.engine.launcher import (
     start_tensor_parallel,
 )
 from gemma.engine.batch import KVLayout
+from gemma.engine.lora_manager import LoRASettings
 from gemma.engine.model_runner import ModelRunner
 from gemma.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from gemma.engine.scheduler import Scheduler
 from gemma.engine.sequence import Sequence
+from gemma.lora import LoRARequest
 from gemma.model import GemmaForCausalLM
 from gemma.sampling import SamplingParams, sample
 from gemma.structured import GrammarCompiler
@@ -74,12 +77,15 @@ class LLMEngine:
         )
         group_windows = [s.window for s in specs]
         self.kv = KVCacheManager(specs, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        lora = LoRASettings(config.max_loras, config.max_lora_rank, config.max_cpu_loras or config.max_loras) \
+            if config.enable_lora else None
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
+                                   lora.max_loras if lora else None)
         layout = KVLayout([group_windows.index(w) for w in windows], group_windows,
                           [s.num_blocks for s in specs], config.block_size)
         # the runner decides what the device gets (CPU kernels, CUDA graphs) and tells the other ranks
         self.runner = ModelRunner(model, layout, config.cpu_matmul, config.enforce_eager, config.max_num_seqs,
-                                  self.max_model_len)
+                                  self.max_model_len, lora)
         self.cpu_matmul = self.runner.cpu_matmul
         self.workers = workers
         self.generator = self.runner.generator(config.seed)
@@ -127,7 +133,7 @@ class LLMEngine:
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
-        arrival_time: float | None = None, prompt: str | None = None,
+        arrival_time: float | None = None, prompt: str | None = None, lora_request: LoRARequest | None = None,
     ) -> None:
         """Queue a request; raises ValueError (and queues nothing) when it cannot be served."""
         params = params or SamplingParams()
@@ -153,9 +159,12 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need an engine with a tokenizer")
         self.prepare(params)
+        if lora_request is not None:
+            self.add_lora(lora_request)  # raises, naming what does not fit
         seqs = []
         for i in range(params.n):
-            seq = Sequence(next(self._seq_ids), request_id, list(prompt_token_ids), params, index=i)
+            seq = Sequence(next(self._seq_ids), request_id, list(prompt_token_ids), params, index=i,
+                           lora_request=lora_request)
             if arrival_time is not None:
                 seq.arrival_time = arrival_time
             generator = None
@@ -197,6 +206,24 @@ class LLMEngine:
                 seq.finish("abort")
                 self.scheduler.finish(seq)
         return self._output(request_id)
+
+    # ---- LoRA adapters (vLLM's names) ----
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Load an adapter into the host cache now (requests naming it load it anyway); raises ValueError naming what
+        does not fit the model."""
+        if self.runner.lora is None:
+            raise ValueError("lora_request needs an engine with enable_lora=True")
+        if not isinstance(lora_request, LoRARequest):
+            raise ValueError(f"lora_request must be a gemma.LoRARequest, got {type(lora_request).__name__}")
+        self.runner.lora.add(lora_request)
+        return True
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.runner.lora is not None and self.runner.lora.remove(lora_int_id)
+
+    def list_loras(self) -> set[int]:
+        return self.runner.lora.list() if self.runner.lora is not None else set()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)

@@ -16,6 +16,11 @@ the kernels per `cpu_matmul`, and a step of single-token decodes as one fused ca
 `PagedBatch.decode_inputs`); on a GPU at TP=1 it replays decode steps as recorded CUDA graphs (gemma.engine.
 cuda_graphs, unless `enforce_eager`) and asks for a warm-up before the first request (`needs_warm_up`).
 
+With LoRA (`lora` settings; gemma.engine.lora_manager) rank 0 plans each step's adapter slots and every rank loads
+them and adds their deltas to the layers' products (gemma.lora). A step with an adapter's row runs the layers' own
+forward: the fused CPU decode layer and CUDA-graph replay are for steps of base-model rows only (the graphs
+recorded no LoRA products).
+
 Under tensor parallelism every rank has a runner with its own model shard and its own KV pools (its kv
 heads). Rank 0 turns the scheduler's batch into a device-independent `StepInput` and broadcasts it; every
 rank runs the same forward (the layers' collectives keep them in step); rank 0 samples from the logits.
@@ -34,6 +39,7 @@ from gemma.cpu import fastpath
 from gemma.engine.batch import KVLayout, PagedBatch, StepInput, SubBatch, additive_bias
 from gemma.engine.block_manager import KVCacheManager
 from gemma.engine.cuda_graphs import DecodeGraphs
+from gemma.engine.lora_manager import LoRAManager, LoRASettings
 from gemma.engine.scheduler import ScheduledBatch
 from gemma.model import GemmaForCausalLM
 
@@ -45,7 +51,7 @@ GPU_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
 class ModelRunner:
     def __init__(
         self, model: GemmaForCausalLM, layout: KVLayout, cpu_matmul: str = "auto", enforce_eager: bool = True,
-        max_num_seqs: int = 1, max_model_len: int | None = None,
+        max_num_seqs: int = 1, max_model_len: int | None = None, lora: LoRASettings | None = None,
     ) -> None:
         """Rank 0's runner resolves `cpu_matmul` ("auto" per the CPU) and sends the layout and the mode to the other
         ranks, which build theirs with `ModelRunner.follow`. `enforce_eager=False` records CUDA graphs of decode steps
@@ -58,7 +64,8 @@ class ModelRunner:
         if self.cpu_matmul != "torch" and self.tp.rank == 0:
             logger.info("engine: cpu_matmul %s (%.0f MB of fp32 weight copies)", self.cpu_matmul, added / 1e6)
         if self.tp.rank == 0:
-            self.tp.broadcast_object((layout, self.cpu_matmul))  # a no-op without tensor parallelism
+            self.tp.broadcast_object((layout, self.cpu_matmul, lora))  # a no-op without tensor parallelism
+        self.lora = LoRAManager(model, lora) if lora is not None else None
         # a step of single-token decodes runs each layer as one fused CPU kernel call where the model allows it
         self.fused_decode = fastpath.can_fuse_decode(model.model)
         attn = model.model.layers[0].self_attn  # this rank's kv heads
@@ -80,8 +87,8 @@ class ModelRunner:
     @classmethod
     def follow(cls, model: GemmaForCausalLM) -> ModelRunner:
         """Ranks 1..N-1: the runner rank 0 describes (its KV layout and CPU matmul mode)."""
-        layout, cpu_matmul = model.tp.broadcast_object(None)
-        return cls(model, layout, cpu_matmul)
+        layout, cpu_matmul, lora = model.tp.broadcast_object(None)
+        return cls(model, layout, cpu_matmul, lora=lora)
 
     @property
     def needs_warm_up(self) -> bool:
@@ -110,7 +117,7 @@ class ModelRunner:
 
     def execute(self, batch: ScheduledBatch, kv: KVCacheManager) -> tuple[torch.Tensor, list[int]]:
         """Rank 0: run the batch on every rank; logits (S, V) in fp32 for the sampled sequences, their indices."""
-        if self.graphs is not None and self.graphs.fits(batch):
+        if self.graphs is not None and self.graphs.fits(batch) and not any(s.lora_request for s in batch.seqs):
             return self.graphs.run(batch, kv), list(range(len(batch.seqs)))
         step, sampled = self.prepare(batch, kv)
         return self.run(self.tp.broadcast_object(step)), sampled
@@ -126,6 +133,8 @@ class ModelRunner:
                 logits_at.append(len(ids) - 1)
         step = StepInput(ids, positions, logits_at)
         self._describe(batch, kv, step)
+        if self.lora is not None:
+            step.lora = self.lora.step([s.lora_request for s in batch.seqs], batch.num_new)
         return step, sampled
 
     @torch.no_grad()
@@ -143,13 +152,20 @@ class ModelRunner:
                            [to_dev(t) for t in step.write_slots], subbatches)
         input_ids = torch.tensor([step.input_ids], device=dev)
         position_ids = torch.tensor([step.positions], device=dev)
-        decode = paged.decode_inputs() if self.fused_decode else None
+        decode = paged.decode_inputs() if self.fused_decode and step.lora is None else None
         if decode is not None:
             h = fastpath.decode_step(self.model.model, input_ids, position_ids, decode)
         else:
-            with self._kernels():
-                h = self.model.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                                     paged=paged).last_hidden_state
+            if step.lora is not None:
+                self.lora.apply(step.lora.slots)
+                self.lora.bank.activate(step.lora.row_slots)
+            try:
+                with self._kernels():
+                    h = self.model.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                         paged=paged).last_hidden_state
+            finally:
+                if step.lora is not None:
+                    self.lora.bank.deactivate()
         h = h[0, torch.tensor(step.logits_at, dtype=torch.long, device=dev)]  # (S, C)
         return self.model.compute_logits(h, out=self._logits_buffer(len(step.logits_at)))
 

@@ -6,6 +6,8 @@ Every step it picks which sequences run and how many of their tokens to feed:
   cache has blocks for their first chunk (admission only when blocks are available);
 - a prompt longer than what is left of `max_num_batched_tokens` is split into chunks (chunked prefill), so a
   long prompt never stalls the running decodes for more than one step's budget;
+- with `max_loras`, the running sequences use at most that many LoRA adapters (a step's adapters must fit the model
+  runner's slots): a waiting sequence of another adapter waits while later ones that fit are admitted;
 - when a running sequence needs a block and none is free, the most recently arrived running sequence is
   preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed (prompt plus
   what it generated so far) when blocks free up.
@@ -38,10 +40,12 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_loras: int | None = None) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_loras = max_loras
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -74,15 +78,23 @@ class Scheduler:
             break
         if batch.preempted:  # no admissions while running sequences are short of blocks
             return batch
+        loras = {s.lora_int_id for s in self.running} - {0}
+        skipped: list[Sequence] = []  # waiting for an adapter slot; they keep their place in the queue
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            seq.num_computed_tokens = self.kv.allocate_prompt(seq.seq_id, seq.all_token_ids)
+            lora = seq.lora_int_id
+            if lora and lora not in loras and self.max_loras is not None and len(loras) >= self.max_loras:
+                skipped.append(self.waiting.popleft())
+                continue
+            seq.num_computed_tokens = self.kv.allocate_prompt(seq.seq_id, seq.all_token_ids, seq.cache_salt)
             n = min(seq.num_uncomputed, budget)
             if not self.kv.ensure_slots(seq.seq_id, seq.num_computed_tokens + n):
                 self.kv.free(seq.seq_id)
                 seq.num_computed_tokens = 0
                 break
             self.waiting.popleft()
+            if lora:
+                loras.add(lora)
             if seq.num_cached_tokens is None:  # the first admission's hit, as vLLM reports it
                 seq.num_cached_tokens = seq.num_computed_tokens
             seq.status = SequenceStatus.RUNNING
@@ -90,6 +102,7 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new.append(n)
             budget -= n
+        self.waiting.extendleft(reversed(skipped))
         return batch
 
     def step_done(self, batch: ScheduledBatch) -> None:

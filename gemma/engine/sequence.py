@@ -38,6 +38,17 @@ class Sequence:
     finish_time: float | None = None
     num_preemptions: int = 0
     num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache at its first admission
+    lora_request: Any = None  # gemma.lora.LoRARequest: the adapter it runs with; None: the base model
+
+    @property
+    def lora_int_id(self) -> int:
+        """Its adapter's id; 0 for the base model."""
+        return self.lora_request.lora_int_id if self.lora_request is not None else 0
+
+    @property
+    def cache_salt(self) -> bytes:
+        """What its prefix-cache hash chain starts from (gemma.engine.block_manager): its adapter's."""
+        return self.lora_request.cache_salt if self.lora_request is not None else b""
 
     @property
     def num_tokens(self) -> int:

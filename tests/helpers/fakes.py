@@ -6,12 +6,14 @@
   like Serve's DeploymentResponseGenerator. Leaving the iteration without `cancel()` does not stop the
   producer: as through Ray, the caller must cancel or abort explicitly;
 - arguments and results cross a pickle round trip, and exceptions arrive as `RayTaskError(<cause type>)`
-  (an instance of the original type with `.cause`), as they do through Ray.
+  (an instance of the original type with `.cause`), as they do through Ray;
+- `h.options(multiplexed_model_id=x)`: the call sees `serve.get_multiplexed_model_id() == x`, as on a replica.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import pickle
 import tempfile
 import traceback
@@ -73,15 +75,20 @@ class LocalStream:
 
 
 class _LocalMethod:
-    def __init__(self, obj: Any, name: str, stream: bool) -> None:
-        self.obj, self.name, self.stream = obj, name, stream
+    def __init__(self, obj: Any, name: str, stream: bool, model_id: str = "") -> None:
+        self.obj, self.name, self.stream, self.model_id = obj, name, stream, model_id
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
+        from ray.serve.context import _RequestContext, _serve_request_context
+
         args, kwargs = _roundtrip((args, kwargs))
         method = getattr(self.obj, self.name)
+        # the call's task runs in a copy of this context: Serve's request context, as a replica sets it
+        context = contextvars.copy_context()
+        context.run(_serve_request_context.set, _RequestContext(multiplexed_model_id=self.model_id))
         if self.stream:
-            return LocalStream(method(*args, **kwargs), self.name)
-        return asyncio.get_running_loop().create_task(self._call(method, args, kwargs))
+            return context.run(lambda: LocalStream(method(*args, **kwargs), self.name))
+        return context.run(lambda: asyncio.get_running_loop().create_task(self._call(method, args, kwargs)))
 
     async def _call(self, method: Any, args: tuple, kwargs: dict) -> Any:
         try:
@@ -94,16 +101,17 @@ class _LocalMethod:
 
 
 class LocalHandle:
-    def __init__(self, obj: Any, stream: bool = False) -> None:
-        self._obj, self._stream = obj, stream
+    def __init__(self, obj: Any, stream: bool = False, model_id: str = "") -> None:
+        self._obj, self._stream, self._model_id = obj, stream, model_id
 
-    def options(self, *, stream: bool | None = None, **_: Any) -> LocalHandle:
-        return LocalHandle(self._obj, self._stream if stream is None else stream)
+    def options(self, *, stream: bool | None = None, multiplexed_model_id: str | None = None, **_: Any) -> LocalHandle:
+        return LocalHandle(self._obj, self._stream if stream is None else stream,
+                           self._model_id if multiplexed_model_id is None else multiplexed_model_id)
 
     def __getattr__(self, name: str) -> _LocalMethod:
         if name.startswith("_"):
             raise AttributeError(name)
-        return _LocalMethod(self._obj, name, self._stream)
+        return _LocalMethod(self._obj, name, self._stream, self._model_id)
 
 
 # ---- deployments -----------------------------------------------------------------------------------------
