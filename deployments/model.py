@@ -64,6 +64,9 @@ class ServingEngineConfig(EngineConfig, LoadConfig):
     # named, not detected: it decides whether a replica reserves GPUs from Ray (one per rank); Ray then shows each
     # GPU actor one device
     device: Literal["cpu", "cuda"] = "cpu"
+    # a server's first constrained request (response_format, a forced tool call) should not wait seconds for the
+    # grammar library's vocabulary tables
+    structured_outputs_at_start: bool = True
     # LoRA adapters served beside the base model: name (what requests send as "model") -> PEFT adapter directory (on
     # every node with a model replica); any entry turns enable_lora on
     lora_modules: dict[str, str] = {}

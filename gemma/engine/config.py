@@ -51,6 +51,10 @@ class EngineConfig(BaseModel):
     cpu_matmul: CpuMatmul = "auto"
     # vLLM's name: True runs every step eagerly; False replays decode steps as CUDA graphs on a GPU at TP=1
     enforce_eager: bool = False
+    # structured outputs (gemma.structured): the grammar library's tables of the vocabulary take seconds for Gemma's
+    # 262k tokens. True builds them at start, on a thread of their own, so a server's first constrained request does
+    # not wait; False builds them at the first such request
+    structured_outputs_at_start: bool = False
     # LoRA adapters per request (gemma.lora, vLLM's names): requests may name a PEFT adapter (`lora_request`), and one
     # step mixes adapters and the base model. Steps with an adapter's rows run without CUDA graphs or the fused CPU
     # decode layer

@@ -93,6 +93,8 @@ class LLMEngine:
         self.streams: dict[int, _Stream] = {}
         self._seq_ids = count()
         self.grammars: GrammarCompiler | None = None  # made at the first request with structured_outputs
+        if config.structured_outputs_at_start and tokenizer is not None:
+            self.grammar_compiler()
         logger.info("engine: KV groups %s, block size %d, max_model_len %d",
                     [(s.window, s.num_blocks) for s in specs], config.block_size, self.max_model_len)
         if self.runner.needs_warm_up:

@@ -296,14 +296,15 @@ def test_env_file_errors_name_the_line(tmp_path):
 
 def test_engine_settings_are_declared_once_with_one_set_of_defaults():
     """EngineArgs, AppArgs and BatchArgs take the engine's fields from gemma.engine's LoadConfig and EngineConfig;
-    only ServingEngineConfig redeclares one (device, with its reason), and none adds another copy."""
+    only ServingEngineConfig redeclares two (device and structured_outputs_at_start, with their reasons), and none
+    adds another copy."""
     from deployments.app import AppArgs
     from deployments.batch import BatchArgs
     from deployments.model import EngineArgs, ServingEngineConfig
     from gemma.engine import EngineConfig, LoadConfig
 
     library = {**LoadConfig().model_dump(), **EngineConfig().model_dump()}
-    serving_overrides = {"device"}
+    serving_overrides = {"device", "structured_outputs_at_start"}
     for cls in (ServingEngineConfig, EngineArgs, AppArgs, BatchArgs):
         own = set(cls.__dict__.get("__annotations__", {}))
         expected = serving_overrides if cls is ServingEngineConfig else set()
