@@ -3,6 +3,7 @@
     python benchmarks/engine.py [--model gemma-3-270m | --tiny] [--dtype bfloat16] [--concurrency 1,4,16,32,64]
                                 [--requests-per-level N] [--output-len 64,256] [--skip-transformers]
                                 [--out benchmarks/results] [--quick] [--time-cap S] [--threads N]
+                                [--quantization auto|gguf|none] [--skip-llama-cpp]
 
 `--quick` is a smoke run in seconds: the tiny random model (`--tiny`: a 6-layer Gemma 3 of width 64 written
 in HF layout to a temporary directory), one request per slot and outputs of 16-64 tokens. The full run on the
@@ -34,6 +35,11 @@ float32 whatever the dtype (a different computation, reading fewer weight bytes)
 - transformers static batched `generate` over the same c=32 requests, in batches of 32 (left padding,
   max_new_tokens = the batch's longest output), counting only each request's own out_i tokens as output;
   its TTFT counts from its batch's start.
+- llama.cpp (`llama-cpp-python`, the `bench` extra), for a .gguf model: the same file and the same thread count,
+  greedy (top_k=1) over the same token ids, one request at a time over the c=1 requests (its `Llama` object holds
+  one sequence: the Python API offers no batched decoding of several requests to drive at c > 1).
+Our model is loaded with `--quantization` ("auto": a .gguf's blocks kept on the CPU, gemma.cpu.quant; "none":
+dequantized to --dtype); transformers always gets dense weights (the GGUF dequantized to --dtype).
 Memory-bandwidth bound: the best of five timed sums over a 1 GiB tensor gives read bandwidth; one decode
 step reads every parameter once (the tied embedding / LM head once), so bound = bandwidth / weight bytes.
 Targets are reported PASS/MISS, never asserted.
@@ -62,7 +68,7 @@ from gemma import GemmaForCausalLM, GemmaTokenizer, SamplingParams
 from gemma.engine import EngineConfig, LLMEngine
 from gemma.generation import generate_steps
 from gemma.registry import resolve_checkpoint
-from gemma.weights import DTYPES
+from gemma.weights import DTYPES, resolve_quantization
 
 
 @dataclass
@@ -196,7 +202,34 @@ def read_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 5) -> 
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() yields a tied one once
+    """Bytes of the parameters and of any weights kept in GGUF blocks (buffers), a tied tensor counted once."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def run_llama_cpp(path: Path, requests: list[Request], warm: Request, threads: int) -> list[Trace]:
+    """llama.cpp on the same GGUF through llama-cpp-python, one request at a time, greedy, timed per token."""
+    from llama_cpp import Llama
+
+    longest = max(len(r.prompt) + r.max_tokens for r in [*requests, warm])
+    llm = Llama(model_path=str(path), n_ctx=longest + 8, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                verbose=False)
+
+    def one(r: Request) -> Trace:
+        trace = Trace(time.monotonic())
+        for token in llm.generate(r.prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            trace.tokens.append(int(token))
+            trace.times.append(time.monotonic())
+            if len(trace.tokens) == r.max_tokens:
+                break
+        return trace
+
+    one(warm)
+    return [one(r) for r in tqdm(requests, desc="llama.cpp", leave=False, file=sys.stderr)]
 
 
 def summarize(system: str, concurrency: int, traces: list[Trace], wall: float | None = None,
@@ -268,6 +301,9 @@ def main() -> None:
     p.add_argument("--kv-cache-memory", default=None, help="engine KV pool; default 1GiB (8MiB with --tiny)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--skip-llama-cpp", action="store_true", help="no llama.cpp row (it runs only for a .gguf)")
+    p.add_argument("--quantization", choices=("auto", "gguf", "none"), default="auto",
+                   help="our model: a .gguf's blocks kept (auto: on the CPU) or dequantized (none)")
     p.add_argument("--hf-weights", choices=("dense", "gguf"), default="dense",
                    help="transformers' weights for a .gguf model: ours saved in HF layout (dense, same dtype), or "
                         "transformers' own GGUF loader (keeps Q4_K blocks packed, computes in float32)")
@@ -297,7 +333,10 @@ def main() -> None:
         path = Path(tiny_checkpoint(tmp)) if args.tiny else resolve_checkpoint(args.model)
         name = "tiny" if args.tiny else (args.model if path != Path(args.model) else path.stem)
         t = time.perf_counter()
-        model = GemmaForCausalLM.from_pretrained(path, dtype=dtype, device=device)
+        quantization = resolve_quantization(None if args.quantization == "none" else args.quantization, path,
+                                            str(device), 1)
+        model = GemmaForCausalLM.from_pretrained(path, dtype=dtype, device=device, quantization=quantization)
+        args.quantization = quantization or "none"
         tokenizer = None if args.tiny else GemmaTokenizer.from_pretrained(path)  # the engine detokenizes as it serves
         log.info("%s (%s, %s) loaded in %.1f s", name, args.dtype, device, time.perf_counter() - t)
         vocab = model.config.vocab_size
@@ -310,10 +349,19 @@ def main() -> None:
         rows, traces = run_ours(args, model, tokenizer, levels, sets, warm)
         checks = {"engine c=1 vs gemma generate": agreement(traces["engine"], traces["gemma"])}
         hf_rows = []
+        if path.suffix == ".gguf" and not args.skip_llama_cpp:
+            traces["llama.cpp"] = run_llama_cpp(path, sets[1], warm[0], torch.get_num_threads())
+            rows.append(summarize("llama.cpp (1 at a time)", 1, traces["llama.cpp"]))
+            log.info("llama.cpp one at a time: %.1f decode tok/s", rows[-1]["decode_tok_s"])
+            checks["llama.cpp vs gemma generate"] = agreement(traces["llama.cpp"], traces["gemma"])
         if not args.skip_transformers:
             hf_path = path
             if path.suffix == ".gguf" and args.hf_weights == "dense":
                 hf_path = Path(tmp) / "dense"
+                if quantization is not None:  # transformers gets the blocks dequantized to --dtype
+                    del model
+                    gc.collect()
+                    model = GemmaForCausalLM.from_pretrained(path, dtype=dtype, device=device)
                 model.save_pretrained(hf_path)  # our weights as loaded: the same values in the same dtype
             del model
             gc.collect()
@@ -385,14 +433,16 @@ def report(args: argparse.Namespace, name: str, device: torch.device, rows: list
     else:
         device_name = cpu_name(torch.get_num_threads())
     bound = bandwidth / wbytes
-    print_table(rows, f"engine benchmark: {name}, {args.dtype}, {device_name}")
+    print_table(rows, f"engine benchmark: {name}, {args.dtype}, quantization {args.quantization}, {device_name}")
 
     def row(system: str, c: int) -> dict | None:
         return next((r for r in rows if r["system"].startswith(system) and r["concurrency"] == c), None)
 
     engine1, hf1, ours1 = row("engine", 1), row("transformers generate", 1), row("gemma generate", 1)
+    llama1 = row("llama.cpp", 1)
     print("\nsingle stream, decode tok/s (TTFT p50):")
-    for label, r in (("engine", engine1), ("gemma generate", ours1), ("transformers generate", hf1)):
+    for label, r in (("engine", engine1), ("gemma generate", ours1), ("transformers generate", hf1),
+                     ("llama.cpp", llama1)):
         if r:
             print(f"  {label:<24}{_fmt(r['decode_tok_s']):>8} tok/s  ({_fmt(r['ttft_p50_s'], 1e3)} ms)")
     share = engine1["decode_tok_s"] / bound if engine1 else None
@@ -413,9 +463,12 @@ def report(args: argparse.Namespace, name: str, device: torch.device, rows: list
         target("c=32 output tok/s vs transformers 1 at a time", ratio(e32, hf_one32, "output_tok_s"), 8.0),
         target("c=32 output tok/s vs transformers static batch", ratio(e32, hf_static32, "output_tok_s"), 2.0),
     ]
+    if llama1:
+        targets.append(target("single-stream decode vs llama.cpp", ratio(engine1, llama1, "decode_tok_s"), 1.2))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"engine-{name}-{args.dtype}" + ("-hf-gguf" if args.hf_weights == "gguf" and not args.tiny else "")
+    stem += "-gguf-blocks" if args.quantization == "gguf" else ""
     meta = {
         "model": name, "dtype": args.dtype, "device": device_name, "torch": torch.__version__,
         "args": vars(args), "read_bandwidth_bytes_s": bandwidth,

@@ -105,14 +105,16 @@ def load_engine(args: ServingEngineConfig) -> LLMEngine:
         launcher, host = RayActorLauncher, ray.util.get_node_ip_address()
     kwargs = {"launcher": launcher} if launcher is not None else {}
     return LLMEngine.from_pretrained(
-        args.model, args.dtype, _device(args), args.tp_size, args.engine_config(), host=host, **kwargs)
+        args.model, args.dtype, _device(args), args.tp_size, args.engine_config(), host=host,
+        quantization=args.quantization, **kwargs)
 
 
 def build_engine(args: EngineArgs) -> AsyncEngine:
     """The replica's engine: in a child process (`engine_process`, tp_size 1), or stepped here (`load_engine`)."""
     if args.engine_process and args.tp_size == 1:
         return AsyncEngineProcess(functools.partial(
-            LLMEngine.from_pretrained, args.model, args.dtype, _device(args), 1, args.engine_config()))
+            LLMEngine.from_pretrained, args.model, args.dtype, _device(args), 1, args.engine_config(),
+            quantization=args.quantization))
     return AsyncLLMEngine.from_engine_factory(functools.partial(load_engine, args))
 
 

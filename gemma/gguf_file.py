@@ -80,6 +80,23 @@ _PLAIN = {0: np.float32, 1: np.float16, 24: np.int8, 25: np.int16, 26: np.int32,
 
 
 @dataclass(frozen=True)
+class QuantTensor:
+    """A 2-D tensor kept in its GGUF blocks: `data` (rows, bytes per row) uint8 of ggml type `qtype`, standing for a
+    float tensor of `shape` (rows, cols). gemma.cpu.quant computes with it."""
+
+    data: torch.Tensor
+    qtype: int
+    shape: tuple[int, int]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float tensor, as the `gguf` package's dequantizer gives it."""
+        from gguf.constants import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        return torch.from_numpy(dequantize(self.data.numpy(), GGMLQuantizationType(self.qtype))).to(dtype)
+
+
+@dataclass(frozen=True)
 class TensorInfo:
     name: str
     qtype: int  # ggml type id (gguf.GGMLQuantizationType)
@@ -241,8 +258,11 @@ class GGUFCheckpoint:
     def __len__(self) -> int:
         return len(self.infos)
 
-    def tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, tensor in `dtype`) for every tensor, dequantized; norms back to zero-centred."""
+    def tensors(
+        self, dtype: torch.dtype = torch.float32, keep: frozenset[int] = frozenset()
+    ) -> Iterator[tuple[str, torch.Tensor | QuantTensor]]:
+        """(HF name, tensor in `dtype`) for every tensor, dequantized; norms back to zero-centred. 2-D tensors of a
+        ggml type in `keep` come as `QuantTensor`s instead (their blocks copied out of the file's mapping)."""
         from gguf.constants import GGMLQuantizationType
         from gguf.quants import dequantize
 
@@ -250,6 +270,9 @@ class GGUFCheckpoint:
             name = self.hf_name(t.name)
             qtype = GGMLQuantizationType(t.qtype)
             data = tensor_array(t, self.mapped)
+            if t.qtype in keep and len(t.dims) == 2 and not name.endswith("norm.weight"):
+                yield name, QuantTensor(torch.from_numpy(data.copy()), t.qtype, (t.dims[1], t.dims[0]))
+                continue
             out = torch.empty(tuple(reversed(t.dims)), dtype=dtype)
             # row chunks of ~16M values: the fp32 intermediates of a 262k-row embedding never exist at once
             step = max(1, 2**24 // max(1, t.dims[0]))

@@ -38,7 +38,8 @@ class LLM:
         load = LoadConfig.model_validate(
             {"model": str(model)} | {k: v for k, v in settings.items() if k in LoadConfig.model_fields})
         config = EngineConfig.model_validate({k: v for k, v in settings.items() if k not in LoadConfig.model_fields})
-        self.engine = LLMEngine.from_pretrained(load.model, load.dtype, load.device, load.tp_size, config)
+        self.engine = LLMEngine.from_pretrained(load.model, load.dtype, load.device, load.tp_size, config,
+                                                quantization=load.quantization)
         self.tokenizer, self.model = self.engine.tokenizer, self.engine.model
         self._counter = 0
 

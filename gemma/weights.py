@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from gemma.config import GemmaConfig
-from gemma.gguf_file import open_gguf
+from gemma.gguf_file import QuantTensor, open_gguf
 from gemma.parallel import SINGLE, TPGroup
 from gemma.registry import resolve_checkpoint
 
@@ -60,6 +60,24 @@ def resolve_dtype(dtype: str | torch.dtype, name_or_path: str | os.PathLike) -> 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
+
+
+def resolve_quantization(
+    quantization: str | None, name_or_path: str | os.PathLike, device: str, tp_size: int
+) -> str | None:
+    """"auto" as what it means for this checkpoint and placement: "gguf" for a .gguf on the CPU at tp_size 1 (its
+    blocks kept, gemma.cpu.quant) where the CPU kernels build, else None; any other value is checked and returned."""
+    if quantization != "auto":
+        if quantization is not None:
+            from gemma.cpu.quant import check
+
+            check(quantization, resolve_checkpoint(name_or_path).suffix, device, tp_size)
+        return quantization
+    if resolve_checkpoint(name_or_path).suffix != ".gguf" or torch.device(device).type != "cpu" or tp_size != 1:
+        return None
+    from gemma.cpu import kernels
+
+    return "gguf" if kernels.available() else None
 
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -130,7 +148,9 @@ def load_checkpoint(
     """Assign `tensors` into `model` (built on the meta device), casting floating tensors to `dtype`.
 
     Under tensor parallelism each tensor is checked against the full (unsharded) shape, then cut down to this
-    rank's shard by the owning layer's `load_shard` before anything is copied or cast.
+    rank's shard by the owning layer's `load_shard` before anything is copied or cast. A `QuantTensor` (a GGUF
+    loaded with quantization="gguf") stays in its blocks where its module has a kernel for them
+    (gemma.cpu.quant.keep_quantized), and is dequantized to `dtype` elsewhere.
     """
     config: GemmaConfig = model.config
     has_base_prefix = hasattr(model, "model")
@@ -141,9 +161,15 @@ def load_checkpoint(
     modules = dict(model.named_modules())
     state: dict[str, torch.Tensor] = {}
     unexpected, misshaped = [], []
+    quantized: dict[str, QuantTensor] = {}
     tied_head: torch.Tensor | None = None
     for name, tensor in tqdm(tensors, total=total, desc="loading weights", unit="tensor", disable=None):
         target = _target_name(name, has_base_prefix)
+        if isinstance(tensor, QuantTensor):
+            if target in expected and tuple(tensor.shape) == tuple(expected[target]) and _keeps_blocks(modules, target):
+                quantized[target] = tensor
+                continue
+            tensor = tensor.dequantize(dtype)
         if tied and target == "lm_head.weight":
             tied_head = tensor  # accepted only if it equals the embedding, checked below
             continue
@@ -159,7 +185,7 @@ def load_checkpoint(
         state[target] = _shard(modules, target, tensor).to(
             device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype
         )
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(set(expected) - set(state) - set(quantized))
     problems = [
         f"{label}: {', '.join(names)}"
         for label, names in (("missing tensors", missing), ("unexpected tensors", unexpected), ("misshaped tensors", misshaped))
@@ -174,9 +200,26 @@ def load_checkpoint(
             raise CheckpointError(
                 "lm_head.weight differs from model.embed_tokens.weight but config.tie_word_embeddings is true"
             )
-    model.load_state_dict(state, strict=not tied, assign=True)
-    if tied:
+    model.load_state_dict(state, strict=not tied and not quantized, assign=True)
+    if quantized:
+        from gemma.cpu.quant import keep_quantized
+
+        for target, tensor in quantized.items():
+            keep_quantized(modules[target.rpartition(".")[0]], tensor, dtype)
+    if tied and "model.embed_tokens.weight" in quantized:
+        keep_quantized(model.lm_head, quantized["model.embed_tokens.weight"], dtype)  # the same blocks, not a copy
+    elif tied:
         model.tie_weights()
+
+
+def _keeps_blocks(modules: dict[str, nn.Module], target: str) -> bool:
+    """Whether the checkpoint tensor `target` can stay quantized: a Linear's or the embedding's weight at TP 1."""
+    from gemma.layers import ScaledEmbedding
+    from gemma.parallel import Linear
+
+    owner = modules.get(target.rpartition(".")[0])
+    return (target.endswith(".weight") and isinstance(owner, (Linear, ScaledEmbedding))
+            and owner.tp.size == 1)
 
 
 def _shard(modules: dict[str, nn.Module], name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -242,17 +285,24 @@ class PretrainedMixin:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         tp: TPGroup = SINGLE,
+        quantization: str | None = None,
         **config_overrides: Any,
     ) -> M:
         """Load a checkpoint in eval mode: an HF directory (config.json + safetensors, single or sharded), a
-        `.gguf` file (config from its metadata, tensors dequantized), or a named model ("gemma-3-270m").
+        `.gguf` file (config from its metadata, tensors dequantized, or with `quantization="gguf"` kept in their
+        blocks where the CPU kernels take them: gemma.cpu.quant), or a named model ("gemma-3-270m").
         With a tensor-parallel group `tp`, this rank keeps only its shard of each tensor."""
         start = time.perf_counter()
         path = resolve_checkpoint(path)
+        if quantization is not None:
+            from gemma.cpu.quant import KERNEL_TYPES, check
+
+            check(quantization, path.suffix, device, tp.size)
         if path.suffix == ".gguf":
             gguf = open_gguf(path)
             config = GemmaConfig.model_validate({**gguf.config.model_dump(), **config_overrides})
-            tensors, total = gguf.tensors(dtype), len(gguf)
+            keep = KERNEL_TYPES if quantization == "gguf" else frozenset()
+            tensors, total = gguf.tensors(dtype, keep), len(gguf)
         else:
             config = GemmaConfig.from_pretrained(path, **config_overrides)
             files = checkpoint_files(path)
@@ -274,6 +324,9 @@ class PretrainedMixin:
         for this model type and task, which is how vLLM and the Auto classes pick the model: without it vLLM
         serves a causal LM as an embedding model) and `dtype` (the weights' dtype).
         """
+        if any("qtype" in m.__dict__ for m in self.modules()):
+            raise ValueError("a model loaded with quantization='gguf' cannot be saved as safetensors; load it with "
+                             "quantization=None to save it")
         state = self.state_dict()
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)

@@ -146,7 +146,7 @@ class Fp32Matmul:
 
 
 def matmul_of(linear: Linear) -> str:
-    """Which product `linear` uses: "kernel", "fp32" or "torch"."""
+    """Which product `linear` uses: "kernel", "fp32", "gguf" (gemma.cpu.quant) or "torch"."""
     impl = linear.__dict__.get("matmul")
     return impl.name if impl is not None else "torch"
 
@@ -239,7 +239,8 @@ def set_cpu_matmul(model: nn.Module, mode: str = "auto") -> tuple[str, int]:
     if mode == "auto":
         slow = any(slow_half_matmul(m.weight.device, m.weight.dtype) for m in half)
         cpu_bf16 = bool(half) and all(m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu" for m in half)
-        mode = "kernel" if cpu_bf16 and kernels.available() else "fp32" if slow else "torch"
+        gguf = any(matmul_of(m) == "gguf" for m in linears)  # GGUF blocks (gemma.cpu.quant): the kernels' model
+        mode = "kernel" if (cpu_bf16 or gguf) and kernels.available() else "fp32" if slow else "torch"
     _reset(model, linears)
     added = 0
     if mode == "kernel":
@@ -251,7 +252,7 @@ def set_cpu_matmul(model: nn.Module, mode: str = "auto") -> tuple[str, int]:
             if isinstance(m, RMSNorm) and m.weight.device.type == "cpu":
                 m.__class__ = KernelRMSNorm
             elif isinstance(m, GemmaAttention) and m.q_proj.weight.device.type == "cpu" \
-                    and m.q_proj.weight.dtype == torch.bfloat16:
+                    and _compute_dtype(m.q_proj) == torch.bfloat16:
                 m.__class__ = KernelAttention
                 m.qkv_weight = join_weights([m.q_proj, m.k_proj, m.v_proj])
                 if m.qkv_weight is not None:
@@ -268,10 +269,17 @@ def set_cpu_matmul(model: nn.Module, mode: str = "auto") -> tuple[str, int]:
     return mode, added
 
 
+def _compute_dtype(linear: Linear) -> torch.dtype:
+    """The dtype `linear` computes in: its weight's, or for GGUF blocks (gemma.cpu.quant) its activations'."""
+    return linear.__dict__.get("compute_dtype", linear.weight.dtype)
+
+
 def _reset(model: nn.Module, linears: list[Linear]) -> None:
-    """Every module back to its plain class and product (the joined weights stay, as views: same values)."""
+    """Every module back to its plain class and product (the joined weights stay, as views: same values); a product
+    on GGUF blocks stays (it is how the weights are stored, not a choice of this module)."""
     for m in linears:
-        m.__dict__.pop("matmul", None)
+        if matmul_of(m) != "gguf":
+            m.__dict__.pop("matmul", None)
     for m in model.modules():
         for base, swap in SWAPS.items():
             if type(m) is swap:

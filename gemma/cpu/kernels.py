@@ -35,7 +35,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bf16_linear.cpp", "decode_ops.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bf16_linear.cpp", "decode_ops.cpp", "quant.cpp")]
 _lock = threading.Lock()
 _module: Any = None
 _error: str | None = None

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 CpuMatmul = Literal["auto", "kernel", "fp32", "torch"]
+Quantization = Literal["auto", "gguf"] | None
 
 
 class LoadConfig(BaseModel):
@@ -28,6 +29,10 @@ class LoadConfig(BaseModel):
     dtype: DType = "auto"
     device: str | None = None  # "cpu", "cuda", "cuda:1", ...; None: cuda when available, else cpu
     tp_size: int = Field(1, ge=1)  # tensor-parallel ranks: this process is rank 0, ranks 1..N-1 are started for it
+    # vLLM's name: "gguf" keeps a .gguf's quantized blocks and computes on them with the CPU kernels (gemma.cpu.quant;
+    # CPU, tp_size 1); None dequantizes every tensor to `dtype`; "auto": "gguf" for a .gguf on the CPU at tp_size 1,
+    # else None
+    quantization: Quantization = "auto"
 
 
 class EngineConfig(BaseModel):

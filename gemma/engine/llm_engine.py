@@ -38,7 +38,7 @@ from gemma.model import GemmaForCausalLM
 from gemma.sampling import SamplingParams, sample
 from gemma.structured import GrammarCompiler
 from gemma.tokenizer import GemmaTokenizer, IncrementalDecoder
-from gemma.weights import DTYPES, parse_size, resolve_dtype
+from gemma.weights import DTYPES, parse_size, resolve_dtype, resolve_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ class LLMEngine:
     def from_pretrained(
         cls, model: str, dtype: str = "auto", device: str | None = None, tp_size: int = 1,
         config: EngineConfig | None = None, launcher: type = LocalLauncher, host: str = "127.0.0.1",
+        quantization: str | None = "auto",
     ) -> LLMEngine:
         """Load `model` (a named model, HF directory or .gguf) and its tokenizer and build an engine on them.
 
@@ -116,10 +117,11 @@ class LLMEngine:
         if tp_size < 1:
             raise ValueError(f"tp_size must be >= 1, got {tp_size}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        quantization = resolve_quantization(quantization, model, device, tp_size)
         tokenizer = GemmaTokenizer.from_pretrained(model)
         workers = None
         if tp_size == 1:
-            lm = GemmaForCausalLM.from_pretrained(model, dtype=torch_dtype, device=device)
+            lm = GemmaForCausalLM.from_pretrained(model, dtype=torch_dtype, device=device, quantization=quantization)
         else:
             backend = "nccl" if device.startswith("cuda") else "gloo"
             spec = WorkerSpec(str(model), dtype, device, tp_size, host=host, backend=backend)
