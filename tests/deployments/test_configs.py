@@ -332,10 +332,12 @@ def test_batch_cli_defaults_are_batch_args_defaults():
 
 
 def test_serve_config_documents_the_engine_defaults(config):
-    """serve_config.yaml's args list every engine field at the library's default, device aside (serving's own)."""
+    """serve_config.yaml's args list every engine field at the library's default, serving's own two aside (device,
+    structured_outputs_at_start)."""
     from gemma.engine import EngineConfig, LoadConfig
 
     args = config["applications"][0]["args"]
-    assert {k: args[k] for k in EngineConfig.model_fields} == EngineConfig().model_dump()
+    engine = EngineConfig(structured_outputs_at_start=True).model_dump()
+    assert {k: args[k] for k in EngineConfig.model_fields} == engine
     load = LoadConfig().model_dump()
     assert {k: args[k] for k in load} == load | {"device": "cpu"}
