@@ -41,7 +41,6 @@ from typing import Any
 from gemma.engine.async_engine import AsyncEngine, EngineStepError, engine_info, engine_stats, rss_bytes
 from gemma.engine.llm_engine import LLMEngine
 from gemma.engine.outputs import RequestOutput
-from gemma.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 START_TIMEOUT_S = 600.0  # loading a model (weights, CUDA graphs, a CPU kernel's first build) can take minutes

@@ -15,7 +15,7 @@ from gguf.quants import dequantize
 
 from gemma import GemmaForCausalLM
 from gemma.cpu import kernels
-from tests.gemma.test_gguf import random_k_blocks, write_gguf
+from tests.helpers.gguf_writer import random_k_blocks, write_gguf
 from tests.helpers.tokenizer_fixtures import write_sentencepiece_model
 
 pytestmark = pytest.mark.skipif(not kernels.cpu_supported(), reason="the quantized kernels need an AVX2 CPU")
