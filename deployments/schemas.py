@@ -2,7 +2,7 @@
 tokenize and detokenize; OpenAI's error body.
 
 Requests reject unknown fields (a typo must not be silently ignored). A few OpenAI fields we do not implement
-are accepted at their neutral value only (`echo: false`, `logit_bias: {}`, `tools: []`, `store: false`, ...)
+are accepted at their neutral value only (`echo: false`, `logit_bias: {}`, `store: false`, ...)
 and are a 400 otherwise, so unchanged OpenAI clients keep working. Accepted and ignored: `user`, `metadata`
 (checked against OpenAI's limits), `service_tier`, `stream_options.include_obfuscation`. Accepted as OpenAI
 means them: the `developer` role (a system message) and `content: null` on assistant messages (an empty

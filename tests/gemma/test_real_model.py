@@ -85,3 +85,33 @@ def test_a_1200_token_shared_prefix_is_served_from_the_cache(model, tokenizer):
     assert first.num_cached_tokens == 0 and second.num_cached_tokens >= 1024
     assert second.num_cached_tokens == 1200 // 16 * 16  # every full block of the shared part
     assert [o.token_ids for o in outs[True]] == [o.token_ids for o in outs[False]]
+
+
+def test_structured_outputs_and_a_forced_tool_call_mean_what_they_should():
+    """On the real 270M, greedy: a schema-constrained answer and a required tool call (one call) name the right
+    city and function; the tools reach the prompt through the chat template."""
+    from gemma import LLM, SamplingParams, StructuredOutputsParams
+    from gemma.tool_calls import call_schema, calls_from_json, check_tools
+
+    city = {"type": "string", "maxLength": 40}
+    tools = [{"type": "function", "function": {
+        "name": name, "description": f"Get the current {what} of a city",
+        "parameters": {"type": "object", "properties": {"city": city}, "required": ["city"],
+                       "additionalProperties": False}}} for name, what in (("get_weather", "weather"), ("get_time", "time"))]
+    with LLM("gemma-3-270m", max_model_len=1024) as llm:
+        tok = llm.tokenizer
+        schema = {"type": "object", "properties": {"city": city, "country": city}, "required": ["city", "country"],
+                  "additionalProperties": False}
+        ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France? Answer in JSON."}],
+                                      tokenize=True)
+        out = llm.generate([ids], SamplingParams(max_tokens=60, temperature=0, structured_outputs=StructuredOutputsParams(
+            json=schema)), use_tqdm=False)[0].outputs[0]
+        assert json.loads(out.text) == {"city": "Paris", "country": "France"}
+        one_call = StructuredOutputsParams(json=call_schema(check_tools(tools), None, parallel=False))
+        for question, expected in (("What is the weather in Paris?", ("get_weather", "Paris")),
+                                   ("What time is it in Tokyo?", ("get_time", "Tokyo"))):
+            ids = tok.apply_chat_template([{"role": "user", "content": question}], tools=tools, tokenize=True)
+            out = llm.generate([ids], SamplingParams(max_tokens=60, temperature=0, structured_outputs=one_call),
+                               use_tqdm=False)[0].outputs[0]
+            (call,) = calls_from_json(out.text, None)
+            assert (call.name, json.loads(call.arguments)["city"]) == expected
