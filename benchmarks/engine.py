@@ -38,8 +38,8 @@ float32 whatever the dtype (a different computation, reading fewer weight bytes)
 - llama.cpp (`llama-cpp-python`, the `bench` extra), for a .gguf model: the same file and the same thread count,
   greedy (top_k=1) over the same token ids, one request at a time over the c=1 requests (its `Llama` object holds
   one sequence: the Python API offers no batched decoding of several requests to drive at c > 1).
-Our model is loaded with `--quantization` ("auto": a .gguf's blocks kept on the CPU, gemma.cpu.quant; "none":
-dequantized to --dtype); transformers always gets dense weights (the GGUF dequantized to --dtype).
+Our model is loaded with `--quantization` ("none", the engine's default: dequantized to --dtype; "gguf" or "auto":
+a .gguf's blocks kept on the CPU, gemma.cpu.quant); transformers always gets dense weights (the GGUF dequantized to --dtype).
 Memory-bandwidth bound: the best of five timed sums over a 1 GiB tensor gives read bandwidth; one decode
 step reads every parameter once (the tied embedding / LM head once), so bound = bandwidth / weight bytes.
 Targets are reported PASS/MISS, never asserted.
@@ -302,8 +302,8 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--skip-llama-cpp", action="store_true", help="no llama.cpp row (it runs only for a .gguf)")
-    p.add_argument("--quantization", choices=("auto", "gguf", "none"), default="auto",
-                   help="our model: a .gguf's blocks kept (auto: on the CPU) or dequantized (none)")
+    p.add_argument("--quantization", choices=("auto", "gguf", "none"), default="none",
+                   help="our model: dequantized (none, the default) or a .gguf's blocks kept (gguf; auto: on the CPU)")
     p.add_argument("--hf-weights", choices=("dense", "gguf"), default="dense",
                    help="transformers' weights for a .gguf model: ours saved in HF layout (dense, same dtype), or "
                         "transformers' own GGUF loader (keeps Q4_K blocks packed, computes in float32)")

@@ -121,19 +121,19 @@ def test_model_keeps_blocks_and_matches_the_dequantized_model(gguf_path):
         q.save_pretrained(gguf_path.parent / "saved")
 
 
-def test_engine_default_on_a_gguf_is_quantized_and_decodes_like_generate(gguf_path):
+def test_engine_on_a_quantized_gguf_decodes_like_generate(gguf_path):
     from gemma import LLM, SamplingParams
     from gemma.cpu.fastpath import matmul_of
 
     prompt = [5, 17, 33, 8, 90, 12]
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    llm = LLM(gguf_path, dtype="float32", kv_cache_memory="8MiB", max_model_len=64)
+    llm = LLM(gguf_path, dtype="float32", kv_cache_memory="8MiB", max_model_len=64, quantization="auto")
     assert matmul_of(llm.model.model.layers[0].mlp.down_proj) == "gguf"
     got = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
     with torch.no_grad():
         want = llm.model.generate(torch.tensor([prompt]), max_new_tokens=8)[0, len(prompt):].tolist()
     assert got == want
-    plain = LLM(gguf_path, dtype="float32", kv_cache_memory="8MiB", max_model_len=64, quantization=None)
+    plain = LLM(gguf_path, dtype="float32", kv_cache_memory="8MiB", max_model_len=64)  # the default: dequantized
     assert matmul_of(plain.model.model.layers[0].mlp.down_proj) == "torch"
 
 
