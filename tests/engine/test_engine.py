@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 from tests.helpers.checkpoints import FAMILIES, load_hf, write_hf_checkpoint
+from tests.helpers.engine_runs import run
 from tests.helpers.tokenizer_fixtures import write_trained_tokenizer_json
 from tests.helpers.waiting import stream_ended, until
 
@@ -49,19 +50,6 @@ def prompts(n: int, seed: int = 0, shared: int = 11) -> list[list[int]]:
 def one_at_a_time(model, prompt: list[int], max_tokens: int) -> list[int]:
     out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, eos_token_id=[])
     return out[0, len(prompt):].tolist()
-
-
-def run(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]], check=None) -> list:
-    for i, (p, params) in enumerate(requests):
-        engine.add_request(str(i), p, params)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-        if check:
-            check(engine)
-    return [done[str(i)] for i in range(len(requests))]
 
 
 def invariants(engine: LLMEngine) -> None:

@@ -12,6 +12,7 @@ import jsonschema
 import pytest
 import torch
 from tests.helpers.checkpoints import write_hf_checkpoint
+from tests.helpers.engine_runs import run
 from tests.helpers.tokenizer_fixtures import write_trained_tokenizer_json
 
 from gemma import GemmaForCausalLM, GemmaTokenizer, StructuredOutputsParams
@@ -65,17 +66,6 @@ def model_dir(tokenizer, tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(model_dir):
     return GemmaForCausalLM.from_pretrained(model_dir)
-
-
-def run(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]]) -> list:
-    for i, (p, params) in enumerate(requests):
-        engine.add_request(str(i), p, params)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return [done[str(i)] for i in range(len(requests))]
 
 
 def prompt(tokenizer, text: str = "Give me the record as JSON:") -> list[int]:
