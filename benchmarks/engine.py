@@ -213,8 +213,22 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 def run_llama_cpp(path: Path, requests: list[Request], warm: Request, threads: int) -> list[Trace]:
     """llama.cpp on the same GGUF through llama-cpp-python, one request at a time, greedy, timed per token."""
+    import llama_cpp
+    import llama_cpp.llama
     from llama_cpp import Llama
 
+    if _cpu_has("amx_tile"):
+        # llama.cpp's extra buffer types (weights repacked for AMX) crash llama_decode with SIGSEGV on AMX CPUs
+        # (llama-cpp-python 0.3.36, Intel Xeon, 2026-12-05): load without them, as plain ggml CPU buffers
+        default_params = llama_cpp.llama_model_default_params
+
+        def without_extra_buffers():
+            params = default_params()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama.llama_cpp.llama_model_default_params = without_extra_buffers
+        log.info("llama.cpp: AMX CPU, loading without extra buffer types (use_extra_bufts=False)")
     longest = max(len(r.prompt) + r.max_tokens for r in [*requests, warm])
     llm = Llama(model_path=str(path), n_ctx=longest + 8, n_threads=threads, n_threads_batch=threads, n_batch=512,
                 verbose=False)
@@ -230,6 +244,14 @@ def run_llama_cpp(path: Path, requests: list[Request], warm: Request, threads: i
 
     one(warm)
     return [one(r) for r in tqdm(requests, desc="llama.cpp", leave=False, file=sys.stderr)]
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and flag in line.split() for line in f)
+    except OSError:
+        return False
 
 
 def summarize(system: str, concurrency: int, traces: list[Trace], wall: float | None = None,
