@@ -2,10 +2,10 @@
 
     SamplingParams(structured_outputs=StructuredOutputsParams(json={"type": "object", ...}))
 
-One of `json` (a JSON schema, dict or text), `regex`, `choice` (one of the strings), `grammar` (EBNF / GBNF) or
+One of `json` (a JSON schema, dict or text), `regex`, `choice` (one of the strings), `grammar` (GBNF or Lark) or
 `json_object` (any JSON object). The engine compiles it once per distinct spec (`GrammarCompiler`, cached), gives
-each sequence its own `GrammarMatcher`, and before sampling masks every token the grammar does not allow at
-that point (EOS only where the grammar may end), on the constrained rows only.
+each sequence its own matcher, and before sampling masks every token the grammar does not allow at that point
+(EOS only where the grammar may end), on the constrained rows only (`apply_bitmask_`). docs/structured.md.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 KINDS = ("json", "regex", "choice", "grammar", "json_object")
@@ -41,7 +40,7 @@ with warnings.catch_warnings():  # vLLM's field name `json` shadows BaseModel's 
         json: dict[str, Any] | str | None = None  # a JSON schema (as a dict or as JSON text)
         regex: str | None = None  # the whole output matches this regular expression
         choice: list[str] | None = None  # the output is exactly one of these strings
-        grammar: str | None = None  # an EBNF grammar (GBNF style, `root ::= ...`)
+        grammar: str | None = None  # a GBNF (`root ::= ...`) or Lark (`start: ...`) grammar
         json_object: bool | None = None  # any JSON object (OpenAI's response_format {"type": "json_object"})
         disable_any_whitespace: bool = False  # JSON without whitespace between tokens (compact)
 

@@ -10,6 +10,7 @@ loaded and checked when the request is added; gemma.engine.lora_manager).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -93,6 +94,7 @@ class LLMEngine:
         self.streams: dict[int, _Stream] = {}
         self._seq_ids = count()
         self.grammars: GrammarCompiler | None = None  # made at the first request with structured_outputs
+        self._grammars_lock = threading.Lock()  # prepare() runs on async engines' worker threads
         if config.structured_outputs_at_start and tokenizer is not None:
             self.grammar_compiler()
         logger.info("engine: KV groups %s, block size %d, max_model_len %d",
@@ -193,11 +195,12 @@ class LLMEngine:
 
     def grammar_compiler(self) -> GrammarCompiler:
         """The engine's grammar compiler, made on first use (its tokenizer preprocessing starts then)."""
-        if self.grammars is None:
-            if self.tokenizer is None:
-                raise ValueError("structured_outputs: needs an engine with a tokenizer")
-            self.grammars = GrammarCompiler(self.tokenizer.backend_tokenizer.to_str(), self.model.config.vocab_size,
-                                            self.model.config.eos_token_ids)
+        with self._grammars_lock:
+            if self.grammars is None:
+                if self.tokenizer is None:
+                    raise ValueError("structured_outputs: needs an engine with a tokenizer")
+                self.grammars = GrammarCompiler(self.tokenizer.backend_tokenizer.to_str(),
+                                                self.model.config.vocab_size, self.model.config.eos_token_ids)
         return self.grammars
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
