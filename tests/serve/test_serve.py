@@ -103,6 +103,20 @@ def test_openai_client_completions_chat_and_streaming(url):
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny", prompt="Hello", max_tokens=4, temperature=-1)
 
+    # structured outputs through the deployed app (the engine in its child process compiles the grammar)
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9},
+                                               "ok": {"type": "boolean"}}, "required": ["n", "ok"],
+              "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}
+    r = client.chat.completions.create(model="tiny", messages=messages, response_format=fmt, temperature=1.0, n=4,
+                                       max_tokens=40)
+    for choice in r.choices:
+        value = json.loads(choice.message.content)
+        assert set(value) == {"n", "ok"} and 0 <= value["n"] <= 9 and isinstance(value["ok"], bool)
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, response_format={
+            "type": "json_schema", "json_schema": {"name": "r", "schema": {"type": "nope"}}})
+
 
 def test_tp2_replica_gives_the_same_greedy_text_as_tp1(url):
     body = {"model": "tiny", "prompt": ["Machine learning", "東京は"], "max_tokens": 16, **GREEDY}
