@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 CPU_MATMUL_MODES = ("auto", "kernel", "fp32", "torch")
 NEVER = 2**62  # a row count no input reaches: always our kernel
 CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 64)
-_crossover: dict[tuple[int, int], int] = {}  # (out, in) features -> torch_rows, measured once per process
+_crossover: dict[tuple[int, int, str], int] = {}  # (out, in) features, kernels.isa() -> torch_rows, once per process
 FP32_MATMUL_MIN_ROWS = 4  # measured on 2 AVX2 cores: bf16 wins below (it reads half the bytes), fp32 above
 
 
@@ -73,10 +73,10 @@ def torch_rows(weight: torch.Tensor) -> int:
         return int(forced)
     if slow_half_matmul(weight.device, weight.dtype):
         return NEVER  # on 2 AVX2 cores PyTorch's bf16 matmul computes ~13-17 GFLOP/s, ours 70-95 (kernels.py)
-    shape = (weight.shape[0], weight.shape[1])
+    shape = (weight.shape[0], weight.shape[1], kernels.isa())  # the variant matters: AVX-512-BF16 is faster
     if shape not in _crossover:
         _crossover[shape] = _measure(weight)
-        logger.info("cpu kernels: weight %s: PyTorch's matmul from %s rows on", shape,
+        logger.info("cpu kernels: weight %s (%s): PyTorch's matmul from %s rows on", shape[:2], shape[2],
                     "no number of" if _crossover[shape] == NEVER else _crossover[shape])
     return _crossover[shape]
 

@@ -27,7 +27,26 @@ from gemma.model import GemmaAttention
 from gemma.parallel import ColumnParallelLinear, ParallelLMHead
 from gemma.sampling import SamplingParams
 
+def _has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512_bf16" in f.read()
+    except OSError:
+        return False
+
+
 needs_kernel = pytest.mark.skipif(not cpu_kernels.cpu_supported(), reason="the bf16 kernel needs an AVX2 CPU")
+
+
+# the bf16 matmul's variants this CPU runs: AVX2 always (forced on an AVX-512 CPU, as on an AVX2-only one)
+BF16_ISAS = ["avx2"] + (["avx512_bf16"] if _has_avx512_bf16() else [])
+
+
+@pytest.fixture(params=BF16_ISAS)
+def isa(request):
+    assert cpu_kernels.set_isa(request.param) == request.param
+    yield request.param
+    cpu_kernels.set_isa("auto")
 
 
 def fp32_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -42,7 +61,7 @@ def test_the_kernel_builds_on_an_avx2_cpu():
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 15, 16, 17, 40])
 @pytest.mark.parametrize("out_features", [4, 37, 300])
-def test_kernel_matches_fp32_maths_to_one_bf16_rounding(rows, out_features):
+def test_kernel_matches_fp32_maths_to_one_bf16_rounding(rows, out_features, isa):
     g = torch.Generator().manual_seed(rows * 1000 + out_features)
     w = torch.randn(out_features, 96, generator=g).to(torch.bfloat16)
     x = torch.randn(rows, 96, generator=g).to(torch.bfloat16)
@@ -57,7 +76,44 @@ def test_kernel_matches_fp32_maths_to_one_bf16_rounding(rows, out_features):
 
 
 @needs_kernel
-def test_kernel_rows_are_batch_invariant():
+@pytest.mark.parametrize("shape", [(1, 5, 8), (2, 33, 40), (3, 7, 72), (4, 130, 1000), (5, 9, 2056), (16, 4, 64)])
+def test_kernel_odd_shapes_and_strided_x_match_fp32_maths(shape, isa):
+    """K not a multiple of the variants' chunks (8, 32), row counts around the tiles' (3 rows of x, 4 of w), a
+    bf16 x whose rows are strided: the same result as fp32 maths up to a bf16 rounding."""
+    M, N, K = shape
+    g = torch.Generator().manual_seed(M * N + K)
+    w = torch.randn(N, K, generator=g).to(torch.bfloat16)
+    wide = torch.randn(M, K + 24, generator=g).to(torch.bfloat16)
+    x = wide[:, 8 : 8 + K]  # rows K + 24 apart
+    got = cpu_kernels.linear_bf16(x, w)
+    assert torch.equal(got, cpu_kernels.linear_bf16(x.contiguous(), w))
+    torch.testing.assert_close(got.float(), fp32_reference(x, w), rtol=2**-7, atol=1e-3)
+
+
+@needs_kernel
+def test_bf16_isa_env_forces_avx2_and_variants_differ_only_in_rounding(monkeypatch):
+    """GEMMA_CPU_BF16_ISA=avx2 runs the AVX2 variant on any CPU (how the AVX2 path is tested on AVX-512 machines);
+    where the CPU has AVX-512-BF16 that is the default, and both give fp32 maths' result up to a bf16 rounding."""
+    monkeypatch.setattr(cpu_kernels, "_module", None)  # load again: the variable is read at load
+    monkeypatch.setenv(cpu_kernels.ISA_ENV, "avx2")
+    try:
+        assert cpu_kernels.isa() == "avx2"
+        g = torch.Generator().manual_seed(3)
+        w = torch.randn(2000, 640, generator=g).to(torch.bfloat16)
+        x = torch.randn(2, 640, generator=g).to(torch.bfloat16)
+        avx2 = cpu_kernels.linear_bf16(x, w)
+        assert cpu_kernels.set_isa("auto") == BF16_ISAS[-1]
+        best = cpu_kernels.linear_bf16(x, w)
+        for got in (avx2, best):
+            torch.testing.assert_close(got.float(), fp32_reference(x, w), rtol=2**-7, atol=1e-3)
+        with pytest.raises(RuntimeError, match="isa must be"):
+            cpu_kernels.set_isa("sse2")
+    finally:
+        cpu_kernels.set_isa("auto")
+
+
+@needs_kernel
+def test_kernel_rows_are_batch_invariant(isa):
     """Each output row is computed in the same order whatever the batch: batched decode equals one at a time."""
     g = torch.Generator().manual_seed(1)
     w = torch.randn(130, 64, generator=g).to(torch.bfloat16)
@@ -305,7 +361,7 @@ def test_without_native_bf16_our_kernel_takes_every_size(monkeypatch):
 @needs_kernel
 @pytest.mark.parametrize("torch_rows", [None, "2"], ids=["measured", "pytorch-from-2-rows"])
 @pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text"])
-def test_fused_decode_layer_equals_the_unfused_layer_bit_for_bit(tmp_path, family, torch_rows, monkeypatch):
+def test_fused_decode_layer_equals_the_unfused_layer_bit_for_bit(tmp_path, family, torch_rows, monkeypatch, isa):
     """The engine's single-token decode steps run each layer as one `cpu_kernels.decode_layer` call: with and
     without it, the same tokens and the same logprobs to the bit (Gemma 1's norms, Gemma 2's soft-capping and
     windows, Gemma 3's qk-norms and two rope tables), mixed prefill + decode steps included."""

@@ -1,6 +1,8 @@
-// bf16 x bf16 -> bf16 matmul with fp32 accumulation for x86 CPUs that have AVX2 and FMA but no native bf16
-// instructions (gemma/cpu/kernels.py says when and why it is used). Built at first use by
-// torch.utils.cpp_extension with -mavx2 -mfma -fopenmp; threads are ATen's (torch.set_num_threads).
+// bf16 x bf16 -> bf16 matmul with fp32 accumulation for x86 CPUs with AVX2 and FMA, and a variant for CPUs with
+// AVX-512-BF16 (vdpbf16ps) chosen at run time, further down (gemma/cpu/kernels.py says when and why it is used).
+// Built at first use by torch.utils.cpp_extension with -mavx2 -mfma -fopenmp (the AVX-512 code under
+// `#pragma GCC target`, run only where __builtin_cpu_supports says so); threads are ATen's (torch.set_num_threads).
+// The description below is the AVX2 variant's.
 //
 // y = x w^T for x (M, K), w (N, K) row-major. Every bf16 value is widened to fp32 exactly (a 16-bit shift), the
 // products are summed in fp32 and the result is rounded to x's dtype once, as a bf16 GEMM with fp32 accumulation
@@ -167,7 +169,108 @@ void rows_of_x(const float* x, const uint16_t* w, const Out& y, int64_t M, int64
   else if (M - m == 1) row1<1>(x, w, y, K, m, n);
 }
 
+// ---- the AVX-512-BF16 variant (CPUs with `avx512_bf16`: Intel Cooper Lake / Sapphire Rapids on, AMD Zen 4 on) ----
+// vdpbf16ps multiplies 32 bf16 pairs and adds each pair's two products into 16 fp32 lanes: one instruction per
+// 64-byte line of weights, against 4 widenings and 4 FMAs per line in the AVX2 variant. It takes x in bf16, so it
+// serves bf16 x only (fp32 x keeps the AVX2 variant, whose widening of x is exact). The products are exact in fp32
+// as before; the additions run in another order (and the instruction flushes subnormal inputs and results to zero),
+// so its results are not the AVX2 variant's bits. The order, the same for every row count (so a row's result still
+// does not depend on the other rows of x): k is cut into chunks of 32; chunk j goes to partial j % 2 (one
+// vdpbf16ps chain each, in increasing j; a last partial chunk is zero-padded), then p0 + p1 and
+// _mm512_reduce_add_ps across the lanes. Every row count runs the same tile: 4 weight rows against up to 3 rows of
+// x (24 accumulators), so one-row decode has 8 independent chains in flight and batches reuse each line of w
+// from L1 for every row of x.
+int64_t g_prefetch = 4096;  // bf16 elements (8 KiB) ahead of each weight row's position: see `bf16_set_isa`
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
+namespace bf16dp {
+
+inline __m512bh ld(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+inline __m512bh ld_tail(const uint16_t* p, int64_t n) {  // n < 32 elements, the rest zero
+  return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1u << n) - 1), p);
+}
+
+// y[m + c, n + r] for r < R, c < C: weight rows w[n + r] against x rows x[m + c] (row stride ldx), both bf16
+template <int R, int C>
+inline void tile(const uint16_t* x, int64_t ldx, const uint16_t* w, const Out& y, int64_t K, int64_t m, int64_t n,
+                 int64_t ahead) {
+  __m512 acc[R][C][2];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c][0] = acc[r][c][1] = _mm512_setzero_ps();
+  const uint16_t* x0 = x + m * ldx;
+  const uint16_t* w0 = w + n * K;
+  auto step = [&](int64_t k, int p, bool tail) {
+    __m512bh xv[C];
+    for (int c = 0; c < C; ++c) xv[c] = tail ? ld_tail(x0 + c * ldx + k, K - k) : ld(x0 + c * ldx + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh wv = tail ? ld_tail(w0 + r * K + k, K - k) : ld(w0 + r * K + k);
+      for (int c = 0; c < C; ++c) acc[r][c][p] = _mm512_dpbf16_ps(acc[r][c][p], wv, xv[c]);
+    }
+  };
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    for (int r = 0; r < R; ++r) {  // past the end: harmless
+      _mm_prefetch((const char*)(w0 + r * K + k + ahead), _MM_HINT_T0);
+      _mm_prefetch((const char*)(w0 + r * K + k + ahead + 32), _MM_HINT_T0);
+    }
+    step(k, 0, false);
+    step(k + 32, 1, false);
+  }
+  int p = 0;
+  if (k + 32 <= K) step(k, p++, false), k += 32;
+  if (k < K) step(k, p, true);
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) y.put(m + c, n + r, _mm512_reduce_add_ps(_mm512_add_ps(acc[r][c][0], acc[r][c][1])));
+}
+
+template <int R>
+void block(const uint16_t* x, int64_t ldx, const uint16_t* w, const Out& y, int64_t M, int64_t K, int64_t n,
+           int64_t ahead) {
+  int64_t m = 0;
+  for (; m + 3 <= M; m += 3) tile<R, 3>(x, ldx, w, y, K, m, n, ahead);
+  if (M - m == 2) tile<R, 2>(x, ldx, w, y, K, m, n, ahead);
+  else if (M - m == 1) tile<R, 1>(x, ldx, w, y, K, m, n, ahead);
+}
+
+void matmul(const uint16_t* x, int64_t ldx, const uint16_t* w, const Out& y, int64_t M, int64_t K, int64_t N) {
+  const int64_t threads = at::get_num_threads(), ahead = g_prefetch;
+  const int64_t chunk = (std::max<int64_t>(16, N / (8 * threads)) + 3) / 4 * 4;
+  pull_chunks(N, chunk, [&](int64_t n0, int64_t n1) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) block<4>(x, ldx, w, y, M, K, n, ahead);
+    if (n1 - n == 3) block<3>(x, ldx, w, y, M, K, n, ahead);
+    else if (n1 - n == 2) block<2>(x, ldx, w, y, M, K, n, ahead);
+    else if (n1 - n == 1) block<1>(x, ldx, w, y, M, K, n, ahead);
+  });
+}
+
+}  // namespace bf16dp
+#pragma GCC pop_options
+
+bool has_bf16dp() { return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw"); }
+int g_isa = -1;  // 1: AVX2, 3: AVX-512-BF16; -1: not chosen yet (the best the CPU has)
+int isa() {
+  if (g_isa < 0) g_isa = has_bf16dp() ? 3 : 1;
+  return g_isa;
+}
+
 }  // namespace
+
+// "avx2" or "avx512_bf16": which variant the bf16 matmul runs ("auto": the best this CPU has); raises where the CPU
+// lacks it. `prefetch` >= 0 sets the AVX-512-BF16 variant's prefetch distance (bf16 elements; for tuning).
+std::string bf16_set_isa(const std::string& name, int64_t prefetch) {
+  if (prefetch >= 0) g_prefetch = prefetch;
+  if (name == "auto") g_isa = has_bf16dp() ? 3 : 1;
+  else if (name == "avx2") g_isa = 1;
+  else if (name == "avx512_bf16") {
+    TORCH_CHECK(has_bf16dp(), "this CPU has no AVX-512-BF16");
+    g_isa = 3;
+  } else TORCH_CHECK(false, "isa must be 'auto', 'avx2' or 'avx512_bf16', got ", name);
+  return isa() == 3 ? "avx512_bf16" : "avx2";
+}
+
+std::string bf16_isa() { return isa() == 3 ? "avx512_bf16" : "avx2"; }
 
 // x (M, K) fp32 or bf16, w (N, K) bf16, K % 8 == 0 -> x w^T (M, N), accumulated in fp32, returned in x's dtype;
 // or written into `out` (M, N), contiguous: in x's dtype, or fp32 holding the values x's dtype would round them to
@@ -182,6 +285,16 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch:
               (y.scalar_type() == x.scalar_type() || y.scalar_type() == at::kFloat), "out: (M, N), contiguous, "
               "x's dtype or fp32");
   if (M == 0 || N == 0) return y;
+  if (isa() == 3 && x.scalar_type() == at::kBFloat16) {  // bf16 x as it is (rows contiguous), or one copy
+    const bool direct = x.stride(1) == 1;
+    auto xb = direct ? x : x.contiguous();
+    const bool fp32_out = y.scalar_type() == at::kFloat;
+    const Out out{fp32_out ? y.data_ptr<float>() : nullptr,
+                  fp32_out ? nullptr : reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), N, fp32_out};
+    bf16dp::matmul(reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()), xb.stride(0),
+                   reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), out, M, K, N);
+    return y;
+  }
   // x in fp32, widened once here rather than by an ATen op (each op costs ~10 us of dispatch on small inputs)
   std::vector<float> xbuf;
   const float* xp;

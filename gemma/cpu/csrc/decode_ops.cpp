@@ -18,6 +18,8 @@
 #include <vector>
 
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> out);  // bf16_linear.cpp
+std::string bf16_set_isa(const std::string& name, int64_t prefetch);  // bf16_linear.cpp
+std::string bf16_isa();
 
 namespace {
 
@@ -379,6 +381,8 @@ torch::Tensor argmax_rows(torch::Tensor x) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "x (M, K) @ w (N, K)^T for a bf16 w, fp32 accumulation, in x's dtype",
         py::arg("x"), py::arg("w"), py::arg("out") = py::none());
+  m.def("bf16_set_isa", &bf16_set_isa, "the bf16 matmul's variant: 'auto', 'avx2' or 'avx512_bf16'");
+  m.def("bf16_isa", &bf16_isa, "the bf16 matmul's variant: 'avx2' or 'avx512_bf16'");
   m.def("rms_norm", &rms_norm, "Gemma's RMSNorm (fp32, (1 + w)) of each row of x, in x's dtype");
   m.def("decode_attention", &decode_attention, "one query per row over keys read by slot from the KV pools");
   m.def("decode_layer", &decode_layer, "one decoder layer for single-token decodes over the paged KV pools");
