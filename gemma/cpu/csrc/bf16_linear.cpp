@@ -24,7 +24,14 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16_common.h"
+
 namespace {
+
+using gemma_cpu::Out;
+using gemma_cpu::pull_chunks;
+using gemma_cpu::to_bf16;
+using gemma_cpu::widen;
 
 // One-row decode reads each thread's chunks of w as sequential streams; the hardware prefetcher stops at every
 // 4 KiB page and restarts slowly, so each 64-byte line is also prefetched 2 KiB ahead: measured on 2 AVX2 cores,
@@ -49,31 +56,6 @@ inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {  // {hsum1(a0)
 }
 
 inline __m256 combine(const __m256* p) { return _mm256_add_ps(_mm256_add_ps(p[0], p[1]), _mm256_add_ps(p[2], p[3])); }
-
-inline uint16_t to_bf16(float f) {  // round to nearest even, as c10::BFloat16 does
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;  // NaN
-  return uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-}
-
-inline float widen(uint16_t h) {
-  const uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-struct Out {  // y (M, N): bf16, or fp32 (`round`: the fp32 value of the bf16 result, as x's dtype then .float())
-  float* f;
-  uint16_t* h;
-  int64_t N;
-  bool round;
-  void put(int64_t m, int64_t n, float v) const {
-    if (h) h[m * N + n] = to_bf16(v);
-    else f[m * N + n] = round ? widen(to_bf16(v)) : v;
-  }
-};
 
 // y[m + c, n] for c < C: one weight row (bf16) against C rows of x, four partial sums each.
 template <int C>
@@ -147,19 +129,6 @@ inline void tile4(const float* x, const float* w, const Out& y, int64_t K, const
     _mm_storeu_ps(v, hsum4(s[0], s[1], s[2], s[3]));
     for (int r = 0; r < 4; ++r) y.put(m + c, n + r, v[r]);
   }
-}
-
-// f(b0, b1) over [0, n) in chunks of `chunk`, the threads pulling chunks from a shared counter instead of taking
-// fixed shares: on a machine whose cores the OS also gives to other processes (a Serve node's proxy and ingress
-// next to the model), a preempted thread delays only the chunk it holds while the others take the rest, instead
-// of every thread waiting at the end for its fixed share. Which thread computes a row never changes the row.
-template <typename F>
-void pull_chunks(int64_t n, int64_t chunk, const F& f) {
-  std::atomic<int64_t> next{0};
-  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), (n + chunk - 1) / chunk);
-  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
-    for (int64_t b; (b = next.fetch_add(chunk)) < n;) f(b, std::min(n, b + chunk));
-  });
 }
 
 void rows_of_x(const float* x, const uint16_t* w, const Out& y, int64_t M, int64_t K, int64_t n) {

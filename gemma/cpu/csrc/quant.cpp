@@ -24,10 +24,17 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16_common.h"
+
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 
 namespace gemma_quant {
+
+using gemma_cpu::Out;
+using gemma_cpu::pull_chunks;
+using gemma_cpu::to_bf16;
+using gemma_cpu::widen;
 
 // ggml type ids (gguf.GGMLQuantizationType)
 enum QType : int64_t { Q4_0 = 2, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
@@ -173,42 +180,6 @@ inline void unpack(int64_t qtype, const uint8_t* row, int64_t k0, int64_t K, Chu
       format_of(qtype);  // raises
   }
   for (int g = 0; g < c.groups; ++g) c.q[g] = c.codes + 16 * g;
-}
-
-inline uint16_t to_bf16(float f) {  // round to nearest even, as c10::BFloat16 does
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffff) > 0x7f800000) return 0x7fc0;
-  return uint16_t((u + 0x7fff + ((u >> 16) & 1)) >> 16);
-}
-
-inline float widen(uint16_t h) {
-  uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-struct Out {  // y (M, N): bf16, or fp32 (`round`: the fp32 value of the bf16 result, as x's dtype then .float())
-  float* f;
-  uint16_t* h;
-  int64_t N;
-  bool round;
-  void put(int64_t m, int64_t n, float v) const {
-    if (h) h[m * N + n] = to_bf16(v);
-    else f[m * N + n] = round ? widen(to_bf16(v)) : v;
-  }
-};
-
-// f(b0, b1) over [0, n) in chunks, the threads pulling chunks from a shared counter (as bf16_linear.cpp does: a
-// thread preempted by another process delays only its chunk).
-template <typename F>
-void pull_chunks(int64_t n, int64_t chunk, const F& f) {
-  std::atomic<int64_t> next{0};
-  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), (n + chunk - 1) / chunk);
-  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
-    for (int64_t b; (b = next.fetch_add(chunk)) < n;) f(b, std::min(n, b + chunk));
-  });
 }
 
 // The kernels, once per instruction set: each pass defines `matmul(x, w, qtype, y, M, K, N)` and
