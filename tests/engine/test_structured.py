@@ -227,3 +227,13 @@ def test_the_bitmask_bans_exactly_the_disallowed_tokens():
     for i, row in enumerate([1, 3]):
         assert torch.equal(out[row][allowed[i]], logits[row][allowed[i]])
         assert torch.isinf(out[row][~allowed[i]]).all()
+
+
+def test_stop_strings_and_n_apply_under_a_grammar(model, tokenizer):
+    regex = r"[a-z]{3} [a-z]{3}"
+    params = SamplingParams(n=4, seed=5, stop=[" "], structured_outputs=StructuredOutputsParams(regex=regex),
+                            temperature=1.0, max_tokens=20)
+    (out,) = run(LLMEngine(model, tokenizer), [(prompt(tokenizer), params)])
+    assert len(out.outputs) == 4
+    for o in out.outputs:
+        assert re.fullmatch("[a-z]{3}", o.text) and o.finish_reason == "stop" and o.stop_reason == " "
