@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,3 +115,29 @@ def pyplot():
         logging.getLogger(__name__).warning("matplotlib is not installed: no plot")
         return None
     return plt
+
+
+def closed_loop(engine, jobs: list[tuple[list[int], object, object]], concurrency: int) -> tuple[dict, list]:
+    """Run (prompt ids, SamplingParams, lora_request or None) jobs on an in-process `LLMEngine`, keeping
+    `concurrency` in flight (a new one as one finishes). Returns output tok/s, wall time, tokens and TTFT / ITL
+    p50 from the engine's timestamps, and the final outputs in job order."""
+    pending, running, outs = list(enumerate(jobs)), set(), {}
+    start = time.monotonic()
+    while pending or running:
+        while pending and len(running) < concurrency:
+            i, (prompt, params, lora) = pending.pop(0)
+            engine.add_request(str(i), prompt, params, lora_request=lora)
+            running.add(str(i))
+        for out in engine.step():
+            if out.finished:
+                running.discard(out.request_id)
+                outs[out.request_id] = out
+    wall = time.monotonic() - start
+    ordered = [outs[str(i)] for i in range(len(jobs))]
+    tokens = sum(len(o.outputs[0].token_ids) for o in ordered)
+    ttft = sorted(o.metrics.first_token_time - o.metrics.arrival_time for o in ordered)
+    itl = sorted((o.metrics.last_token_time - o.metrics.first_token_time) / max(1, len(o.outputs[0].token_ids) - 1)
+                 for o in ordered)
+    stats = {"output_tok_s": tokens / wall, "wall_s": wall, "tokens": tokens, "ttft_p50_s": ttft[len(ttft) // 2],
+             "itl_p50_s": itl[len(itl) // 2]}
+    return stats, ordered

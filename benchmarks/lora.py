@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from common import cpu_name, fmt, load_average_warning, log, parse_range, pyplot, results_dir, tiny_checkpoint
+from common import closed_loop, cpu_name, fmt, load_average_warning, log, parse_range, pyplot, results_dir, tiny_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -59,27 +59,8 @@ def write_adapter(directory: Path, config, rank: int, seed: int) -> Path:
     return directory
 
 
-def closed_loop(engine: LLMEngine, jobs: list[tuple[list[int], int, LoRARequest | None]], concurrency: int) -> dict:
-    """Run every job keeping `concurrency` in flight; output tok/s, TTFT and ITL percentiles from engine timestamps."""
-    pending, running, outs = list(enumerate(jobs)), set(), {}
-    start = time.monotonic()
-    while pending or running:
-        while pending and len(running) < concurrency:
-            i, (prompt, max_tokens, lora) = pending.pop(0)
-            engine.add_request(str(i), prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
-                               lora_request=lora)
-            running.add(str(i))
-        for out in engine.step():
-            if out.finished:
-                running.discard(out.request_id)
-                outs[out.request_id] = out
-    wall = time.monotonic() - start
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs.values())
-    ttft = sorted(o.metrics.first_token_time - o.metrics.arrival_time for o in outs.values())
-    itl = sorted((o.metrics.last_token_time - o.metrics.first_token_time) / max(1, len(o.outputs[0].token_ids) - 1)
-                 for o in outs.values())
-    return {"output_tok_s": tokens / wall, "wall_s": wall, "tokens": tokens, "ttft_p50_s": ttft[len(ttft) // 2],
-            "itl_p50_s": itl[len(itl) // 2]}
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
 def main() -> None:
@@ -127,9 +108,10 @@ def main() -> None:
         if rows:  # each engine hooks the model for its own steps; a fresh copy keeps the phases apart
             model = GemmaForCausalLM.from_pretrained(args.model, dtype=dtype)
         engine = LLMEngine(model, None, config_)
-        warm = [(r[0][:16], 4, a) for r, a in zip(requests[: args.concurrency], adapters)]
+        warm = [(r[0][:16], greedy(4), a) for r, a in zip(requests[: args.concurrency], adapters)]
         closed_loop(engine, warm, args.concurrency)  # first-use costs (kernels, adapter loads) out of the timing
-        result = closed_loop(engine, [(p, n, a) for (p, n), a in zip(requests, adapters)], args.concurrency)
+        result, _ = closed_loop(engine, [(p, greedy(n), a) for (p, n), a in zip(requests, adapters)],
+                                args.concurrency)
         rows.append({"phase": name, **result})
         log.info("%s: %.1f output tok/s", name, result["output_tok_s"])
     report(args, rows, load)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from common import cpu_name, load_average_warning, log, pyplot, results_dir, tiny_checkpoint
+from common import closed_loop, cpu_name, load_average_warning, log, pyplot, results_dir, tiny_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -77,24 +77,6 @@ class StepTimer:
 
         engine._token_masks = timed_fill
         gemma.sampling.apply_bitmask_ = timed_apply
-
-
-def closed_loop(engine: LLMEngine, jobs: list[tuple[list[int], SamplingParams]], concurrency: int) -> tuple[dict, list]:
-    pending, running, outs = list(enumerate(jobs)), set(), {}
-    start = time.monotonic()
-    while pending or running:
-        while pending and len(running) < concurrency:
-            i, (prompt, params) = pending.pop(0)
-            engine.add_request(str(i), prompt, params)
-            running.add(str(i))
-        for out in engine.step():
-            if out.finished:
-                running.discard(out.request_id)
-                outs[out.request_id] = out
-    wall = time.monotonic() - start
-    ordered = [outs[str(i)] for i in range(len(jobs))]
-    tokens = sum(len(o.outputs[0].token_ids) for o in ordered)
-    return {"output_tok_s": tokens / wall, "wall_s": wall, "tokens": tokens}, ordered
 
 
 def byte_tokenizer(directory: str) -> str:
@@ -148,10 +130,10 @@ def main() -> None:
     for concurrency in [int(c) for c in args.concurrency.split(",")]:
         engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=max(concurrency, 1), max_model_len=1024))
         engine.prepare(SamplingParams(structured_outputs=spec))  # compiled before timing, as a server warms up
-        closed_loop(engine, [(prompts[0][:8], SamplingParams(max_tokens=4))] * 2, concurrency)  # first-use costs
+        closed_loop(engine, [(prompts[0][:8], SamplingParams(max_tokens=4), None)] * 2, concurrency)  # first-use costs
         timer = StepTimer(engine)
         constrained, outs = closed_loop(engine, [(pr, SamplingParams(
-            temperature=0.7, seed=i, max_tokens=256, structured_outputs=spec)) for i, pr in enumerate(prompts)],
+            temperature=0.7, seed=i, max_tokens=256, structured_outputs=spec), None) for i, pr in enumerate(prompts)],
             concurrency)
         valid = 0
         for o in outs:
@@ -161,8 +143,8 @@ def main() -> None:
             except (ValueError, jsonschema.ValidationError):
                 pass
         lengths = [len(o.outputs[0].token_ids) for o in outs]
-        plain, _ = closed_loop(engine, [(pr, SamplingParams(temperature=0.7, seed=i, max_tokens=n, ignore_eos=True))
-                                        for i, (pr, n) in enumerate(zip(prompts, lengths))], concurrency)
+        plain, _ = closed_loop(engine, [(pr, SamplingParams(temperature=0.7, seed=i, max_tokens=n, ignore_eos=True),
+                                         None) for i, (pr, n) in enumerate(zip(prompts, lengths))], concurrency)
         rows.append({"concurrency": concurrency, "constrained_tok_s": constrained["output_tok_s"],
                      "unconstrained_tok_s": plain["output_tok_s"], "tokens": constrained["tokens"],
                      "valid": valid, "outputs": len(outs),

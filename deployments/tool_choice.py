@@ -12,7 +12,6 @@ cannot be), then send each call whole. The arguments a stream sends add up to th
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,16 +94,9 @@ class ToolStream:
         fragment, self.shown = text[self.shown:], len(text)
         if fragment:
             deltas.append(s.DeltaToolCall(index=0, function=s.DeltaFunction(arguments=fragment)))
-        made = finished and _is_json(text)
+        made = finished and self.mode.calls(text) is not None  # cut short (length): no call
         return (s.DeltaMessage(tool_calls=deltas) if deltas else None), made
 
-
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _out(call: ToolCall) -> s.ToolCallOut:

@@ -49,7 +49,7 @@ with warnings.catch_warnings():  # vLLM's field name `json` shadows BaseModel's 
         def _schema(cls, value: Any) -> Any:
             if isinstance(value, str):
                 try:
-                    value = _json_loads(value)
+                    value = json.loads(value)
                 except ValueError as exc:
                     raise ValueError(f"not valid JSON: {exc}") from None
             if value is not None and not isinstance(value, dict | bool):
@@ -81,10 +81,6 @@ with warnings.catch_warnings():  # vLLM's field name `json` shadows BaseModel's 
             value = getattr(self, kind)
             text = json.dumps(value, sort_keys=True) if kind in ("json", "choice") else str(value)
             return kind, text, self.disable_any_whitespace
-
-
-def _json_loads(text: str) -> Any:
-    return json.loads(text)
 
 
 # ---- compiling and matching (llguidance) ---------------------------------------------------------------------
