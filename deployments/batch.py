@@ -391,6 +391,8 @@ def parse_args(argv: list[str] | None = None) -> BatchArgs:
     add("--max-num-seqs", type=int)
     add("--max-model-len", "default: the model's positions, at most 8192", type=int)
     add("--kv-cache-memory")
+    add("--quantization", "a .gguf's blocks kept on the CPU (auto, gguf) or dequantized (none)",
+        choices=["auto", "gguf", "none"])
     p.add_argument("--max-tokens", type=int, help="default: SamplingParams' (vLLM's), 16")
     p.add_argument("--temperature", type=float, help="default: SamplingParams' (vLLM's), 1.0; 0 = greedy")
     p.add_argument("--top-p", type=float)
@@ -409,6 +411,8 @@ def parse_args(argv: list[str] | None = None) -> BatchArgs:
     p.add_argument("--return-token-ids", action="store_true", help="add completion_token_ids to the output")
     p.add_argument("--no-preserve-order", dest="preserve_order", action="store_false")
     a = vars(p.parse_args(argv))
+    if a.get("quantization") == "none":
+        a["quantization"] = None
     if "lora_modules" in a:
         a["lora_modules"] = dict(a["lora_modules"])
     sampling = dict(a.pop("sampling_params", {}))

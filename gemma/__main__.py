@@ -14,7 +14,7 @@ from typing import get_args
 import torch
 
 from gemma.engine.config import DType, LoadConfig
-from gemma.weights import resolve_dtype
+from gemma.weights import resolve_dtype, resolve_quantization
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -24,9 +24,15 @@ def generate(args: argparse.Namespace) -> int:
 
     log = logging.getLogger("gemma")
     start = time.perf_counter()
-    log.info("loading %s (%s)", args.model, args.dtype)
+    quantization = resolve_quantization(args.quantization, args.model, args.device, 1)
+    log.info("loading %s (%s, quantization %s)", args.model, args.dtype, quantization)
     tokenizer = GemmaTokenizer.from_pretrained(args.model)
-    model = GemmaForCausalLM.from_pretrained(args.model, dtype=resolve_dtype(args.dtype, args.model), device=args.device)
+    model = GemmaForCausalLM.from_pretrained(args.model, dtype=resolve_dtype(args.dtype, args.model), device=args.device,
+                                             quantization=quantization)
+    if torch.device(args.device).type == "cpu":  # the engine's CPU kernels (gemma.cpu.fastpath), as LLM has them
+        from gemma.cpu.fastpath import set_cpu_matmul
+
+        set_cpu_matmul(model)
     log.info("loaded in %.1f s", time.perf_counter() - start)
 
     if args.chat:
@@ -78,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--dtype", choices=get_args(DType), default=load.dtype)
     gen.add_argument("--device", default=load.device, help="default: cuda when available, else cpu")
+    gen.add_argument("--quantization", choices=["auto", "gguf", "none"], default=load.quantization,
+                     help="auto (default): a .gguf's blocks kept on the CPU; none: every tensor dequantized to --dtype")
     args = parser.parse_args(argv)
+    args.quantization = None if args.quantization == "none" else args.quantization
     if args.max_tokens < 1 or args.temperature < 0:
         parser.error("--max-tokens must be >= 1 and --temperature >= 0")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -30,6 +30,7 @@ fp32, and reads a bf16 weight for one row at ~11-16 GB/s of the memory's ~25-29.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemma.cpu import kernels
+from gemma.cpu import kernels, quant
 from gemma.layers import GemmaMLP, RMSNorm
 from gemma.model import GemmaAttention, GemmaDecoderLayer, GemmaModel
 from gemma.parallel import Linear
@@ -49,7 +50,12 @@ logger = logging.getLogger(__name__)
 CPU_MATMUL_MODES = ("auto", "kernel", "fp32", "torch")
 NEVER = 2**62  # a row count no input reaches: always our kernel
 CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 64)
+# the integer products' time grows with every row while the dequantized product's barely does: measured on 2 cores
+# (Intel Xeon, AVX-512-VNNI/AMX, 2026-12-05) the latter wins from 8-16 rows on every matrix of the 270M, so 64 rows
+# (~0.3 s of integer products on its LM head) need no measuring
+DENSE_CALIBRATION_ROWS = (2, 4, 8, 16, 32)
 _crossover: dict[tuple[int, int, str], int] = {}  # (out, in) features, kernels.isa() -> torch_rows, once per process
+_dense_crossover: dict[tuple, int] = {}  # (out, in) features, ggml type, x's dtype, quant.isa() -> dense_rows
 FP32_MATMUL_MIN_ROWS = 4  # measured on 2 AVX2 cores: bf16 wins below (it reads half the bytes), fp32 above
 
 
@@ -83,24 +89,49 @@ def torch_rows(weight: torch.Tensor) -> int:
 
 def _measure(weight: torch.Tensor) -> int:
     """The smallest of CALIBRATION_ROWS from which F.linear is faster than the kernel at it and every larger one."""
+    return crossover(lambda x: kernels.linear_bf16(x, weight), lambda x: F.linear(x, weight), weight.shape[1],
+                     weight.dtype, weight.shape[0] * weight.shape[1])
+
+
+def crossover(ours, theirs, cols: int, dtype: torch.dtype, size: int, rows_list=CALIBRATION_ROWS) -> int:
+    """The smallest of `rows_list` from which `theirs(x)` is faster than `ours(x)` for x (rows, cols) of `dtype` at
+    it and every larger one (best of 3 timings each); NEVER where there is none. `size`: the weight's elements."""
     faster = []
     # ~10 ms of work per timing on the 270M's layers, one call on its LM head, at most 100 calls on tiny test models
-    reps = max(1, min(100, int(2e7 // weight.numel())))
-    for rows in CALIBRATION_ROWS:
-        x = torch.randn(rows, weight.shape[1]).to(weight.dtype)
+    reps = max(1, min(100, int(2e7 // size)))
+    for rows in rows_list:
+        x = torch.randn(rows, cols).to(dtype)
         times = []
-        for f in (lambda: kernels.linear_bf16(x, weight), lambda: F.linear(x, weight)):
-            f()  # warm: first-call allocations, oneDNN's primitive for this shape
+        for f in (ours, theirs):
+            f(x)  # warm: first-call allocations, oneDNN's primitive for this shape
             best = float("inf")
             for _ in range(3):
                 start = time.perf_counter()
                 for _ in range(reps):
-                    f()
+                    f(x)
                 best = min(best, time.perf_counter() - start)
             times.append(best)
         faster.append(times[1] < times[0])
     first = next((i for i in range(len(faster)) if all(faster[i:])), None)
-    return NEVER if first is None else CALIBRATION_ROWS[first]
+    return NEVER if first is None else rows_list[first]
+
+
+def dense_rows(weight: torch.Tensor, qtype: int, cols: int, dtype: torch.dtype) -> int:
+    """From how many rows of x (in `dtype`) dequantizing GGUF blocks `weight` and multiplying with PyTorch's matmul
+    beats the integer products (gemma.cpu.quant.linear): measured once per shape, type and variant per process.
+    GEMMA_CPU_DENSE_ROWS=N sets it for every weight instead."""
+    forced = os.environ.get("GEMMA_CPU_DENSE_ROWS")
+    if forced:
+        return int(forced)
+    key = (weight.shape[0], cols, qtype, dtype, quant.isa())
+    if key not in _dense_crossover:
+        _dense_crossover[key] = crossover(
+            lambda x: quant.linear(x, weight, qtype), lambda x: quant.linear(x, weight, qtype, dense_rows=1), cols,
+            dtype, weight.shape[0] * cols, DENSE_CALIBRATION_ROWS,
+        )
+        logger.info("cpu kernels: GGUF weight %s (type %d, %s): dequantized from %s rows on", key[:2], qtype, key[4],
+                    "no number of" if _dense_crossover[key] == NEVER else _dense_crossover[key])
+    return _dense_crossover[key]
 
 
 def product(x: torch.Tensor, weight: torch.Tensor, rows_from: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -165,14 +196,13 @@ class KernelAttention(GemmaAttention):
     """Attention with the fused rotary embedding (bit for bit), q/k/v as one product, and the decode-attention
     kernel where each row has one query (it reads the engine's pools in place)."""
 
-    qkv_weight: torch.Tensor | None = None  # q, k and v's weights as one matrix; theirs are views into it
-    qkv_rows: int = NEVER  # its `torch_rows`
+    qkv_parts: list[Part] | None = None  # q, k and v as few products (join_products); their weights are views
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.qkv_weight is None:
+        if self.qkv_parts is None:
             return super().project_qkv(x)
         sizes = (self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features)
-        q, k, v = product(x, self.qkv_weight, self.qkv_rows).split(sizes, dim=-1)
+        q, k, v = run_parts(self.qkv_parts, x).split(sizes, dim=-1)
         return self.q_proj.add_lora(x, q), self.k_proj.add_lora(x, k), self.v_proj.add_lora(x, v)  # views: in place
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -211,13 +241,12 @@ class KernelAttention(GemmaAttention):
 class KernelMLP(GemmaMLP):
     """The MLP with gate and up as one product."""
 
-    gate_up_weight: torch.Tensor | None = None  # gate and up's weights as one matrix; theirs are views into it
-    gate_up_rows: int = NEVER  # its `torch_rows`
+    gate_up_parts: list[Part] | None = None  # gate and up as few products (join_products); their weights are views
 
     def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.gate_up_weight is None:
+        if self.gate_up_parts is None:
             return super().gate_up(x)
-        gate, up = product(x, self.gate_up_weight, self.gate_up_rows).chunk(2, dim=-1)
+        gate, up = run_parts(self.gate_up_parts, x).chunk(2, dim=-1)
         return self.gate_proj.add_lora(x, gate), self.up_proj.add_lora(x, up)
 
 
@@ -248,20 +277,22 @@ def set_cpu_matmul(model: nn.Module, mode: str = "auto") -> tuple[str, int]:
         for m in half:
             if kernels.usable(m.weight):
                 m.matmul = KernelMatmul(m, torch_rows(m.weight))
+        joined = set()
         for m in list(model.modules()):
             if isinstance(m, RMSNorm) and m.weight.device.type == "cpu":
                 m.__class__ = KernelRMSNorm
             elif isinstance(m, GemmaAttention) and m.q_proj.weight.device.type == "cpu" \
                     and _compute_dtype(m.q_proj) == torch.bfloat16:
                 m.__class__ = KernelAttention
-                m.qkv_weight = join_weights([m.q_proj, m.k_proj, m.v_proj])
-                if m.qkv_weight is not None:
-                    m.qkv_rows = torch_rows(m.qkv_weight)
+                m.qkv_parts = join_products([m.q_proj, m.k_proj, m.v_proj])
+                joined.update((m.q_proj, m.k_proj, m.v_proj) if m.qkv_parts else ())
             elif isinstance(m, GemmaMLP):
                 m.__class__ = KernelMLP
-                m.gate_up_weight = join_weights([m.gate_proj, m.up_proj])
-                if m.gate_up_weight is not None:
-                    m.gate_up_rows = torch_rows(m.gate_up_weight)
+                m.gate_up_parts = join_products([m.gate_proj, m.up_proj])
+                joined.update((m.gate_proj, m.up_proj) if m.gate_up_parts else ())
+        for m in linears:  # the GGUF products not joined (o, down, the LM head): each measured
+            if matmul_of(m) == "gguf" and m not in joined:
+                m.matmul.dense_rows = dense_rows(m.weight, m.qtype, m.in_features, m.compute_dtype)
     elif mode == "fp32":
         for m in half:
             m.matmul = Fp32Matmul(m)
@@ -283,23 +314,62 @@ def _reset(model: nn.Module, linears: list[Linear]) -> None:
     for m in model.modules():
         for base, swap in SWAPS.items():
             if type(m) is swap:
-                for name in ("qkv_weight", "qkv_rows", "gate_up_weight", "gate_up_rows"):
+                for name in ("qkv_parts", "gate_up_parts"):
                     m.__dict__.pop(name, None)
                 m.__class__ = base
 
 
-def join_weights(linears: list[Linear]) -> torch.Tensor | None:
-    """The weights of `linears` (same input, no bias, all on the bf16 kernel) stacked into one matrix, each
-    module's weight becoming a view of its rows: one kernel call computes all their outputs, each element with the
-    same additions as its own call, and no memory is added. None where they do not qualify."""
-    if not all(matmul_of(m) == "kernel" and m.bias is None for m in linears):
+class Part(NamedTuple):
+    """One product of a projection computed as few products: a bf16 weight on the kernel (`qtype` 0), or GGUF blocks
+    of ggml type `qtype` (gemma.cpu.quant)."""
+
+    weight: torch.Tensor
+    qtype: int
+    rows: int  # bf16: PyTorch's product from this many rows of x (torch_rows); GGUF: the dequantized one (dense_rows)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qtype:
+            return quant.linear(x, self.weight, self.qtype, dense_rows=self.rows)
+        return product(x, self.weight, self.rows)
+
+
+def part_of(linear: Linear) -> Part | None:
+    """`linear`'s product as a Part: on the bf16 kernel or on GGUF blocks; None for any other."""
+    impl = linear.__dict__.get("matmul")
+    if isinstance(impl, KernelMatmul):
+        return Part(linear.weight, 0, impl.torch_rows)
+    if isinstance(impl, quant.QuantMatmul):
+        return Part(linear.weight, linear.qtype, impl.dense_rows)
+    return None
+
+
+def run_parts(parts: list[Part], x: torch.Tensor) -> torch.Tensor:
+    """The outputs of `parts` for x, side by side."""
+    return parts[0](x) if len(parts) == 1 else torch.cat([p(x) for p in parts], dim=-1)
+
+
+def join_products(linears: list[Linear]) -> list[Part] | None:
+    """The products of `linears` (same input, no bias) as few calls as their weights allow: all on the bf16 kernel,
+    one matrix; GGUF blocks, one matrix per run of one type. Each module's weight becomes a view of its rows (no
+    memory is added) and each output element gets the same additions as in its own call. None where they do not
+    qualify."""
+    kinds = {matmul_of(m) for m in linears}
+    if any(m.bias is not None for m in linears) or kinds not in ({"kernel"}, {"gguf"}):
         return None
-    joined = torch.cat([m.weight.detach() for m in linears])
-    start = 0
-    for m in linears:
-        m.weight.data = joined[start : start + m.out_features]
-        start += m.out_features
-    return joined
+    parts = []
+    for qtype, run in itertools.groupby(linears, key=lambda m: m.__dict__.get("qtype", 0)):
+        run = list(run)
+        joined = torch.cat([m.weight.detach() for m in run])
+        start = 0
+        for m in run:
+            if qtype:
+                m._buffers["weight"] = joined[start : start + m.out_features]
+            else:
+                m.weight.data = joined[start : start + m.out_features]
+            start += m.out_features
+        rows = dense_rows(joined, qtype, run[0].in_features, run[0].compute_dtype) if qtype else torch_rows(joined)
+        parts.append(Part(joined, qtype, rows))
+    return parts
 
 
 # ---- the fused decode layer ------------------------------------------------------------------------------------
@@ -316,15 +386,15 @@ class DecodeInputs(NamedTuple):
 
 
 def can_fuse_decode(model: GemmaModel) -> bool:
-    """Whether `decode_step` can run `model`: every layer on the bf16 kernels with joined q/k/v and gate/up, no
-    biases, no tensor parallelism (its all-reduces sit between the ops)."""
+    """Whether `decode_step` can run `model`: every layer's products on the bf16 kernel or GGUF blocks with q/k/v
+    and gate/up joined, no biases, no tensor parallelism (its all-reduces sit between the ops)."""
     def fusable(layer: GemmaDecoderLayer) -> bool:
         attn, mlp = layer.self_attn, layer.mlp
         return (
             isinstance(attn, KernelAttention) and attn.head_dim % 8 == 0 and attn.o_proj.tp.size == 1
-            and attn.qkv_weight is not None and isinstance(mlp, KernelMLP) and mlp.gate_up_weight is not None
-            and matmul_of(attn.o_proj) == "kernel" and attn.o_proj.bias is None
-            and matmul_of(mlp.down_proj) == "kernel" and mlp.down_proj.bias is None
+            and attn.qkv_parts is not None and isinstance(mlp, KernelMLP) and mlp.gate_up_parts is not None
+            and part_of(attn.o_proj) is not None and attn.o_proj.bias is None
+            and part_of(mlp.down_proj) is not None and mlp.down_proj.bias is None
             and all(isinstance(m, KernelRMSNorm) for m in _norms(layer))
         )
     return not model.training and all(fusable(layer) for layer in model.layers)
@@ -352,9 +422,8 @@ def decode_step(
         layer_norms = norms[: 4 if layer.sandwich else 2]
         qk = norms[-2:] if hasattr(attn, "q_norm") else (None, None)
         x = kernels.decode_layer(
-            x, layer_norms, *qk, attn.qkv_weight, attn.o_proj.weight, layer.mlp.gate_up_weight,
-            layer.mlp.down_proj.weight, *layer_inputs[i], *ropes[model.config.layer_type(i)], attn.num_heads,
+            x, layer_norms, *qk, attn.qkv_parts, part_of(attn.o_proj), layer.mlp.gate_up_parts,
+            part_of(layer.mlp.down_proj), *layer_inputs[i], *ropes[model.config.layer_type(i)], attn.num_heads,
             attn.num_kv_heads, layer.input_layernorm.eps, attn.scaling, attn.softcap or 0.0,
-            [attn.qkv_rows, attn.o_proj.matmul.torch_rows, layer.mlp.gate_up_rows, layer.mlp.down_proj.matmul.torch_rows],
         )
     return model.norm(x[None])

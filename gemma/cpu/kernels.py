@@ -148,16 +148,17 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
 
 def decode_layer(
     x: torch.Tensor, norms: list[torch.Tensor], q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
-    qkv_weight: torch.Tensor, o_weight: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor,
-    k_pool: torch.Tensor, v_pool: torch.Tensor, write_slots: torch.Tensor, slots: torch.Tensor,
-    allowed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int, eps: float,
-    scale: float, softcap: float = 0.0, torch_rows: list[int] | None = None,
+    qkv: list[Any], o: Any, gate_up: list[Any], down: Any, k_pool: torch.Tensor, v_pool: torch.Tensor,
+    write_slots: torch.Tensor, slots: torch.Tensor, allowed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    num_heads: int, num_kv_heads: int, eps: float, scale: float, softcap: float = 0.0,
 ) -> torch.Tensor:
     """One decoder layer for n single-token decodes x (n, C) over paged KV pools (P, Hkv, D), in one call: the
     unfused layer's kernels and ATen ops in its order, so the same bits (see gemma.cpu.fastpath.decode_step).
-    `torch_rows` (qkv, o, gate_up, down): from how many rows each product is PyTorch's instead of ours."""
-    never = [2**62] * 4
+    qkv, o, gate_up, down: the layer's products as gemma.cpu.fastpath.Part (weight, qtype, rows), q/k/v and
+    gate/up each one or more parts whose outputs lie side by side."""
+    parts = [*qkv, o, *gate_up, down]
     return load().decode_layer(
-        x, norms, q_norm, k_norm, qkv_weight, o_weight, gate_up_weight, down_weight, k_pool, v_pool, write_slots,
-        slots, allowed, cos, sin, num_heads, num_kv_heads, eps, scale, softcap, torch_rows or never,
+        x, norms, q_norm, k_norm, [p.weight for p in parts], [p.qtype for p in parts], [p.rows for p in parts],
+        [len(qkv), len(gate_up)], k_pool, v_pool, write_slots, slots, allowed, cos, sin, num_heads, num_kv_heads,
+        eps, scale, softcap,
     )

@@ -1,16 +1,22 @@
-"""GGUF-quantized weights kept in their blocks on the CPU (`quantization="gguf"`, vLLM's name for it).
+"""GGUF-quantized weights kept in their blocks on the CPU (`quantization="gguf"`, vLLM's name for it; "auto", the
+engine's default, means it for a .gguf on the CPU at tensor-parallel size 1).
 
 A `.gguf` file stores most matrices in llama.cpp's block formats (the shipped Gemma 3 270M: a Q8_0 embedding, which
 is also the tied LM head, and Q5_0 / Q4_K / Q6_K layers). Loaded with `quantization="gguf"` (gemma.weights), every
 `Linear` and the token embedding whose type is one of `KERNEL_TYPES` keeps those bytes: the module's `weight`
 becomes a uint8 buffer (rows, bytes per row), `qtype` names the format, and
-- a `Linear`'s product (`matmul`, the seam gemma.parallel exposes) is `QuantMatmul`: gemma/cpu/csrc/quant.cpp
-  dequantizes each block in registers and accumulates in fp32 (AVX-512 where the CPU has it, else AVX2;
-  GEMMA_CPU_QUANT_ISA=avx2 forces the AVX2 variant, as on a CPU without AVX-512);
+- a `Linear`'s product (`matmul`, the seam gemma.parallel exposes) is `QuantMatmul` (gemma/cpu/csrc/quant.cpp).
+  Below `dense_rows` rows of x (decode) the products are integer, as llama.cpp computes them: x is quantized per
+  block of 32 values to int8 with one fp32 scale, each weight block is unpacked in registers and the codes'
+  products are summed exactly in int32 (vpdpbusd with AVX-512-VNNI, else AVX2's vpmaddubsw), the scales applied in
+  fp32; a step reads only the file's bytes. From `dense_rows` rows on (prefill, big batches) the weights are
+  dequantized in chunks and multiplied by PyTorch's matmul (oneDNN's AMX / AVX-512-BF16 kernels where the CPU has
+  them). gemma.cpu.fastpath measures `dense_rows` per weight shape at start-up (`DENSE_ROWS` until then);
 - the embedding becomes `QuantEmbedding`, whose lookup dequantizes only the rows asked for; a tied LM head shares
   the embedding's bytes and multiplies by them.
-Activations stay in the model's dtype (bf16 by default for a GGUF). Resident weight memory is about the file's size
-(253 MB for the 270M instead of 536 MB in bf16), and a decode step reads that many bytes instead of bf16's.
+The AVX-512 variant runs where the CPU has AVX-512F/BW/VL and VNNI, else the AVX2 one (GEMMA_CPU_QUANT_ISA=avx2
+forces it, as on a CPU without AVX-512). Activations stay in the model's dtype (bf16 by default for a GGUF) between
+the products. Resident weight memory is about the file's size (246 MB for the 270M instead of 536 MB in bf16).
 
 Other types (F16, BF16, F32 norms, Q4_1, Q2_K, ...) are dequantized to the model's dtype at load, as with
 `quantization=None`. Only tensor-parallel size 1 on the CPU is supported (a row-parallel shard would cut through
@@ -34,6 +40,8 @@ from gemma.parallel import Linear
 logger = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("gguf",)
+NEVER = 2**62  # a row count no input reaches
+DENSE_ROWS = 16  # until measured: where the dequantized product overtook on 2 cores of an AVX-512 Xeon (fastpath)
 # ggml type ids with a kernel: Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K
 KERNEL_TYPES = frozenset({2, 6, 8, 12, 13, 14})
 ISA_ENV = "GEMMA_CPU_QUANT_ISA"  # "avx2" forces the AVX2 kernels on an AVX-512 CPU; default: the best it has
@@ -58,12 +66,15 @@ def isa() -> str:
     return _ops().isa()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, qtype: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """`x @ W^T` for W in blocks `weight` (N, bytes per row) of ggml type `qtype`, x (..., K) bf16 or fp32, with
-    fp32 accumulation; the result in x's dtype, or written into `out` (x's dtype, or fp32 holding the values x's
-    dtype rounds them to)."""
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, qtype: int, out: torch.Tensor | None = None, dense_rows: int = NEVER
+) -> torch.Tensor:
+    """`x @ W^T` for W in blocks `weight` (N, bytes per row) of ggml type `qtype`, x (..., K) bf16 or fp32; the
+    result in x's dtype, or written into `out` (x's dtype, or fp32 holding the values x's dtype rounds them to).
+    Below `dense_rows` rows of x: integer products on x quantized per block of 32 (as llama.cpp computes them); from
+    there on: W dequantized in chunks, PyTorch's matmul."""
     flat = out.view(-1, weight.shape[0]) if out is not None else None
-    y = _ops().linear(x.reshape(-1, x.shape[-1]), weight, qtype, flat)
+    y = _ops().linear(x.reshape(-1, x.shape[-1]), weight, qtype, flat, dense_rows)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -78,16 +89,18 @@ def is_quantized(module: nn.Module) -> bool:
 
 
 class QuantMatmul:
-    """`Linear.matmul` on the layer's GGUF blocks (gemma/cpu/csrc/quant.cpp)."""
+    """`Linear.matmul` on the layer's GGUF blocks (gemma/cpu/csrc/quant.cpp): integer products below `dense_rows`
+    rows of x, the dequantized product from there on (gemma.cpu.fastpath measures it per weight shape)."""
 
     name = "gguf"
 
     def __init__(self, linear: Linear) -> None:
         self.linear = linear
+        self.dense_rows = DENSE_ROWS
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         m = self.linear
-        return linear(x.to(m.compute_dtype), m.weight, m.qtype, out)
+        return linear(x.to(m.compute_dtype), m.weight, m.qtype, out, self.dense_rows)
 
 
 class QuantEmbedding(ScaledEmbedding):

@@ -30,10 +30,9 @@ class LoadConfig(BaseModel):
     device: str | None = None  # "cpu", "cuda", "cuda:1", ...; None: cuda when available, else cpu
     tp_size: int = Field(1, ge=1)  # tensor-parallel ranks: this process is rank 0, ranks 1..N-1 are started for it
     # vLLM's name: "gguf" keeps a .gguf's quantized blocks and computes on them with the CPU kernels (gemma.cpu.quant;
-    # CPU, tp_size 1: ~0.45x the weight memory); None dequantizes every tensor to `dtype`; "auto": "gguf" for a .gguf
-    # on the CPU at tp_size 1, else None. None by default: on the 270M the quantized kernels decode a single stream
-    # 0.78x and 32 streams 0.39x as fast as bf16 (docs/benchmarks.md)
-    quantization: Quantization = None
+    # CPU, tp_size 1: ~0.45x the weight memory, and a decode step reads that many bytes); None dequantizes every
+    # tensor to `dtype`; "auto" (the default): "gguf" for a .gguf on the CPU at tp_size 1, else None
+    quantization: Quantization = "auto"
 
 
 class EngineConfig(BaseModel):

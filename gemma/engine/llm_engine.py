@@ -106,7 +106,7 @@ class LLMEngine:
     def from_pretrained(
         cls, model: str, dtype: str = "auto", device: str | None = None, tp_size: int = 1,
         config: EngineConfig | None = None, launcher: type = LocalLauncher, host: str = "127.0.0.1",
-        quantization: str | None = None,
+        quantization: str | None = "auto",
     ) -> LLMEngine:
         """Load `model` (a named model, HF directory or .gguf) and its tokenizer and build an engine on them.
 

@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tests.helpers.checkpoints import FAMILIES, write_hf_checkpoint
+from tests.helpers.gguf_writer import write_gguf
+from tests.helpers.tokenizer_fixtures import write_sentencepiece_model
 
 from gemma import GemmaForCausalLM
 from gemma.cpu import kernels as cpu_kernels
@@ -306,15 +308,15 @@ def test_kernel_mode_joins_qkv_and_gate_up_into_views_of_one_matrix(tmp_path):
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     set_cpu_matmul(model, "kernel")
     separate = [m(x) for m in (attn.q_proj, attn.k_proj, attn.v_proj)], [mlp.gate_proj(x), mlp.up_proj(x)]
-    assert attn.qkv_weight is not None and mlp.gate_up_weight is not None
-    assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.qkv_weight.untyped_storage().data_ptr()
-    assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp.gate_up_weight.untyped_storage().data_ptr()
-    joined = cpu_kernels.linear_bf16(x, attn.qkv_weight), cpu_kernels.linear_bf16(x, mlp.gate_up_weight)
+    assert len(attn.qkv_parts) == 1 and len(mlp.gate_up_parts) == 1
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.qkv_parts[0].weight.untyped_storage().data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp.gate_up_parts[0].weight.untyped_storage().data_ptr()
+    joined = cpu_kernels.linear_bf16(x, attn.qkv_parts[0].weight), cpu_kernels.linear_bf16(x, mlp.gate_up_parts[0].weight)
     assert torch.equal(joined[0], torch.cat(separate[0], -1)) and torch.equal(joined[1], torch.cat(separate[1], -1))
     after = model.state_dict()  # same names, same values: saving or reloading is unaffected
     assert after.keys() == before.keys() and all(torch.equal(after[k], t) for k, t in before.items())
     set_cpu_matmul(model, "torch")
-    assert type(attn) is GemmaAttention and "qkv_weight" not in vars(attn) and "gate_up_weight" not in vars(mlp)
+    assert type(attn) is GemmaAttention and "qkv_parts" not in vars(attn) and "gate_up_parts" not in vars(mlp)
     assert all(matmul_of(m) == "torch" for m in (attn.q_proj, mlp.down_proj, model.lm_head))
 
 
@@ -360,16 +362,24 @@ def test_without_native_bf16_our_kernel_takes_every_size(monkeypatch):
 
 @needs_kernel
 @pytest.mark.parametrize("torch_rows", [None, "2"], ids=["measured", "pytorch-from-2-rows"])
-@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text", "gemma3-gguf"])
 def test_fused_decode_layer_equals_the_unfused_layer_bit_for_bit(tmp_path, family, torch_rows, monkeypatch, isa):
     """The engine's single-token decode steps run each layer as one `cpu_kernels.decode_layer` call: with and
     without it, the same tokens and the same logprobs to the bit (Gemma 1's norms, Gemma 2's soft-capping and
-    windows, Gemma 3's qk-norms and two rope tables), mixed prefill + decode steps included."""
+    windows, Gemma 3's qk-norms and two rope tables, GGUF blocks of six types beside a bf16 matrix), mixed
+    prefill + decode steps included."""
 
-    if torch_rows:  # steps of 2+ decodes take PyTorch's product in both paths, single ones ours
+    if torch_rows:  # steps of 2+ decodes take PyTorch's product in both paths (GGUF: dequantized), single ones ours
         monkeypatch.setenv("GEMMA_CPU_TORCH_ROWS", torch_rows)
-    extra = FAMILIES.get(family, dict(num_attention_heads=4, num_key_value_heads=1, head_dim=16))
-    model = GemmaForCausalLM.from_pretrained(write_hf_checkpoint(tmp_path, family=family, **extra), dtype=torch.bfloat16)
+        monkeypatch.setenv("GEMMA_CPU_DENSE_ROWS", torch_rows)
+    if family == "gemma3-gguf":  # q Q4_0, k Q5_0, v Q8_0, o BF16, gate Q4_K, up Q5_K, down Q6_K
+        path = tmp_path / "model.gguf"
+        write_gguf(path, "gemma3", write_sentencepiece_model(tmp_path / "sp"))
+        model = GemmaForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization="gguf")
+    else:
+        extra = FAMILIES.get(family, dict(num_attention_heads=4, num_key_value_heads=1, head_dim=16))
+        path = write_hf_checkpoint(tmp_path, family=family, **extra)
+        model = GemmaForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=3)
     prompts = {str(i): list(range(10, 20 + 4 * i)) for i in range(5)}
     calls = []
@@ -377,7 +387,8 @@ def test_fused_decode_layer_equals_the_unfused_layer_bit_for_bit(tmp_path, famil
     monkeypatch.setattr(cpu_kernels, "decode_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     def run(fuse: bool) -> dict:
-        engine = LLMEngine(model, None, EngineConfig(kv_cache_memory="4MiB", cpu_matmul="kernel", max_num_seqs=4))
+        engine = LLMEngine(model, None, EngineConfig(kv_cache_memory="4MiB", cpu_matmul="kernel", max_num_seqs=4,
+                                                     max_model_len=256))
         assert engine.runner.fused_decode  # every layer on the kernels: fusable
         engine.runner.fused_decode = fuse
         for rid, ids in prompts.items():  # 5 requests on 4 seats: the fifth prefills while the others decode

@@ -229,7 +229,7 @@ def test_bf16_cpu_kernels_apply_the_adapter(checkpoints, adapters, monkeypatch):
         engines[mode] = engine = LLMEngine(model, None, config)
         runs[mode] = (prompt_logits(engine, PROMPT, a), prompt_logits(engine, PROMPT, None))
     kernel = engines["kernel"]
-    assert kernel.runner.fused_decode and kernel.model.model.layers[0].self_attn.qkv_weight is not None
+    assert kernel.runner.fused_decode and kernel.model.model.layers[0].self_attn.qkv_parts is not None
     # decodes of a base row and an adapter's row: the step with the adapter's row leaves the fused layer
     assert generate(kernel, {"a": (PROMPT, a)}) != generate(kernel, {"base": (PROMPT, None)})
     (lk, bk), (lt, bt) = runs["kernel"], runs["torch"]

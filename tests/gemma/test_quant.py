@@ -39,30 +39,69 @@ def isa(request):
     quant.set_isa("auto")
 
 
+def quantized_rows(x: torch.Tensor) -> np.ndarray:
+    """x's rows as the integer products see them: per block of 32, d = max|x| / 127 and q = round(x / d) (to even),
+    computed in fp32 as llama.cpp's quantize_row_q8_0 does; returned as q * d in float64."""
+    blocks32 = x.float().numpy().reshape(x.shape[0], -1, 32)
+    d = (np.abs(blocks32).max(-1, keepdims=True) / np.float32(127)).astype(np.float32)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0).astype(np.float32)
+    q = np.rint((blocks32 * inv).astype(np.float32))
+    return (q.astype(np.float64) * d).reshape(x.shape)
+
+
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_kernels_match_gguf_dequantize(isa, qtype):
     from gemma.cpu import quant
 
-    # 37 weight rows: tiles of 4 plus a remainder; K past a multiple of 256 where the type allows (a partial chunk)
+    # 37 weight rows; K past a multiple of 256 where the type allows
     N, K = 37, 640 if gguf.GGML_QUANT_SIZES[qtype][0] == 32 else 768
     raw = blocks(N, K, qtype)
     ref_w = dequantize(raw, qtype).astype(np.float64)
     w = torch.from_numpy(raw)
     assert torch.equal(quant.dequantize(w, int(qtype), K), torch.from_numpy(ref_w).float())
-    for M in (1, 2, 3, 7, 33):  # decode rows (one weight row streamed against all), then batch tiles
+    assert torch.equal(quant.dequantize(w, int(qtype), K, torch.bfloat16), torch.from_numpy(ref_w).bfloat16())
+    for M in (1, 2, 3, 4, 7):  # groups of 4 rows of x per weight row, then the rest
         x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
-        ref = x.double().numpy() @ ref_w.T
+        # integer products: exact sums of the codes' products, scaled in fp32
+        xq = quantized_rows(x)
+        ref, size = xq @ ref_w.T, np.abs(xq) @ np.abs(ref_w).T
         y = quant.linear(x, w, int(qtype))
         assert y.dtype == torch.float32 and y.shape == (M, N)
-        np.testing.assert_allclose(y.numpy(), ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+        assert np.all(np.abs(y.numpy() - ref) <= 1e-6 * size)
+        # a row's result does not depend on the other rows: batched equals one at a time, bit for bit
+        assert all(torch.equal(y[m], quant.linear(x[m : m + 1], w, int(qtype))[0]) for m in range(M))
         xb = x.bfloat16()
         yb = quant.linear(xb, w, int(qtype))
-        ref_b = xb.double().numpy() @ ref_w.T
+        ref_b = quantized_rows(xb) @ ref_w.T
         assert yb.dtype == torch.bfloat16
         np.testing.assert_allclose(yb.float().numpy(), ref_b, rtol=1 / 128, atol=1e-5 * np.abs(ref_b).max())
         out = torch.empty(M, N)  # the engine's fp32 logits buffer: bf16 x's result as bf16 values
         quant.linear(xb, w, int(qtype), out=out)
         assert torch.equal(out, yb.float())
+        # from `dense_rows` rows on: the dequantized weights times x itself
+        yd = quant.linear(x, w, int(qtype), dense_rows=M)
+        ref_d = x.double().numpy() @ ref_w.T
+        np.testing.assert_allclose(yd.numpy(), ref_d, rtol=0, atol=2e-6 * np.abs(ref_d).max())
+        out = torch.empty(M, N)
+        quant.linear(xb, w, int(qtype), out=out, dense_rows=M)
+        assert torch.equal(out, quant.linear(xb, w, int(qtype), dense_rows=M).float())
+
+
+def test_integer_products_quantize_x_per_block():
+    """An outlier in one block of x leaves another block's precision alone (a scale per 32 values, not per row): the
+    small block's share of the product survives next to a value 10^6 times larger."""
+    from gemma.cpu import quant
+
+    w = torch.from_numpy(blocks(8, 64, Q.Q8_0, seed=3))
+    ref_w = dequantize(w.numpy(), Q.Q8_0).astype(np.float64)
+    x = torch.zeros(1, 64)
+    x[0, :32] = torch.linspace(-1e-3, 1e-3, 32)
+    x[0, 40] = 1000.0
+    without = x.clone()
+    without[0, :32] = 0
+    share = (quant.linear(x, w, int(Q.Q8_0)) - quant.linear(without, w, int(Q.Q8_0))).double().numpy()[0]
+    exact = x.double().numpy()[0, :32] @ ref_w[:, :32].T
+    np.testing.assert_allclose(share, exact, rtol=0, atol=0.05 * np.abs(exact).max())
 
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q6_K], ids=lambda t: t.name)
@@ -127,13 +166,13 @@ def test_engine_on_a_quantized_gguf_decodes_like_generate(gguf_path):
 
     prompt = [5, 17, 33, 8, 90, 12]
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    llm = LLM(gguf_path, dtype="float32", kv_cache_memory="8MiB", max_model_len=64, quantization="auto")
+    llm = LLM(gguf_path, dtype="float32", kv_cache_memory="8MiB", max_model_len=64)  # the default: blocks kept
     assert matmul_of(llm.model.model.layers[0].mlp.down_proj) == "gguf"
     got = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
     with torch.no_grad():
         want = llm.model.generate(torch.tensor([prompt]), max_new_tokens=8)[0, len(prompt):].tolist()
     assert got == want
-    plain = LLM(gguf_path, dtype="float32", kv_cache_memory="8MiB", max_model_len=64)  # the default: dequantized
+    plain = LLM(gguf_path, dtype="float32", kv_cache_memory="8MiB", max_model_len=64, quantization=None)
     assert matmul_of(plain.model.model.layers[0].mlp.down_proj) == "torch"
 
 

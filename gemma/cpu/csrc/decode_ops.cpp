@@ -20,6 +20,8 @@
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> out);  // bf16_linear.cpp
 std::string bf16_set_isa(const std::string& name, int64_t prefetch);  // bf16_linear.cpp
 std::string bf16_isa();
+torch::Tensor quant_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, c10::optional<torch::Tensor> out,
+                           int64_t dense_rows);  // quant.cpp
 
 namespace {
 
@@ -281,24 +283,40 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 // with Gemma 2/3's sandwich norms, else {input, post_attention} (Gemma 1: post_attention is the MLP's norm);
 // q_norm/k_norm: Gemma 3's per-head norms; the pools (P, Hkv, D); write_slots (n,) where this step's keys go;
 // slots/allowed (n, S): the keys each row attends; cos/sin (1, n, D). Returns the layer's output (n, C).
-// x w^T by the product gemma.cpu.fastpath chose for w at this row count: ours below `torch_rows`, PyTorch's (oneDNN,
-// native bf16 / AMX where the CPU has them) from there on, exactly as the unfused module computes it.
-static torch::Tensor product(const torch::Tensor& x, const torch::Tensor& w, int64_t torch_rows) {
-  return x.size(0) >= torch_rows ? at::linear(x, w) : linear_bf16(x, w, c10::nullopt);
+// x w^T by the product gemma.cpu.fastpath chose for w at this row count. bf16 w (qtype 0): ours below `rows`,
+// PyTorch's (oneDNN, native bf16 / AMX where the CPU has them) from there on; GGUF blocks of ggml type qtype
+// (quant.cpp): integer products below `rows`, dequantized from there on; exactly as the unfused module computes it.
+static torch::Tensor product(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype, int64_t rows) {
+  if (qtype) return quant_linear(x, w, qtype, c10::nullopt, rows);
+  return x.size(0) >= rows ? at::linear(x, w) : linear_bf16(x, w, c10::nullopt);
 }
 
+// weights[first, first + count): one projection's products, their outputs side by side (fastpath.run_parts)
+static torch::Tensor products(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
+                              const std::vector<int64_t>& qtypes, const std::vector<int64_t>& rows, size_t first,
+                              size_t count) {
+  if (count == 1) return product(x, weights[first], qtypes[first], rows[first]);
+  std::vector<torch::Tensor> ys;
+  for (size_t i = first; i < first + count; ++i) ys.push_back(product(x, weights[i], qtypes[i], rows[i]));
+  return at::cat(ys, 1);
+}
+
+// weights/qtypes/rows: the products of q/k/v (counts[0] of them), o, gate/up (counts[1]) and down, in that order
 torch::Tensor decode_layer(torch::Tensor x, std::vector<torch::Tensor> norms, c10::optional<torch::Tensor> q_norm,
-                           c10::optional<torch::Tensor> k_norm, torch::Tensor qkv_w, torch::Tensor o_w,
-                           torch::Tensor gate_up_w, torch::Tensor down_w, torch::Tensor k_pool, torch::Tensor v_pool,
-                           torch::Tensor write_slots, torch::Tensor slots, torch::Tensor allowed, torch::Tensor cos,
-                           torch::Tensor sin, int64_t H, int64_t Hkv, double eps, double scale, double softcap,
-                           std::vector<int64_t> torch_rows) {
+                           c10::optional<torch::Tensor> k_norm, std::vector<torch::Tensor> weights,
+                           std::vector<int64_t> qtypes, std::vector<int64_t> rows, std::vector<int64_t> counts,
+                           torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor write_slots, torch::Tensor slots,
+                           torch::Tensor allowed, torch::Tensor cos, torch::Tensor sin, int64_t H, int64_t Hkv,
+                           double eps, double scale, double softcap) {
   TORCH_CHECK(x.dim() == 2 && (norms.size() == 2 || norms.size() == 4), "decode_layer: x (n, C), 2 or 4 norms");
   TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "decode_layer: both qk norms or neither");
+  TORCH_CHECK(counts.size() == 2 && counts[0] >= 1 && counts[1] >= 1 &&
+              weights.size() == size_t(counts[0] + counts[1] + 2) && qtypes.size() == weights.size() &&
+              rows.size() == weights.size(), "decode_layer: the products of qkv, o, gate_up and down");
+  const size_t nqkv = counts[0], ngu = counts[1];
   const int64_t n = x.size(0), D = k_pool.size(-1);
-  TORCH_CHECK(qkv_w.size(0) == (H + 2 * Hkv) * D, "decode_layer: qkv weight rows");
-  TORCH_CHECK(torch_rows.size() == 4, "decode_layer: torch_rows of qkv, o, gate_up, down");
-  auto qkv = product(rms_norm(x, norms[0], eps), qkv_w, torch_rows[0]);  // (n, (H + 2 Hkv) D)
+  auto qkv = products(rms_norm(x, norms[0], eps), weights, qtypes, rows, 0, nqkv);  // (n, (H + 2 Hkv) D)
+  TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * D, "decode_layer: qkv weight rows");
   auto q = qkv.narrow(1, 0, H * D).view({1, n, H, D}).transpose(1, 2);  // (1, H, n, D), as the module's views
   auto k = qkv.narrow(1, H * D, Hkv * D).view({1, n, Hkv, D}).transpose(1, 2);
   auto v = qkv.narrow(1, (H + Hkv) * D, Hkv * D).view({n, Hkv, D});
@@ -312,11 +330,12 @@ torch::Tensor decode_layer(torch::Tensor x, std::vector<torch::Tensor> norms, c1
   v_pool.index_copy_(0, write_slots, v);
   auto o = decode_attention(q[0].transpose(0, 1), k_pool.unsqueeze(0), v_pool.unsqueeze(0), slots, allowed, scale,
                             softcap);  // (n, H, D)
-  auto h = product(o.view({n, H * D}), o_w, torch_rows[1]);
+  auto h = product(o.view({n, H * D}), weights[nqkv], qtypes[nqkv], rows[nqkv]);
   auto mlp = [&](const torch::Tensor& in) {
-    auto gu = product(in, gate_up_w, torch_rows[2]);
+    auto gu = products(in, weights, qtypes, rows, nqkv + 1, ngu);
     const int64_t I = gu.size(1) / 2;
-    return product(at::mul(at::gelu(gu.narrow(1, 0, I), "tanh"), gu.narrow(1, I, I)), down_w, torch_rows[3]);
+    const size_t d = nqkv + 1 + ngu;
+    return product(at::mul(at::gelu(gu.narrow(1, 0, I), "tanh"), gu.narrow(1, I, I)), weights[d], qtypes[d], rows[d]);
   };
   if (norms.size() == 4) {
     x = at::add(x, rms_norm(h, norms[1], eps));

@@ -1,30 +1,37 @@
 // Matmuls on GGUF-quantized weights kept in their blocks (llama.cpp's ggml layouts: Q4_0, Q5_0, Q8_0, Q4_K, Q5_K,
-// Q6_K), for x86 CPUs with AVX2 and, where the CPU has it, AVX-512 (chosen at run time: `set_isa`).
+// Q6_K), for x86 CPUs with AVX2 and, where the CPU has it, AVX-512 with VNNI (chosen at run time: `set_isa`).
 //
-// A weight row is read one chunk of up to 256 values at a time: its bytes are unpacked into int8 codes with one
-// scale and one offset per 16 values (w = scale * q - offset, the same real numbers ggml's and the `gguf` package's
-// dequantizers give; Q8_0's codes are read in place), and each group of 16 codes is widened to fp32 in registers
-// and multiplied into the rows of x with fp32 accumulation. No dequantized copy of the weights exists: a decode
-// step reads the file's bytes (~4.5-8.5 bits per weight instead of bf16's 16).
+// Few rows of x (decode), the weights stay in their blocks and the products are integer, as llama.cpp computes
+// them: each row of x is quantized per block of 32 values to int8 codes with one fp32 scale (d = max|x| / 127,
+// q = round(x / d)), every weight block is unpacked in registers into unsigned 8-bit codes u, one scale s and one
+// offset per 16 values (w = s * (u - o) - f: o an integer for Q4_0 / Q5_0 / Q6_K / Q8_0, f the K-quants' float
+// minimum), and
+//   x . w = sum over blocks of d * (s * (u . q)) - (s * o + f) * d * (sum of q)
+// with u . q summed exactly in int32 by one instruction per 32 values (vpdpbusd on AVX-512-VNNI; vpmaddubsw and
+// vpmaddwd on AVX2), the scales applied in fp32. A decode step reads only the file's bytes (~4.5-8.5 bits per
+// weight instead of bf16's 16) and the arithmetic stays below the memory's pace.
 //
-// Few rows of x (decode): each weight row is streamed once and dequantized in registers against every row of x.
-// Many rows: a few weight rows are dequantized into an fp32 block in L1/L2 and multiplied as 4 x C register tiles.
+// Many rows (prefill, big batches): the arithmetic dominates, so the weights are dequantized (exactly as the `gguf`
+// package dequantizes them) in chunks of rows into x's dtype and multiplied by PyTorch's matmul (oneDNN: AMX or
+// AVX-512-BF16 where the CPU has them) or, for bf16 on a CPU without native bf16, the bf16 kernel
+// (bf16_linear.cpp). From how many rows is measured per weight shape by gemma.cpu.quant (`dense_rows`).
 //
 // The vector code is written once and compiled twice, for AVX2 (namespace avx2) and for AVX-512 (namespace avx512,
 // under `#pragma GCC target`), by including this file into itself with QUANT_PASS set: the AVX-512 instructions
-// live only in functions that run where the CPU reports AVX-512F/BW.
+// live only in functions that run where the CPU reports AVX-512F/BW/VL and VNNI.
 #ifndef QUANT_PASS
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/extension.h>
 
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
 #include "bf16_common.h"
+
+torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> out);  // bf16_linear.cpp
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
@@ -34,7 +41,6 @@ namespace gemma_quant {
 using gemma_cpu::Out;
 using gemma_cpu::pull_chunks;
 using gemma_cpu::to_bf16;
-using gemma_cpu::widen;
 
 // ggml type ids (gguf.GGMLQuantizationType)
 enum QType : int64_t { Q4_0 = 2, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
@@ -63,15 +69,6 @@ inline float half(const uint8_t* p) {
   return _cvtsh_ss(h);
 }
 
-// Up to 256 values of a weight row: group g (16 values) is scale[g] * q[g][i] - offset[g].
-struct Chunk {
-  const int8_t* q[16];
-  float scale[16];
-  float offset[16];
-  int groups;
-  alignas(64) int8_t codes[256];
-};
-
 // ggml's get_scale_min_k4: the 6-bit scale and min of sub-block j of a Q4_K / Q5_K super-block
 inline void scale_min_k4(int j, const uint8_t* s, int* sc, int* m) {
   if (j < 4) {
@@ -83,107 +80,28 @@ inline void scale_min_k4(int j, const uint8_t* s, int* sc, int* m) {
   }
 }
 
-// Unpack the chunk of `row` that starts at value `k0` (a multiple of 256; the row's length K a multiple of the
-// block) into `c`. The bit layouts are ggml's (ggml-quants.c, dequantize_row_*), which the `gguf` package follows.
-inline void unpack(int64_t qtype, const uint8_t* row, int64_t k0, int64_t K, Chunk& c) {
-  const int64_t n = std::min<int64_t>(256, K - k0);
-  c.groups = int(n / 16);
-  switch (qtype) {
-    case Q8_0: {  // d, qs[32]: codes read in place
-      const uint8_t* b = row + k0 / 32 * 34;
-      for (int i = 0; i < n / 32; ++i, b += 34) {
-        const float d = half(b);
-        for (int h = 0; h < 2; ++h) {
-          c.q[2 * i + h] = reinterpret_cast<const int8_t*>(b + 2 + 16 * h);
-          c.scale[2 * i + h] = d;
-          c.offset[2 * i + h] = 0.f;
-        }
-      }
-      return;
-    }
-    case Q4_0: {  // d, qs[16]: value j is the low nibble of qs[j], value 16 + j its high one, minus 8
-      const uint8_t* b = row + k0 / 32 * 18;
-      for (int i = 0; i < n / 32; ++i, b += 18) {
-        const float d = half(b);
-        int8_t* o = c.codes + 32 * i;
-        for (int j = 0; j < 16; ++j) {
-          o[j] = int8_t((b[2 + j] & 0xF) - 8);
-          o[16 + j] = int8_t((b[2 + j] >> 4) - 8);
-        }
-        for (int h = 0; h < 2; ++h) c.scale[2 * i + h] = d, c.offset[2 * i + h] = 0.f;
-      }
-      break;
-    }
-    case Q5_0: {  // d, qh (32 bits: the fifth bit of value j), qs[16] as Q4_0, minus 16
-      const uint8_t* b = row + k0 / 32 * 22;
-      for (int i = 0; i < n / 32; ++i, b += 22) {
-        const float d = half(b);
-        uint32_t qh;
-        std::memcpy(&qh, b + 2, 4);
-        int8_t* o = c.codes + 32 * i;
-        for (int j = 0; j < 16; ++j) {
-          o[j] = int8_t(((b[6 + j] & 0xF) | (((qh >> j) & 1) << 4)) - 16);
-          o[16 + j] = int8_t(((b[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
-        }
-        for (int h = 0; h < 2; ++h) c.scale[2 * i + h] = d, c.offset[2 * i + h] = 0.f;
-      }
-      break;
-    }
-    case Q4_K:
-    case Q5_K: {  // d, dmin, scales[12], (Q5_K: qh[32]), qs[128]: 8 sub-blocks of 32, d*sc*q - dmin*m
-      const bool five = qtype == Q5_K;
-      const uint8_t* b = row + k0 / 256 * (five ? 176 : 144);
-      const float d = half(b), dmin = half(b + 2);
-      const uint8_t* scales = b + 4;
-      const uint8_t* qh = b + 16;
-      const uint8_t* qs = b + (five ? 48 : 16);
-      for (int j = 0; j < 4; ++j) {  // 64 values: sub-block 2j from the low nibbles, 2j + 1 from the high ones
-        for (int h = 0; h < 2; ++h) {
-          int sc, m;
-          scale_min_k4(2 * j + h, scales, &sc, &m);
-          c.scale[4 * j + 2 * h] = c.scale[4 * j + 2 * h + 1] = d * float(sc);
-          c.offset[4 * j + 2 * h] = c.offset[4 * j + 2 * h + 1] = dmin * float(m);
-        }
-        int8_t* o = c.codes + 64 * j;
-        const uint8_t* q = qs + 32 * j;
-        for (int l = 0; l < 32; ++l) {
-          int lo = q[l] & 0xF, hi = q[l] >> 4;
-          if (five) {
-            lo |= ((qh[l] >> (2 * j)) & 1) << 4;
-            hi |= ((qh[l] >> (2 * j + 1)) & 1) << 4;
-          }
-          o[l] = int8_t(lo);
-          o[32 + l] = int8_t(hi);
-        }
-      }
-      break;
-    }
-    case Q6_K: {  // ql[128], qh[64], scales[16] (int8), d: 16 groups of 16, d*sc[g]*(q - 32)
-      const uint8_t* b = row + k0 / 256 * 210;
-      const float d = half(b + 208);
-      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
-      for (int g = 0; g < 16; ++g) c.scale[g] = d * float(sc[g]), c.offset[g] = 0.f;
-      for (int half128 = 0; half128 < 2; ++half128) {
-        const uint8_t* ql = b + 64 * half128;
-        const uint8_t* qh = b + 128 + 32 * half128;
-        int8_t* o = c.codes + 128 * half128;
-        for (int l = 0; l < 32; ++l) {
-          o[l] = int8_t(((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32);
-          o[l + 32] = int8_t(((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
-          o[l + 64] = int8_t(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
-          o[l + 96] = int8_t(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
-        }
-      }
-      break;
-    }
-    default:
-      format_of(qtype);  // raises
-  }
-  for (int g = 0; g < c.groups; ++g) c.q[g] = c.codes + 16 * g;
-}
+// Rows of x quantized per block of 32 values: codes q (M, K) int8, d (M, K / 32) the blocks' scales, and
+// qsum (M, K / 16) = d * (sum of the 16 codes) per half block, which multiplies the weights' offsets.
+struct QuantX {
+  std::vector<int8_t> q;
+  std::vector<float> d, qsum;
+  int64_t K = 0;
+};
 
-// The kernels, once per instruction set: each pass defines `matmul(x, w, qtype, y, M, K, N)` and
-// `dequantize(w, qtype, K, rows, dst)` in its namespace.
+// One block of 32 weight values, unpacked: unsigned codes u; values 0-15 are s0 * (u - O) - f0, 16-31 likewise with
+// s1 and f1 (O is the type's integer offset, `Codes<QT>::O`).
+struct Block {
+  __m256i u;
+  float s0, s1, f0, f1;
+};
+
+template <int64_t QT>
+struct Codes {
+  static constexpr int O = QT == Q4_0 ? 8 : QT == Q5_0 ? 16 : QT == Q6_K ? 32 : QT == Q8_0 ? 128 : 0;
+  static constexpr bool split = QT == Q6_K;  // a scale per 16 values (else one per 32: s0 == s1, f0 == f1)
+};
+
+// The kernels, once per instruction set: each pass defines `matmul` and `dequantize_row` in its namespace.
 namespace avx2 {
 #define QUANT_PASS 1
 #include __FILE__
@@ -191,7 +109,7 @@ namespace avx2 {
 }  // namespace avx2
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl")
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")
 namespace avx512 {
 #define QUANT_PASS 2
 #include __FILE__
@@ -199,14 +117,21 @@ namespace avx512 {
 }  // namespace avx512
 #pragma GCC pop_options
 
-int g_isa = -1;  // 1: AVX2, 2: AVX-512; -1: not chosen yet (the best the CPU has)
+int g_isa = -1;  // 1: AVX2, 2: AVX-512 with VNNI; -1: not chosen yet (the best the CPU has)
 
-bool has_avx512() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"); }
+bool has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
 
 int isa() {
   if (g_isa < 0) g_isa = has_avx512() ? 2 : 1;
   return g_isa;
 }
+
+// Whether PyTorch's bf16 matmul has native instructions here (oneDNN on AVX-512-BF16 or AMX): else the bf16
+// kernel multiplies the dequantized chunks.
+bool native_bf16() { return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16"); }
 
 }  // namespace gemma_quant
 
@@ -219,7 +144,7 @@ std::string quant_set_isa(const std::string& name) {
   if (name == "auto") g_isa = has_avx512() ? 2 : 1;
   else if (name == "avx2") g_isa = 1;
   else if (name == "avx512") {
-    TORCH_CHECK(has_avx512(), "this CPU has no AVX-512F/BW");
+    TORCH_CHECK(has_avx512(), "this CPU has no AVX-512F/BW/VL with VNNI");
     g_isa = 2;
   } else TORCH_CHECK(false, "isa must be 'auto', 'avx2' or 'avx512', got ", name);
   return isa() == 2 ? "avx512" : "avx2";
@@ -227,29 +152,42 @@ std::string quant_set_isa(const std::string& name) {
 
 std::string quant_isa() { return isa() == 2 ? "avx512" : "avx2"; }
 
-static std::vector<float> as_fp32(const torch::Tensor& x, const float** p) {
-  std::vector<float> buf;
-  if (x.scalar_type() == at::kFloat && x.is_contiguous()) {
-    *p = x.data_ptr<float>();
-    return buf;
-  }
-  auto xf = x.to(at::kFloat).contiguous();
-  buf.resize(xf.numel());
-  std::memcpy(buf.data(), xf.data_ptr<float>(), buf.size() * sizeof(float));
-  *p = buf.data();
-  return buf;
-}
-
 static void check_weight(const torch::Tensor& w, int64_t qtype, int64_t K) {
   const Format f = format_of(qtype);
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.stride(1) == 1, "w: 2-D uint8 rows of blocks");
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(), "w: contiguous 2-D uint8 rows of "
+              "blocks");
   TORCH_CHECK(K % f.block == 0 && w.size(1) == K / f.block * f.bytes, "w: rows of ", K / f.block, " blocks of ",
               f.bytes, " bytes for K = ", K, " (a multiple of ", f.block, ")");
 }
 
-// x (M, K) fp32 or bf16, w (N, row bytes) uint8 of ggml type `qtype` -> x w^T (M, N), fp32 accumulation, in x's
-// dtype, or written into `out` (contiguous (M, N): x's dtype, or fp32 holding the values x's dtype rounds them to).
-torch::Tensor quant_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, c10::optional<torch::Tensor> out_opt) {
+static void dequantize_rows(const uint8_t* w, int64_t ws, int64_t qtype, int64_t K, int64_t N, float* yf,
+                            uint16_t* yh) {
+  pull_chunks(N, std::max<int64_t>(1, 4096 / (K / 256 + 1)), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      if (isa() == 2) avx512::dequantize_row(w + n * ws, qtype, K, yf ? yf + n * K : nullptr, yh ? yh + n * K : nullptr);
+      else avx2::dequantize_row(w + n * ws, qtype, K, yf ? yf + n * K : nullptr, yh ? yh + n * K : nullptr);
+    }
+  });
+}
+
+// w (N, row bytes) uint8 of ggml type `qtype` -> (N, K) in `dtype` (fp32 or bf16): the dequantized rows.
+torch::Tensor quant_dequantize(torch::Tensor w, int64_t qtype, int64_t K, at::ScalarType dtype) {
+  check_weight(w, qtype, K);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dtype: float32 or bfloat16");
+  const int64_t N = w.size(0);
+  auto y = torch::empty({N, K}, w.options().dtype(dtype));
+  if (N == 0) return y;
+  const bool f32 = dtype == at::kFloat;
+  dequantize_rows(w.data_ptr<uint8_t>(), w.stride(0), qtype, K, N, f32 ? y.data_ptr<float>() : nullptr,
+                  f32 ? nullptr : reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()));
+  return y;
+}
+
+// x (M, K) fp32 or bf16, w (N, row bytes) uint8 of ggml type `qtype` -> x w^T (M, N) in x's dtype, or written into
+// `out` (contiguous (M, N): x's dtype, or fp32 holding the values x's dtype rounds them to). Below `dense_rows`
+// rows: the integer products on int8-quantized x; from there on: w dequantized in chunks of rows, PyTorch's matmul.
+torch::Tensor quant_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, c10::optional<torch::Tensor> out_opt,
+                           int64_t dense_rows) {
   TORCH_CHECK(x.dim() == 2, "x: (M, K)");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "x: bf16 or fp32");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
@@ -259,56 +197,55 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, c10:
               (y.scalar_type() == x.scalar_type() || y.scalar_type() == at::kFloat),
               "out: (M, N), contiguous, x's dtype or fp32");
   if (M == 0 || N == 0) return y;
-  const float* xp;
-  auto keep = as_fp32(x, &xp);
+  if (M >= dense_rows) {
+    // chunks of ~8 MB of dequantized weights (every layer matrix of a small model is one chunk; a 262k-row LM head
+    // is ~50), each multiplied by PyTorch's matmul, or the bf16 kernel where PyTorch's bf16 matmul is slow
+    const int64_t rows = std::max<int64_t>(64, (int64_t(1) << 22) / K);
+    const bool kernel = x.scalar_type() == at::kBFloat16 && !native_bf16();
+    for (int64_t n0 = 0; n0 < N; n0 += rows) {
+      const int64_t n = std::min(rows, N - n0);
+      auto wd = quant_dequantize(w.narrow(0, n0, n), qtype, K, x.scalar_type());
+      auto yc = kernel ? linear_bf16(x, wd, c10::nullopt) : at::linear(x, wd);
+      if (n0 == 0 && n == N && !out_opt.has_value()) return yc;
+      y.narrow(1, n0, n).copy_(yc);
+    }
+    return y;
+  }
+  auto xc = x.stride(1) == 1 ? x : x.contiguous();
+  thread_local QuantX qx;
+  const bool bf16 = xc.scalar_type() == at::kBFloat16;
+  if (isa() == 2) avx512::quantize_x(xc.data_ptr(), bf16, xc.stride(0), M, K, qx);
+  else avx2::quantize_x(xc.data_ptr(), bf16, xc.stride(0), M, K, qx);
   const bool fp32_out = y.scalar_type() == at::kFloat;
   const Out out{fp32_out ? y.data_ptr<float>() : nullptr,
                 fp32_out ? nullptr : reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), N,
                 fp32_out && x.scalar_type() == at::kBFloat16};
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const int64_t ws = w.stride(0);
-  if (isa() == 2) avx512::matmul(xp, wp, ws, qtype, out, M, K, N);
-  else avx2::matmul(xp, wp, ws, qtype, out, M, K, N);
+  if (isa() == 2) avx512::matmul(qx, w.data_ptr<uint8_t>(), w.stride(0), qtype, out, M, N);
+  else avx2::matmul(qx, w.data_ptr<uint8_t>(), w.stride(0), qtype, out, M, N);
   return y;
-}
-
-// w (N, row bytes) uint8 of ggml type `qtype` -> (N, K) in `dtype` (fp32 or bf16): the dequantized rows.
-torch::Tensor quant_dequantize(torch::Tensor w, int64_t qtype, int64_t K, at::ScalarType dtype) {
-  check_weight(w, qtype, K);
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dtype: float32 or bfloat16");
-  const int64_t N = w.size(0);
-  auto y = torch::empty({N, K}, w.options().dtype(at::kFloat));
-  if (N == 0) return y.to(dtype);
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const int64_t ws = w.stride(0);
-  float* yp = y.data_ptr<float>();
-  pull_chunks(N, std::max<int64_t>(1, 4096 / (K / 256 + 1)), [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      if (isa() == 2) avx512::dequantize_row(wp + n * ws, qtype, K, yp + n * K);
-      else avx2::dequantize_row(wp + n * ws, qtype, K, yp + n * K);
-    }
-  });
-  return dtype == at::kFloat ? y : y.to(dtype);
 }
 
 // Rows `ids` (int64, any shape) of w, dequantized: an embedding lookup, (*ids.shape, K) in `dtype`.
 torch::Tensor quant_embedding(torch::Tensor ids, torch::Tensor w, int64_t qtype, int64_t K, at::ScalarType dtype) {
   check_weight(w, qtype, K);
   TORCH_CHECK(ids.scalar_type() == at::kLong, "ids: int64");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dtype: float32 or bfloat16");
   auto flat = ids.reshape(-1).contiguous();
   const int64_t n = flat.numel(), N = w.size(0);
   const int64_t* ip = flat.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) TORCH_CHECK(ip[i] >= 0 && ip[i] < N, "token id ", ip[i], " out of [0, ", N, ")");
-  auto y = torch::empty({n, K}, w.options().dtype(at::kFloat));
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
+  auto y = torch::empty({n, K}, w.options().dtype(dtype));
+  const bool f32 = dtype == at::kFloat;
   for (int64_t i = 0; i < n; ++i) {
-    if (isa() == 2) avx512::dequantize_row(wp + ip[i] * w.stride(0), qtype, K, yp + i * K);
-    else avx2::dequantize_row(wp + ip[i] * w.stride(0), qtype, K, yp + i * K);
+    float* yf = f32 ? y.data_ptr<float>() + i * K : nullptr;
+    uint16_t* yh = f32 ? nullptr : reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()) + i * K;
+    const uint8_t* row = w.data_ptr<uint8_t>() + ip[i] * w.stride(0);
+    if (isa() == 2) avx512::dequantize_row(row, qtype, K, yf, yh);
+    else avx2::dequantize_row(row, qtype, K, yf, yh);
   }
   std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
   shape.push_back(K);
-  return (dtype == at::kFloat ? y : y.to(dtype)).view(shape);
+  return y.view(shape);
 }
 
 // torch.ops.gemma_quant.*: registered with the dispatcher (this file joins the kernels extension, whose Python
@@ -323,132 +260,261 @@ TORCH_LIBRARY(gemma_quant, m) {
 
 #else  // QUANT_PASS: the vector code of one instruction set
 
+// Compiled once per instruction set (an AVX-512 function cannot be inlined into an AVX2 one), so every helper the
+// kernels call lives in the pass.
+constexpr int64_t kPrefetchBytes = 2048;  // ahead of the block being unpacked (the rows of a chunk are one stream)
+
+inline __m256i nibbles(__m128i q) {  // 16 bytes -> 32 codes: the low nibbles, then the high ones
+  const __m128i m = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m), _mm_and_si128(q, m));
+}
+
+inline __m256i bits_to_bytes(uint32_t bits) {  // byte j = 0xFF where bit j is set, else 0
+  const __m256i spread = _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303);
+  const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32(int(bits)), spread);  // byte j = byte j / 8 of bits
+  const __m256i others = _mm256_set1_epi64x(0x7FBFDFEFF7FBFDFE);  // every bit but bit j % 8 of byte j
+  return _mm256_cmpeq_epi8(_mm256_or_si256(v, others), _mm256_set1_epi64x(-1));
+}
+
+// f(kb, Block) for every block of 32 values of `row` (K values), kb its index along the row. The bit layouts are
+// ggml's (ggml-quants.c, dequantize_row_*), which the `gguf` package follows.
+template <int64_t QT, typename F>
+inline void blocks_of(const uint8_t* row, int64_t K, const F& f) {
+  const __m256i lo4 = _mm256_set1_epi8(0x0F);
+  if constexpr (QT == Q4_0 || QT == Q5_0 || QT == Q8_0) {  // one fp16 scale per 32 values
+    constexpr int64_t bytes = QT == Q4_0 ? 18 : QT == Q5_0 ? 22 : 34;
+    const uint8_t* b = row;
+    for (int64_t kb = 0; kb < K / 32; ++kb, b += bytes) {
+      _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchBytes), _MM_HINT_T0);
+      const float d = half(b);
+      __m256i u;
+      if constexpr (QT == Q8_0) {  // d, qs[32] int8: u = q + 128
+        u = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2)), _mm256_set1_epi8(-128));
+      } else if constexpr (QT == Q4_0) {  // d, qs[16]: value j the low nibble of qs[j], value 16 + j its high one
+        u = nibbles(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2)));
+      } else {  // d, qh (bit j: the fifth bit of value j), qs[16] as Q4_0
+        uint32_t qh;
+        std::memcpy(&qh, b + 2, 4);
+        u = _mm256_or_si256(nibbles(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 6))),
+                            _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10)));
+      }
+      f(kb, Block{u, d, d, 0.f, 0.f});
+    }
+  } else if constexpr (QT == Q4_K || QT == Q5_K) {  // d, dmin, scales[12], (Q5_K: qh[32]), qs[128]: 8 x 32 values
+    constexpr bool five = QT == Q5_K;
+    const uint8_t* b = row;
+    for (int64_t k0 = 0; k0 < K; k0 += 256, b += five ? 176 : 144) {
+      _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchBytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchBytes + 64), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchBytes + 128), _MM_HINT_T0);
+      const float d = half(b), dmin = half(b + 2);
+      const uint8_t* scales = b + 4;
+      const __m256i qh = five ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16)) : _mm256_setzero_si256();
+      const uint8_t* qs = b + (five ? 48 : 16);
+      for (int j = 0; j < 4; ++j) {  // 64 values: sub-block 2j from the low nibbles of 32 bytes, 2j + 1 the high
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * j));
+        __m256i lo = _mm256_and_si256(q, lo4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), lo4);
+        if constexpr (five) {  // bit 2j of qh[l] is the fifth bit of value l of sub-block 2j, bit 2j + 1 of 2j + 1
+          const __m256i b0 = _mm256_set1_epi8(char(1 << (2 * j))), b1 = _mm256_set1_epi8(char(2 << (2 * j)));
+          const __m256i fifth = _mm256_set1_epi8(0x10);
+          lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b0), b0), fifth));
+          hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b1), b1), fifth));
+        }
+        int sc, m;
+        scale_min_k4(2 * j, scales, &sc, &m);
+        const float s0 = d * float(sc), f0 = dmin * float(m);
+        f(k0 / 32 + 2 * j, Block{lo, s0, s0, f0, f0});
+        scale_min_k4(2 * j + 1, scales, &sc, &m);
+        const float s1 = d * float(sc), f1 = dmin * float(m);
+        f(k0 / 32 + 2 * j + 1, Block{hi, s1, s1, f1, f1});
+      }
+    }
+  } else {  // Q6_K: ql[128], qh[64], scales[16] (int8), d: 16 x 16 values, d * sc[g] * (q - 32)
+    const uint8_t* b = row;
+    for (int64_t k0 = 0; k0 < K; k0 += 256, b += 210) {
+      for (int p = 0; p < 4; ++p) _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchBytes + 64 * p), _MM_HINT_T0);
+      const float d = half(b + 208);
+      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+      const __m256i two = _mm256_set1_epi8(0x30);  // the two high bits' place in a 6-bit code
+      for (int h = 0; h < 2; ++h) {  // 128 values: ql[64h..64h+63], qh[32h..32h+31]
+        const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h));
+        const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h + 32));
+        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h));
+        const __m256i u[4] = {
+            _mm256_or_si256(_mm256_and_si256(l0, lo4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), two)),
+            _mm256_or_si256(_mm256_and_si256(l1, lo4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), two)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), lo4), _mm256_and_si256(qh, two)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), lo4),
+                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), two))};
+        for (int j = 0; j < 4; ++j) {
+          const int g = 8 * h + 2 * j;
+          f(k0 / 32 + 4 * h + j, Block{u[j], d * float(sc[g]), d * float(sc[g + 1]), 0.f, 0.f});
+        }
+      }
+    }
+  }
+}
+
+// f<QT>() for the ggml type qtype (raises for one without a kernel)
+template <typename F>
+inline void dispatch(int64_t qtype, const F& f) {
+  switch (qtype) {
+    case Q4_0: return f(std::integral_constant<int64_t, Q4_0>{});
+    case Q5_0: return f(std::integral_constant<int64_t, Q5_0>{});
+    case Q8_0: return f(std::integral_constant<int64_t, Q8_0>{});
+    case Q4_K: return f(std::integral_constant<int64_t, Q4_K>{});
+    case Q5_K: return f(std::integral_constant<int64_t, Q5_K>{});
+    case Q6_K: return f(std::integral_constant<int64_t, Q6_K>{});
+  }
+  format_of(qtype);  // raises
+}
+
+// x (M, K) fp32 or bf16 rows (row stride ldx) -> QuantX; K % 32 == 0
+inline void quantize_x(const void* x, bool bf16, int64_t ldx, int64_t M, int64_t K, QuantX& qx) {
+  qx.K = K;
+  qx.q.resize(M * K);
+  qx.d.resize(M * K / 32);
+  qx.qsum.resize(M * K / 16);
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t kb = 0; kb < K / 32; ++kb) {
+      __m256 v[4];
+      for (int i = 0; i < 4; ++i) {
+        const int64_t k = m * ldx + 32 * kb + 8 * i;
+        v[i] = bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(
+                          reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + k))), 16))
+                    : _mm256_loadu_ps(static_cast<const float*>(x) + k);
+      }
+      __m256 amax = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                  _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+      __m128 a = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+      a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+      a = _mm_max_ss(a, _mm_movehdup_ps(a));
+      const float d = _mm_cvtss_f32(a) / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+      __m256i q[4];
+      for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));  // to even
+      const __m256i packed = _mm256_permutevar8x32_epi32(
+          _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])), order);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qx.q.data() + m * K + 32 * kb), packed);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i s8 = _mm256_add_epi32(q[2 * h], q[2 * h + 1]);
+        __m128i s = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+        s = _mm_hadd_epi32(s, s);
+        s = _mm_hadd_epi32(s, s);
+        qx.qsum[m * K / 16 + 2 * kb + h] = d * float(_mm_cvtsi128_si32(s));
+      }
+      qx.d[m * K / 32 + kb] = d;
+    }
+  }
+}
+
+
 #if QUANT_PASS == 2
-using V = __m512;
-constexpr int W = 16;
-inline V vzero() { return _mm512_setzero_ps(); }
-inline V vload(const float* p) { return _mm512_loadu_ps(p); }
-inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
-inline V vset(float f) { return _mm512_set1_ps(f); }
-inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-inline V vfms(V a, V b, V c) { return _mm512_fmsub_ps(a, b, c); }  // a * b - c
-inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
-inline V vcodes(const int8_t* q) {  // 16 int8 codes -> fp32
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
-}
-inline float vsum(V v) { return _mm512_reduce_add_ps(v); }
+// u . q of unsigned codes u and int8 codes q: 8 int32 lanes, each the exact sum of 4 products (vpdpbusd)
+inline __m256i dot(__m256i u, __m256i q) { return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, q); }
 #else
-using V = __m256;
-constexpr int W = 8;
-inline V vzero() { return _mm256_setzero_ps(); }
-inline V vload(const float* p) { return _mm256_loadu_ps(p); }
-inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
-inline V vset(float f) { return _mm256_set1_ps(f); }
-inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-inline V vfms(V a, V b, V c) { return _mm256_fmsub_ps(a, b, c); }
-inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
-inline V vcodes(const int8_t* q) {  // 8 int8 codes -> fp32
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+// vpmaddubsw's int16 pair sums cannot saturate for codes below 128 (every type's but Q8_0's: see row_dot)
+inline __m256i dot(__m256i u, __m256i q) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, q), _mm256_set1_epi16(1));
 }
-inline float vsum(V v) {
+#endif
+
+inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
-#endif
-constexpr int P = 16 / W;  // vectors per group of 16 values
 
-// One weight row against C rows of x (row stride K), dequantized in registers: y[m + c, n].
-template <int C>
-inline void row_dot(const float* x, const uint8_t* row, int64_t qtype, const Out& y, int64_t K, int64_t m,
-                    int64_t n) {
-  V acc[C][2];
-  for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = vzero();
-  Chunk ch;
-  for (int64_t k0 = 0; k0 < K; k0 += 256) {
-    unpack(qtype, row, k0, K, ch);
-    for (int g = 0; g < ch.groups; ++g) {
-      const V s = vset(ch.scale[g]), o = vset(ch.offset[g]);
-      const float* xg = x + m * K + k0 + 16 * g;
-      for (int p = 0; p < P; ++p) {
-        const V wv = vfms(vcodes(ch.q[g] + W * p), s, o);
-        for (int c = 0; c < C; ++c) acc[c][g & 1] = vfma(wv, vload(xg + c * K + W * p), acc[c][g & 1]);
-      }
+// y[m + c, n] for c < C: one weight row, unpacked in registers block by block, against C quantized rows of x. Each
+// row's additions are the same whatever C is: a row's result does not depend on the other rows.
+template <int64_t QT, int C>
+inline void row_dot(const QuantX& qx, const uint8_t* row, const Out& y, int64_t m, int64_t n) {
+  const int64_t K = qx.K;
+  // AVX2 has no unsigned x signed product without int16 saturation for Q8_0's codes u = q + 128: it multiplies the
+  // signed codes (q = u - 128, the sign moved onto x's codes), which need no offset
+  constexpr bool signed_codes = QUANT_PASS == 1 && QT == Q8_0;
+  constexpr float O = signed_codes ? 0.f : float(Codes<QT>::O);
+  constexpr bool split = Codes<QT>::split, offsets = O != 0.f || QT == Q4_K || QT == Q5_K;
+  __m256 acc[C];
+  float off[C];
+  for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps(), off[c] = 0.f;
+  const int8_t* q0 = qx.q.data() + m * K;
+  const float* d0 = qx.d.data() + m * K / 32;
+  const float* s0 = qx.qsum.data() + m * K / 16;
+  blocks_of<QT>(row, K, [&](int64_t kb, const Block& b) {
+    __m256i u = b.u, us = b.u;
+    if constexpr (signed_codes) {
+      u = _mm256_xor_si256(u, _mm256_set1_epi8(-128));
+      us = _mm256_sign_epi8(u, u);
     }
-  }
-  for (int c = 0; c < C; ++c) y.put(m + c, n, vsum(vadd(acc[c][0], acc[c][1])));
-}
-
-inline void dequantize_row(const uint8_t* row, int64_t qtype, int64_t K, float* dst) {
-  Chunk ch;
-  for (int64_t k0 = 0; k0 < K; k0 += 256) {
-    unpack(qtype, row, k0, K, ch);
-    for (int g = 0; g < ch.groups; ++g) {
-      const V s = vset(ch.scale[g]), o = vset(ch.offset[g]);
-      for (int p = 0; p < P; ++p) vstore(dst + k0 + 16 * g + W * p, vfms(vcodes(ch.q[g] + W * p), s, o));
-    }
-  }
-}
-
-// Four dequantized fp32 weight rows `w` (row stride K) against C rows of x: y[m + c, n + r].
-template <int C>
-inline void tile4(const float* x, const float* w, const Out& y, int64_t K, int64_t m, int64_t n) {
-  V acc[4][C];
-  for (int r = 0; r < 4; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = vzero();
-  const float* x0 = x + m * K;
-  for (int64_t k = 0; k < K; k += W) {
-    V xv[C];
-    for (int c = 0; c < C; ++c) xv[c] = vload(x0 + c * K + k);
-    for (int r = 0; r < 4; ++r) {
-      const V wv = vload(w + r * K + k);
-      for (int c = 0; c < C; ++c) acc[r][c] = vfma(wv, xv[c], acc[r][c]);
-    }
-  }
-  for (int r = 0; r < 4; ++r)
-    for (int c = 0; c < C; ++c) y.put(m + c, n + r, vsum(acc[r][c]));
-}
-
-constexpr int TILE_C = W == 16 ? 4 : 3;  // rows of x per tile: 4 * C + C + 1 vector registers (32 zmm / 16 ymm)
-constexpr int64_t FEW_ROWS = 4;  // below: stream each weight row once against every row of x
-
-inline void matmul(const float* x, const uint8_t* w, int64_t ws, int64_t qtype, const Out& y, int64_t M, int64_t K,
-                   int64_t N) {
-  const int64_t threads = at::get_num_threads();
-  if (M < FEW_ROWS) {
-    pull_chunks(N, std::max<int64_t>(16, N / (8 * threads)), [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) {
-        const uint8_t* row = w + n * ws;
-        if (M == 3) row_dot<3>(x, row, qtype, y, K, 0, n);
-        else if (M == 2) row_dot<2>(x, row, qtype, y, K, 0, n);
-        else row_dot<1>(x, row, qtype, y, K, 0, n);
-      }
-    });
-    return;
-  }
-  // many rows: blocks of weight rows dequantized once into a per-thread fp32 buffer that stays in L2
-  const int64_t rows = std::max<int64_t>(4, std::min<int64_t>(64, (128 * 1024 / (4 * K)) / 4 * 4));
-  std::vector<float> block(threads * rows * K);
-  pull_chunks(N, rows, [&](int64_t b0, int64_t b1) {
-    float* buf = block.data() + at::get_thread_num() * rows * K;
-    for (int64_t n = b0; n < b1; ++n) dequantize_row(w + n * ws, qtype, K, buf + (n - b0) * K);
-    const int64_t b4 = b0 + (b1 - b0) / 4 * 4;
-    for (int64_t n = b0; n < b4; n += 4) {
-      const float* wt = buf + (n - b0) * K;
-      int64_t m = 0;
-      for (; m + TILE_C <= M; m += TILE_C) tile4<TILE_C>(x, wt, y, K, m, n);
-      for (; m < M; ++m) tile4<1>(x, wt, y, K, m, n);
-    }
-    for (int64_t n = b4; n < b1; ++n) {  // the last rows of an odd-sized chunk
-      const float* wr = buf + (n - b0) * K;
-      for (int64_t m = 0; m < M; ++m) {
-        V acc = vzero();
-        for (int64_t k = 0; k < K; k += W) acc = vfma(vload(wr + k), vload(x + m * K + k), acc);
-        y.put(m, n, vsum(acc));
-      }
+    const __m256 sw = _mm256_set_m128(_mm_set1_ps(b.s1), _mm_set1_ps(b.s0));
+    const float o0 = b.s0 * O + b.f0, o1 = b.s1 * O + b.f1;  // the offsets per unit of x's code sums
+    for (int c = 0; c < C; ++c) {
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q0 + c * K + 32 * kb));
+      const __m256 i = _mm256_cvtepi32_ps(signed_codes ? dot(us, _mm256_sign_epi8(q, u)) : dot(u, q));
+      const float d = d0[c * K / 32 + kb];
+      if constexpr (split) acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(i, sw), _mm256_set1_ps(d), acc[c]);
+      else acc[c] = _mm256_fmadd_ps(i, _mm256_set1_ps(b.s0 * d), acc[c]);
+      const float* s = s0 + c * K / 16 + 2 * kb;
+      if constexpr (split) off[c] += o0 * s[0] + o1 * s[1];
+      else if constexpr (offsets) off[c] += o0 * (s[0] + s[1]);
     }
   });
+  for (int c = 0; c < C; ++c) y.put(m + c, n, hsum(acc[c]) - off[c]);
+}
+
+template <int64_t QT>
+inline void matmul_t(const QuantX& qx, const uint8_t* w, int64_t ws, const Out& y, int64_t M, int64_t N) {
+  const int64_t threads = at::get_num_threads();
+  pull_chunks(N, std::max<int64_t>(16, N / (8 * threads)), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {  // each weight row read once from memory, again from L1 for more rows of x
+      const uint8_t* row = w + n * ws;
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) row_dot<QT, 4>(qx, row, y, m, n);
+      if (M - m == 3) row_dot<QT, 3>(qx, row, y, m, n);
+      else if (M - m == 2) row_dot<QT, 2>(qx, row, y, m, n);
+      else if (M - m == 1) row_dot<QT, 1>(qx, row, y, m, n);
+    }
+  });
+}
+
+inline void matmul(const QuantX& qx, const uint8_t* w, int64_t ws, int64_t qtype, const Out& y, int64_t M,
+                   int64_t N) {
+  dispatch(qtype, [&](auto qt) { matmul_t<decltype(qt)::value>(qx, w, ws, y, M, N); });
+}
+
+inline void store_bf16(uint16_t* p, __m256 v) {  // 8 values rounded to nearest even (finite inputs), as to_bf16
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd), 16);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+
+// The K values of `row`, dequantized as the `gguf` package does (the same fp32 values), into yf (fp32) or yh (bf16)
+template <int64_t QT>
+inline void dequantize_t(const uint8_t* row, int64_t K, float* yf, uint16_t* yh) {
+  blocks_of<QT>(row, K, [&](int64_t kb, const Block& b) {
+    alignas(32) uint8_t u[32];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(u), b.u);
+    for (int i = 0; i < 4; ++i) {
+      const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(u + 8 * i)));
+      const __m256 s = _mm256_set1_ps(i < 2 ? b.s0 : b.s1);
+      __m256 v;
+      if constexpr (QT == Q4_K || QT == Q5_K)  // d * sc * q - dmin * m
+        v = _mm256_fmsub_ps(_mm256_cvtepi32_ps(c), s, _mm256_set1_ps(i < 2 ? b.f0 : b.f1));
+      else  // d * (q - O)
+        v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(c, _mm256_set1_epi32(Codes<QT>::O))), s);
+      if (yf) _mm256_storeu_ps(yf + 32 * kb + 8 * i, v);
+      else store_bf16(yh + 32 * kb + 8 * i, v);
+    }
+  });
+}
+
+inline void dequantize_row(const uint8_t* row, int64_t qtype, int64_t K, float* yf, uint16_t* yh) {
+  dispatch(qtype, [&](auto qt) { dequantize_t<decltype(qt)::value>(row, K, yf, yh); });
 }
 
 #endif  // QUANT_PASS
