@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,8 +32,10 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+@functools.lru_cache(maxsize=64)
 def rope_inv_freq(head_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
-    """Inverse frequencies of the standard (non-interleaved, "rotate half") RoPE."""
+    """Inverse frequencies of the standard (non-interleaved, "rotate half") RoPE; one tensor per argument set,
+    computed once (every forward asks for it: callers must not modify it)."""
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float) / head_dim))
 
 

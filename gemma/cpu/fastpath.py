@@ -312,6 +312,7 @@ def _reset(model: nn.Module, linears: list[Linear]) -> None:
         if matmul_of(m) != "gguf":
             m.__dict__.pop("matmul", None)
     for m in model.modules():
+        m.__dict__.pop("decode_plan", None)
         for base, swap in SWAPS.items():
             if type(m) is swap:
                 for name in ("qkv_parts", "gate_up_parts"):
@@ -416,14 +417,23 @@ def decode_step(
     decodes (input_ids, position_ids (1, n)), each layer one `kernels.decode_layer` call over its `layer_inputs`."""
     x = model.embed_tokens(input_ids)[0]  # (n, C)
     ropes = model.rope_tables(position_ids, x.dtype)
-    for i, layer in enumerate(model.layers):
-        attn = layer.self_attn
-        norms = [m.weight for m in _norms(layer)]
-        layer_norms = norms[: 4 if layer.sandwich else 2]
-        qk = norms[-2:] if hasattr(attn, "q_norm") else (None, None)
-        x = kernels.decode_layer(
-            x, layer_norms, *qk, attn.qkv_parts, part_of(attn.o_proj), layer.mlp.gate_up_parts,
-            part_of(layer.mlp.down_proj), *layer_inputs[i], *ropes[model.config.layer_type(i)], attn.num_heads,
-            attn.num_kv_heads, layer.input_layernorm.eps, attn.scaling, attn.softcap or 0.0,
-        )
+    for (weights, products, settings, layer_type), inputs in zip(_decode_plan(model), layer_inputs):
+        x = kernels.decode_layer(x, *weights, products, *inputs, *ropes[layer_type], *settings)
     return model.norm(x[None])
+
+
+def _decode_plan(model: GemmaModel) -> list[tuple]:
+    """Per layer what `decode_layer` takes besides the step's inputs, gathered once (set_cpu_matmul drops it)."""
+    plan = model.__dict__.get("decode_plan")
+    if plan is None:
+        plan = []
+        for i, layer in enumerate(model.layers):
+            attn = layer.self_attn
+            norms = [m.weight for m in _norms(layer)]
+            qk = norms[-2:] if hasattr(attn, "q_norm") else [None, None]
+            products = kernels.layer_products(attn.qkv_parts, part_of(attn.o_proj), layer.mlp.gate_up_parts,
+                                              part_of(layer.mlp.down_proj))
+            settings = (attn.num_heads, attn.num_kv_heads, layer.input_layernorm.eps, attn.scaling, attn.softcap or 0.0)
+            plan.append(((norms[: 4 if layer.sandwich else 2], *qk), products, settings, model.config.layer_type(i)))
+        model.__dict__["decode_plan"] = plan
+    return plan

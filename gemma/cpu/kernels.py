@@ -146,19 +146,23 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     return load().argmax_rows(x)
 
 
+def layer_products(qkv: list[Any], o: Any, gate_up: list[Any], down: Any) -> tuple[list, list, list, list]:
+    """A decoder layer's products for `decode_layer`: q/k/v, o, gate/up and down as gemma.cpu.fastpath.Part
+    (weight, qtype, rows), q/k/v and gate/up each one or more parts whose outputs lie side by side."""
+    parts = [*qkv, o, *gate_up, down]
+    return [p.weight for p in parts], [p.qtype for p in parts], [p.rows for p in parts], [len(qkv), len(gate_up)]
+
+
 def decode_layer(
     x: torch.Tensor, norms: list[torch.Tensor], q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
-    qkv: list[Any], o: Any, gate_up: list[Any], down: Any, k_pool: torch.Tensor, v_pool: torch.Tensor,
-    write_slots: torch.Tensor, slots: torch.Tensor, allowed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    num_heads: int, num_kv_heads: int, eps: float, scale: float, softcap: float = 0.0,
+    products: tuple[list, list, list, list], k_pool: torch.Tensor, v_pool: torch.Tensor, write_slots: torch.Tensor,
+    slots: torch.Tensor, allowed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+    num_kv_heads: int, eps: float, scale: float, softcap: float = 0.0,
 ) -> torch.Tensor:
     """One decoder layer for n single-token decodes x (n, C) over paged KV pools (P, Hkv, D), in one call: the
     unfused layer's kernels and ATen ops in its order, so the same bits (see gemma.cpu.fastpath.decode_step).
-    qkv, o, gate_up, down: the layer's products as gemma.cpu.fastpath.Part (weight, qtype, rows), q/k/v and
-    gate/up each one or more parts whose outputs lie side by side."""
-    parts = [*qkv, o, *gate_up, down]
+    `products`: the layer's, from `layer_products`."""
     return load().decode_layer(
-        x, norms, q_norm, k_norm, [p.weight for p in parts], [p.qtype for p in parts], [p.rows for p in parts],
-        [len(qkv), len(gate_up)], k_pool, v_pool, write_slots, slots, allowed, cos, sin, num_heads, num_kv_heads,
-        eps, scale, softcap,
+        x, norms, q_norm, k_norm, *products, k_pool, v_pool, write_slots, slots, allowed, cos, sin, num_heads,
+        num_kv_heads, eps, scale, softcap,
     )

@@ -200,11 +200,16 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, c10:
   if (M >= dense_rows) {
     // chunks of ~8 MB of dequantized weights (every layer matrix of a small model is one chunk; a 262k-row LM head
     // is ~50), each multiplied by PyTorch's matmul, or the bf16 kernel where PyTorch's bf16 matmul is slow
-    const int64_t rows = std::max<int64_t>(64, (int64_t(1) << 22) / K);
-    const bool kernel = x.scalar_type() == at::kBFloat16 && !native_bf16();
+    const int64_t rows = std::min(N, std::max<int64_t>(64, (int64_t(1) << 22) / K));
+    const bool kernel = x.scalar_type() == at::kBFloat16 && !native_bf16(), f32 = x.scalar_type() == at::kFloat;
+    // one buffer per thread, reused: fresh pages for every chunk cost as much as dequantizing it
+    thread_local std::vector<float> scratch;
+    scratch.resize(std::max<size_t>(scratch.size(), (rows * K + 1) / (f32 ? 1 : 2)));
     for (int64_t n0 = 0; n0 < N; n0 += rows) {
       const int64_t n = std::min(rows, N - n0);
-      auto wd = quant_dequantize(w.narrow(0, n0, n), qtype, K, x.scalar_type());
+      auto wd = torch::from_blob(scratch.data(), {n, K}, x.options());
+      dequantize_rows(w.data_ptr<uint8_t>() + n0 * w.stride(0), w.stride(0), qtype, K, n,
+                      f32 ? scratch.data() : nullptr, f32 ? nullptr : reinterpret_cast<uint16_t*>(scratch.data()));
       auto yc = kernel ? linear_bf16(x, wd, c10::nullopt) : at::linear(x, wd);
       if (n0 == 0 && n == N && !out_opt.has_value()) return yc;
       y.narrow(1, n0, n).copy_(yc);
@@ -485,6 +490,32 @@ inline void matmul(const QuantX& qx, const uint8_t* w, int64_t ws, int64_t qtype
   dispatch(qtype, [&](auto qt) { matmul_t<decltype(qt)::value>(qx, w, ws, y, M, N); });
 }
 
+// The K values of `row`, dequantized as the `gguf` package does (the same fp32 values), into yf (fp32) or yh (bf16)
+#if QUANT_PASS == 2
+inline void store_bf16(uint16_t* p, __m512 v) {  // 16 values rounded to nearest even (finite inputs), as to_bf16
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
+
+template <int64_t QT>
+inline void dequantize_t(const uint8_t* row, int64_t K, float* yf, uint16_t* yh) {
+  blocks_of<QT>(row, K, [&](int64_t kb, const Block& b) {
+    for (int h = 0; h < 2; ++h) {  // 16 values at a time
+      const __m512i c = _mm512_cvtepu8_epi32(h ? _mm256_extracti128_si256(b.u, 1) : _mm256_castsi256_si128(b.u));
+      const __m512 s = _mm512_set1_ps(h ? b.s1 : b.s0);
+      __m512 v;
+      if constexpr (QT == Q4_K || QT == Q5_K)  // d * sc * q - dmin * m
+        v = _mm512_fmsub_ps(_mm512_cvtepi32_ps(c), s, _mm512_set1_ps(h ? b.f1 : b.f0));
+      else  // d * (q - O)
+        v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(c, _mm512_set1_epi32(Codes<QT>::O))), s);
+      if (yf) _mm512_storeu_ps(yf + 32 * kb + 16 * h, v);
+      else store_bf16(yh + 32 * kb + 16 * h, v);
+    }
+  });
+}
+#else
 inline void store_bf16(uint16_t* p, __m256 v) {  // 8 values rounded to nearest even (finite inputs), as to_bf16
   const __m256i u = _mm256_castps_si256(v);
   const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
@@ -493,13 +524,12 @@ inline void store_bf16(uint16_t* p, __m256 v) {  // 8 values rounded to nearest 
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 }
 
-// The K values of `row`, dequantized as the `gguf` package does (the same fp32 values), into yf (fp32) or yh (bf16)
 template <int64_t QT>
 inline void dequantize_t(const uint8_t* row, int64_t K, float* yf, uint16_t* yh) {
   blocks_of<QT>(row, K, [&](int64_t kb, const Block& b) {
     alignas(32) uint8_t u[32];
     _mm256_store_si256(reinterpret_cast<__m256i*>(u), b.u);
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < 4; ++i) {  // 8 values at a time
       const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(u + 8 * i)));
       const __m256 s = _mm256_set1_ps(i < 2 ? b.s0 : b.s1);
       __m256 v;
@@ -512,6 +542,7 @@ inline void dequantize_t(const uint8_t* row, int64_t K, float* yf, uint16_t* yh)
     }
   });
 }
+#endif
 
 inline void dequantize_row(const uint8_t* row, int64_t qtype, int64_t K, float* yf, uint16_t* yh) {
   dispatch(qtype, [&](auto qt) { dequantize_t<decltype(qt)::value>(row, K, yf, yh); });
