@@ -27,8 +27,8 @@ def generate(args: argparse.Namespace) -> int:
     quantization = resolve_quantization(args.quantization, args.model, args.device, 1)
     log.info("loading %s (%s, quantization %s)", args.model, args.dtype, quantization)
     tokenizer = GemmaTokenizer.from_pretrained(args.model)
-    model = GemmaForCausalLM.from_pretrained(args.model, dtype=resolve_dtype(args.dtype, args.model), device=args.device,
-                                             quantization=quantization)
+    dtype = resolve_dtype(args.dtype, args.model)
+    model = GemmaForCausalLM.from_pretrained(args.model, dtype=dtype, device=args.device, quantization=quantization)
     if torch.device(args.device).type == "cpu":  # the engine's CPU kernels (gemma.cpu.fastpath), as LLM has them
         from gemma.cpu.fastpath import set_cpu_matmul
 

@@ -15,13 +15,15 @@ fp32, and reads a bf16 weight for one row at ~11-16 GB/s of the memory's ~25-29.
   modules' weights become views into it), so a layer makes 4 matmul calls instead of 7. Each product is ours below
   a row count and PyTorch's (oneDNN) from there on (`torch_rows`, per weight shape): on a CPU with native bf16
   (AVX-512-BF16, AMX) oneDNN wins batches while ours wins decode-sized inputs, so the crossover is measured at
-  start-up; without native bf16 ours wins at every size and no measuring is needed;
+  start-up; without native bf16 ours wins at every size and no measuring is needed. GGUF blocks kept quantized
+  (gemma.cpu.quant) take part alike: q/k/v and gate/up joined per run of one type, their integer products below a
+  row count measured per weight shape (`dense_rows`), the dequantized product from there on;
 - "fp32": an fp32 copy of each half-precision weight for inputs of `FP32_MATMUL_MIN_ROWS` rows or more (the
   products of bf16 values computed in fp32 and rounded back, as a bf16 GEMM with fp32 accumulation does, at 2x
   the weights' bytes in memory); fewer rows keep the half-precision weight, being bound by reading it;
 - "torch": PyTorch's own;
-- "auto": "kernel" for bf16 weights on the CPU where the kernels build, else "fp32" where `slow_half_matmul`, else
-  "torch".
+- "auto": "kernel" for bf16 weights or GGUF blocks on the CPU where the kernels build, else "fp32" where
+  `slow_half_matmul`, else "torch".
 
 `decode_step` runs an engine step in which every sequence decodes one token as one C++ call per layer
 (`kernels.decode_layer`: the same kernels and ATen ops in the same order as the modules, so the same bits), where

@@ -311,7 +311,8 @@ def test_kernel_mode_joins_qkv_and_gate_up_into_views_of_one_matrix(tmp_path):
     assert len(attn.qkv_parts) == 1 and len(mlp.gate_up_parts) == 1
     assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.qkv_parts[0].weight.untyped_storage().data_ptr()
     assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp.gate_up_parts[0].weight.untyped_storage().data_ptr()
-    joined = cpu_kernels.linear_bf16(x, attn.qkv_parts[0].weight), cpu_kernels.linear_bf16(x, mlp.gate_up_parts[0].weight)
+    qkv, gate_up = attn.qkv_parts[0].weight, mlp.gate_up_parts[0].weight
+    joined = cpu_kernels.linear_bf16(x, qkv), cpu_kernels.linear_bf16(x, gate_up)
     assert torch.equal(joined[0], torch.cat(separate[0], -1)) and torch.equal(joined[1], torch.cat(separate[1], -1))
     after = model.state_dict()  # same names, same values: saving or reloading is unaffected
     assert after.keys() == before.keys() and all(torch.equal(after[k], t) for k, t in before.items())

@@ -4,6 +4,7 @@ and instruction set; a model loaded with quantization="gguf" against the same fi
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import gguf
@@ -223,3 +224,15 @@ def test_real_270m_quantized_quality(dense_rows, monkeypatch):
         same += int((pred_q == pred_f).sum())
         total += pred_f.numel()
     assert same / total >= 0.95
+
+
+def test_cli_generate_keeps_a_gguf_quantized_by_default(gguf_path, capsys, caplog):
+    from gemma.__main__ import main
+
+    argv = ["generate", "--model", str(gguf_path), "--prompt", "hello", "--max-tokens", "3", "--dtype", "float32"]
+    with caplog.at_level(logging.INFO, logger="gemma"):
+        assert main(argv) == 0
+        assert main([*argv, "--quantization", "none"]) == 0
+    loads = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loading ")]
+    assert loads == [f"loading {gguf_path} (float32, quantization {q})" for q in ("gguf", "None")]
+    assert capsys.readouterr().out.startswith("hello")

@@ -4,10 +4,10 @@
 // Few rows of x (decode), the weights stay in their blocks and the products are integer, as llama.cpp computes
 // them: each row of x is quantized per 16 values to int8 codes with one fp32 scale (d = max|x| / 127,
 // q = round(x / d); llama.cpp takes 32 or 256 values per scale: on the real 270M, 16 brought greedy agreement with
-// the fp32 model from 95.3% to 96.9% of 448 tokens at no measurable cost), every weight block is unpacked in registers into unsigned 8-bit codes u, one scale s and one
-// offset per 16 values (w = s * (u - o) - f: o an integer for Q4_0 / Q5_0 / Q6_K / Q8_0, f the K-quants' float
-// minimum), and
-//   x . w = sum over blocks of d * (s * (u . q)) - (s * o + f) * d * (sum of q)
+// the fp32 model from 95.3% to 96.9% of 448 tokens at no measurable cost, Intel Xeon, 2026-12-05), every weight
+// block is unpacked in registers into unsigned 8-bit codes u, one scale s and one offset per 16 or 32 values
+// (w = s * (u - o) - f: o an integer for Q4_0 / Q5_0 / Q6_K / Q8_0, f the K-quants' float minimum), and
+//   x . w = sum over groups of 16 of d * s * (u . q) - (s * o + f) * d * (sum of q)
 // with u . q summed exactly in int32 by one instruction per 32 values (vpdpbusd on AVX-512-VNNI; vpmaddubsw and
 // vpmaddwd on AVX2), the scales applied in fp32. A decode step reads only the file's bytes (~4.5-8.5 bits per
 // weight instead of bf16's 16) and the arithmetic stays below the memory's pace.
@@ -15,7 +15,7 @@
 // Many rows (prefill, big batches): the arithmetic dominates, so the weights are dequantized (exactly as the `gguf`
 // package dequantizes them) in chunks of rows into x's dtype and multiplied by PyTorch's matmul (oneDNN: AMX or
 // AVX-512-BF16 where the CPU has them) or, for bf16 on a CPU without native bf16, the bf16 kernel
-// (bf16_linear.cpp). From how many rows is measured per weight shape by gemma.cpu.quant (`dense_rows`).
+// (bf16_linear.cpp). From how many rows is measured per weight shape by gemma.cpu.fastpath (`dense_rows`).
 //
 // The vector code is written once and compiled twice, for AVX2 (namespace avx2) and for AVX-512 (namespace avx512,
 // under `#pragma GCC target`), by including this file into itself with QUANT_PASS set: the AVX-512 instructions
@@ -165,8 +165,10 @@ static void dequantize_rows(const uint8_t* w, int64_t ws, int64_t qtype, int64_t
                             uint16_t* yh) {
   pull_chunks(N, std::max<int64_t>(1, 4096 / (K / 256 + 1)), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
-      if (isa() == 2) avx512::dequantize_row(w + n * ws, qtype, K, yf ? yf + n * K : nullptr, yh ? yh + n * K : nullptr);
-      else avx2::dequantize_row(w + n * ws, qtype, K, yf ? yf + n * K : nullptr, yh ? yh + n * K : nullptr);
+      float* f = yf ? yf + n * K : nullptr;
+      uint16_t* h = yh ? yh + n * K : nullptr;
+      if (isa() == 2) avx512::dequantize_row(w + n * ws, qtype, K, f, h);
+      else avx2::dequantize_row(w + n * ws, qtype, K, f, h);
     }
   });
 }
