@@ -236,3 +236,23 @@ def test_cli_generate_keeps_a_gguf_quantized_by_default(gguf_path, capsys, caplo
     loads = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loading ")]
     assert loads == [f"loading {gguf_path} (float32, quantization {q})" for q in ("gguf", "None")]
     assert capsys.readouterr().out.startswith("hello")
+
+
+def test_lora_adapter_applies_over_gguf_blocks(gguf_path, tmp_path):
+    """An adapter's delta on a model kept in GGUF blocks is the delta it makes on the same file dequantized."""
+    from gemma import LLM, LoRARequest, SamplingParams
+    from tests.helpers.lora import write_random_adapter
+
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=3)
+    deltas = []
+    for quantization in ("gguf", None):
+        llm = LLM(gguf_path, dtype="bfloat16", kv_cache_memory="8MiB", max_model_len=64, enable_lora=True,
+                  quantization=quantization)
+        targets = ("q_proj", "v_proj", "down_proj")
+        adapter = write_random_adapter(tmp_path / "adapter", llm.model.config, targets=targets)
+        base, tuned = (llm.generate([[5, 6, 7, 8]], params, use_tqdm=False, lora_request=request)[0].outputs[0]
+                       for request in (None, LoRARequest("a", 1, str(adapter))))
+        first = base.token_ids[0]
+        deltas.append(tuned.logprobs[0][first] - base.logprobs[0][first] if first in tuned.logprobs[0] else None)
+    assert None not in deltas and abs(deltas[1]) > 0.1
+    assert deltas[0] == pytest.approx(deltas[1], rel=0.2)
