@@ -41,7 +41,6 @@ namespace gemma_quant {
 
 using gemma_cpu::Out;
 using gemma_cpu::pull_chunks;
-using gemma_cpu::to_bf16;
 
 // ggml type ids (gguf.GGMLQuantizationType)
 enum QType : int64_t { Q4_0 = 2, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
