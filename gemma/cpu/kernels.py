@@ -13,9 +13,9 @@ of the additions differs (tests/gemma/test_cpu_fastpath.py compares against fp32
 
 A decode step also runs ~2000 small PyTorch ops, ~5-10 us of dispatch each on 2 slow cores; the fused RMSNorm (one
 call for ~11 ops) and rotary embedding (one for ~8) compute what those ops compute (the rotary embedding to the
-bit, the norm up to the order of its mean's additions). `decode_attention` replaces the engine's per-layer gather
-of every sequence's keys and values into a padded copy (~40 ms a step at 32 sequences) by reading the pools where
-they are, in fp32. `decode_layer` runs a whole decoder layer of an engine step of single-token decodes in one
+bit, the norm up to the order of its mean's additions). `decode_attention` (`attention.cpp`, AVX-512F and AVX2 variants) replaces
+the engine's per-layer gather of every sequence's keys and values into a padded copy (~40 ms a step at 32
+sequences) by reading the pools where they are, in fp32, each row's keys split in chunks over the cores. `decode_layer` runs a whole decoder layer of an engine step of single-token decodes in one
 call (the same kernels and ATen ops in the same order as the module, so the same bits), and `argmax` is the
 sampler's greedy pick in one pass (~10x ATen's reduction over a 262k vocabulary).
 
@@ -42,8 +42,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bf16_linear.cpp", "decode_ops.cpp", "quant.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bf16_linear.cpp", "decode_ops.cpp", "quant.cpp",
+                                                                  "attention.cpp")]
 ISA_ENV = "GEMMA_CPU_BF16_ISA"  # "avx2" forces the AVX2 bf16 matmul on an AVX-512-BF16 CPU; default: the best it has
+ATTENTION_ISA_ENV = "GEMMA_CPU_ATTENTION_ISA"  # "avx2" forces decode attention's AVX2 variant on an AVX-512 CPU
 _lock = threading.Lock()
 _module: Any = None
 _error: str | None = None
@@ -71,7 +73,10 @@ def load() -> Any:
                 )
                 if os.environ.get(ISA_ENV):
                     _module.bf16_set_isa(os.environ[ISA_ENV], -1)
-                logger.info("cpu kernels: bf16 matmul variant %s", _module.bf16_isa())
+                if os.environ.get(ATTENTION_ISA_ENV):
+                    _module.attention_set_isa(os.environ[ATTENTION_ISA_ENV])
+                logger.info("cpu kernels: bf16 matmul variant %s, attention %s", _module.bf16_isa(),
+                            _module.attention_isa())
             except Exception as exc:  # no compiler, no ninja, a CPU without AVX2: PyTorch's matmul stays
                 _error = f"{type(exc).__name__}: {exc}"
                 logger.warning("cpu kernels: unavailable, keeping PyTorch's bf16 matmul (%s)", _error)
@@ -109,6 +114,17 @@ def isa() -> str:
     return load().bf16_isa()
 
 
+def set_attention_isa(name: str) -> str:
+    """Which variant decode attention runs: "auto" (the best this CPU has), "avx2" or "avx512" (AVX-512F: the same
+    products, other additions); returns the one chosen. Raises where the CPU lacks it."""
+    return load().attention_set_isa(name)
+
+
+def attention_isa() -> str:
+    """The variant decode attention runs: "avx512" or "avx2"."""
+    return load().attention_isa()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Gemma's RMSNorm (gemma.layers.RMSNorm: fp32, scaled by `1 + weight`) of a CPU `x`, in x's dtype."""
     return load().rms_norm(x, weight, eps)
@@ -125,7 +141,8 @@ def decode_attention(
 ) -> torch.Tensor:
     """Attention of one query per row, reading keys and values in place: q (n, H, D), k/v (B, P, Hkv, D) pools
     (B == 1: one pool for every row, B == n: one per row), slots (n, S) int64, allowed (n, S) bool. Row i attends
-    the keys at slots[i, j] where allowed[i, j], in fp32 (scores soft-capped when `softcap`); (n, H, D) bf16."""
+    the keys at slots[i, j] where allowed[i, j], in fp32 (scores soft-capped when `softcap`); (n, H, D) bf16. A
+    row's result depends only on its own query and keys (attention.cpp)."""
     return load().decode_attention(q, k, v, slots, allowed, scale, softcap)
 
 

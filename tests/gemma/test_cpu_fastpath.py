@@ -264,19 +264,44 @@ def reference_attention(q, k, v, slots, allowed, scale, softcap=0.0):
     return out
 
 
+def _has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512f" in flags and " avx512bw" in flags
+
+
+# decode attention's variants this CPU runs: AVX2 always, AVX-512F where the CPU has it
+ATTENTION_ISAS = ["avx2"] + (["avx512"] if _has_avx512() else [])
+
+
+@pytest.fixture(params=ATTENTION_ISAS)
+def attention_isa(request):
+    assert cpu_kernels.set_attention_isa(request.param) == request.param
+    yield request.param
+    cpu_kernels.set_attention_isa("auto")
+
+
 @needs_kernel
 @pytest.mark.parametrize("pools", ["shared", "per row"])
 @pytest.mark.parametrize("softcap", [0.0, 5.0])
-def test_decode_attention_matches_fp32_attention_over_the_allowed_slots(pools, softcap):
+@pytest.mark.parametrize(("H", "Hkv", "D", "S"), [(4, 2, 24, 12), (6, 1, 32, 150), (8, 1, 256, 300)])
+def test_decode_attention_matches_fp32_attention_over_the_allowed_slots(pools, softcap, H, Hkv, D, S,
+                                                                        attention_isa):
+    # S up to 300: a row's keys cut into several chunks (attention.cpp's kChunk, 64), merged; D = 24: AVX-512's
+    # variant hands a head size that is no multiple of 16 to the AVX2 code
     g = torch.Generator().manual_seed(3)
-    n, H, Hkv, D, P, S = 5, 4, 2, 32, 40, 12
+    n, P = 5, S + 40
     q = torch.randn(n, H, D, generator=g).to(torch.bfloat16)
     shape = (1 if pools == "shared" else n, P, Hkv, D)
-    k = torch.randn(shape, generator=g).to(torch.bfloat16)
+    k = (torch.randn(shape, generator=g) * 2).to(torch.bfloat16)
     v = torch.randn(shape, generator=g).to(torch.bfloat16)
     slots = torch.stack([torch.randperm(P, generator=g)[:S] for _ in range(n)])  # keys anywhere in the pool
     allowed = torch.rand(n, S, generator=g) < 0.7
     allowed[:, 0] = True
+    allowed[1, S // 3 :] = False  # rows of different lengths
     got = cpu_kernels.decode_attention(q, k, v, slots, allowed, 0.2, softcap)
     assert got.dtype == torch.bfloat16 and got.shape == (n, H, D)
     want = reference_attention(q, k, v, slots, allowed, 0.2, softcap)
@@ -289,6 +314,27 @@ def test_decode_attention_matches_fp32_attention_over_the_allowed_slots(pools, s
             torch.arange(len(keys))[None], torch.ones(1, len(keys), dtype=torch.bool), 0.2, softcap,
         )
         assert torch.equal(alone[0], got[i])
+
+
+@needs_kernel
+def test_decode_attention_is_independent_of_threads_and_zero_for_a_row_with_no_keys(attention_isa):
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(3, 4, 64, generator=g).to(torch.bfloat16)
+    k = torch.randn(1, 500, 1, 64, generator=g).to(torch.bfloat16)
+    v = torch.randn(1, 500, 1, 64, generator=g).to(torch.bfloat16)
+    slots = torch.arange(1200).view(3, 400) % 500
+    allowed = torch.ones(3, 400, dtype=torch.bool)
+    allowed[2] = False
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernels.decode_attention(q, k, v, slots, allowed, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(cpu_kernels.decode_attention(q, k, v, slots, allowed, 0.125), one)
+    assert torch.equal(one[2], torch.zeros(4, 64, dtype=torch.bfloat16))
+    want = reference_attention(q[:2], k, v, slots[:2], allowed[:2], 0.125)
+    torch.testing.assert_close(one[:2].float(), want, rtol=2**-7, atol=1e-3)
 
 
 @needs_kernel

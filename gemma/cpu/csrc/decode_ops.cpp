@@ -5,7 +5,6 @@
 //   mean's additions run in another order than PyTorch's (a difference of fp32 rounding before the bf16 one).
 // - rope_bf16: x * cos + rotate_half(x) * sin with each product and the sum rounded to bf16, as PyTorch's three
 //   bf16 ops round them: bit-identical to gemma.layers.apply_rope.
-// - decode_attention: one query per row over the paged KV pools, read in place.
 // - decode_layer: a whole decoder layer for a step of single-token decodes, one call for ~40 Python-level ops.
 // - argmax_rows: torch.argmax over fp32 logits rows in one pass.
 #include <torch/extension.h>
@@ -22,6 +21,10 @@ std::string bf16_set_isa(const std::string& name, int64_t prefetch);  // bf16_li
 std::string bf16_isa();
 torch::Tensor quant_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, c10::optional<torch::Tensor> out,
                            int64_t dense_rows);  // quant.cpp
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor slots,
+                               torch::Tensor allowed, double scale, double softcap);  // attention.cpp
+std::string attention_set_isa(const std::string& name);
+std::string attention_isa();
 
 namespace {
 
@@ -39,12 +42,6 @@ inline uint16_t to_bf16(float f) {  // round to nearest even, as c10::BFloat16 d
   return uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
-inline float hsum8(__m256 a) {  // the lane tree of bf16_linear.cpp's hsum1
-  __m256 h = _mm256_hadd_ps(a, a);
-  h = _mm256_hadd_ps(h, h);
-  return _mm_cvtss_f32(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
-}
-
 inline float round_bf16(float f) { return from_bf16(to_bf16(f)); }
 
 inline __m256 widen8(const uint16_t* p) {  // 8 bf16 -> 8 fp32
@@ -59,28 +56,6 @@ inline void store8_bf16(uint16_t* p, __m256 v) {  // to_bf16 of 8 lanes: round t
   r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
   const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
   _mm_storeu_si128((__m128i*)p, packed);
-}
-
-// acc[g][d .. d + 8 * DN) = sum over keys j, in order from zero, of e[g][j] * v_j[d ..] for GN heads: the block's
-// 2 * GN accumulators stay in registers while every key passes (one per element, each its own chain of FMAs).
-template <int GN, int DN>
-inline void value_block(const uint16_t* vb, int64_t vstride, const int64_t* keys, int64_t nk, const float* e,
-                        int64_t S, int64_t d, float* acc, int64_t D) {
-  __m256 a[GN][DN];
-  for (int g = 0; g < GN; ++g)
-    for (int c = 0; c < DN; ++c) a[g][c] = _mm256_setzero_ps();
-  for (int64_t j = 0; j < nk; ++j) {
-    const uint16_t* vr = vb + keys[j] * vstride + d;
-    __m256 vv[DN];
-    for (int c = 0; c < DN; ++c)
-      vv[c] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(vr + 8 * c))), 16));
-    for (int g = 0; g < GN; ++g) {
-      const __m256 w = _mm256_set1_ps(e[g * S + j]);
-      for (int c = 0; c < DN; ++c) a[g][c] = _mm256_fmadd_ps(w, vv[c], a[g][c]);
-    }
-  }
-  for (int g = 0; g < GN; ++g)
-    for (int c = 0; c < DN; ++c) _mm256_storeu_ps(acc + g * D + 8 * c, a[g][c]);
 }
 
 }  // namespace
@@ -189,92 +164,6 @@ torch::Tensor rope_bf16(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
 // softmax and the weighted sum of values are fp32, the output is rounded to bf16 once; each (row, kv head) is one
 // thread's, its additions in key order, so a row's result depends only on its own keys (batch-invariant).
 // Query head h reads kv head h / (H / Hkv). softcap > 0: scores become softcap * tanh(scores / softcap).
-torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor slots,
-                               torch::Tensor allowed, double scale, double softcap) {
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
-              v.scalar_type() == at::kBFloat16, "decode_attention: bf16 q, k, v");
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes(), "decode_attention: q (n, H, D), k/v (B, P, Hkv, D)");
-  const int64_t n = q.size(0), H = q.size(1), D = q.size(2), Bp = k.size(0), Hkv = k.size(2);
-  TORCH_CHECK(k.size(3) == D && D % 8 == 0 && H % Hkv == 0, "decode_attention: head sizes");
-  TORCH_CHECK(q.stride(2) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: D contiguous");
-  TORCH_CHECK(Bp == 1 || Bp == n, "decode_attention: one pool, or one per row");
-  TORCH_CHECK(slots.scalar_type() == at::kLong && allowed.scalar_type() == at::kBool && slots.dim() == 2 &&
-              slots.size(0) == n && allowed.sizes() == slots.sizes(), "decode_attention: slots/allowed (n, S)");
-  auto sl = slots.contiguous();
-  auto al = allowed.contiguous();
-  const int64_t S = sl.size(1), G = H / Hkv;
-  auto out = torch::empty({n, H, D}, q.options());
-  const uint16_t* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
-  const uint16_t* kp = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
-  const uint16_t* vp = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
-  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const int64_t* slp = sl.data_ptr<int64_t>();
-  const bool* alp = al.data_ptr<bool>();
-  at::parallel_for(0, n * Hkv, 1, [&](int64_t w0, int64_t w1) {
-    std::vector<float> qf(G * D), acc(G * D), score(G * S);
-    std::vector<int64_t> keys(S);
-    for (int64_t w = w0; w < w1; ++w) {
-      const int64_t i = w / Hkv, hk = w % Hkv, b = Bp == 1 ? 0 : i;
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = from_bf16(qp[i * q.stride(0) + (hk * G + g) * q.stride(1) + d]);
-      int64_t nk = 0;
-      for (int64_t j = 0; j < S; ++j)
-        if (alp[i * S + j]) keys[nk++] = slp[i * S + j];
-      std::fill(acc.begin(), acc.end(), 0.f);
-      if (nk > 0) {
-        for (int64_t j = 0; j < nk; ++j) {  // scores: fp32 dots, four partial sums as the matmul kernel adds
-          const uint16_t* kr = kp + b * k.stride(0) + keys[j] * k.stride(1) + hk * k.stride(2);
-          for (int64_t g = 0; g < G; ++g) {
-            const float* qg = qf.data() + g * D;
-            __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-            for (int64_t d = 0; d < D; d += 8) {
-              const __m256 kv = _mm256_castsi256_ps(
-                  _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(kr + d))), 16));
-              a[(d / 8) % 4] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(qg + d), a[(d / 8) % 4]);
-            }
-            float s = hsum8(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]))) * float(scale);
-            if (softcap > 0) s = float(softcap) * std::tanh(s / float(softcap));
-            score[g * S + j] = s;
-          }
-        }
-        for (int64_t g = 0; g < G; ++g) {  // softmax numerators, in place
-          float* sg = score.data() + g * S;
-          float mx = sg[0];
-          for (int64_t j = 1; j < nk; ++j) mx = std::max(mx, sg[j]);
-          for (int64_t j = 0; j < nk; ++j) sg[j] = std::exp(sg[j] - mx);
-        }
-        // weighted sum of the values: blocks of up to 4 heads x 16 dims held in registers while every key passes
-        const uint16_t* vb = vp + b * v.stride(0) + hk * v.stride(2);
-        for (int64_t g0 = 0; g0 < G; g0 += 4)
-          for (int64_t d = 0; d < D; d += 16) {
-            const int64_t gn = std::min<int64_t>(4, G - g0);
-            float* a = acc.data() + g0 * D + d;
-            const float* e = score.data() + g0 * S;
-            if (D - d >= 16) {
-              if (gn == 4) value_block<4, 2>(vb, v.stride(1), keys.data(), nk, e, S, d, a, D);
-              else if (gn == 3) value_block<3, 2>(vb, v.stride(1), keys.data(), nk, e, S, d, a, D);
-              else if (gn == 2) value_block<2, 2>(vb, v.stride(1), keys.data(), nk, e, S, d, a, D);
-              else value_block<1, 2>(vb, v.stride(1), keys.data(), nk, e, S, d, a, D);
-            } else {
-              if (gn == 4) value_block<4, 1>(vb, v.stride(1), keys.data(), nk, e, S, d, a, D);
-              else if (gn == 3) value_block<3, 1>(vb, v.stride(1), keys.data(), nk, e, S, d, a, D);
-              else if (gn == 2) value_block<2, 1>(vb, v.stride(1), keys.data(), nk, e, S, d, a, D);
-              else value_block<1, 1>(vb, v.stride(1), keys.data(), nk, e, S, d, a, D);
-            }
-          }
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        float total = 0.f;
-        for (int64_t j = 0; j < nk; ++j) total += score[g * S + j];
-        const float inv = nk > 0 ? 1.0f / total : 0.f;
-        uint16_t* o = op + (i * H + hk * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = to_bf16(acc[g * D + d] * inv);
-      }
-    }
-  });
-  return out;
-}
-
 // One Gemma decoder layer for n single-token decodes over the engine's paged KV cache: what
 // gemma.model.GemmaDecoderLayer.forward computes with the engine's PagedBatch when every sequence of a step decodes
 // one token, in one call instead of ~40 Python-level ops (~5 ms of a 270M decode step on 2 cores). It calls the
@@ -404,6 +293,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_isa", &bf16_isa, "the bf16 matmul's variant: 'avx2' or 'avx512_bf16'");
   m.def("rms_norm", &rms_norm, "Gemma's RMSNorm (fp32, (1 + w)) of each row of x, in x's dtype");
   m.def("decode_attention", &decode_attention, "one query per row over keys read by slot from the KV pools");
+  m.def("attention_set_isa", &attention_set_isa, "decode attention's variant: 'auto', 'avx2' or 'avx512'");
+  m.def("attention_isa", &attention_isa, "decode attention's variant: 'avx2' or 'avx512'");
   m.def("decode_layer", &decode_layer, "one decoder layer for single-token decodes over the paged KV pools");
   m.def("argmax_rows", &argmax_rows, "torch.argmax(x, -1) of an fp32 (S, V) x, exactly");
   m.def("rope_bf16", &rope_bf16, "x * cos + rotate_half(x) * sin for bf16 x (B, H, T, D), cos/sin (B, T, D)");
