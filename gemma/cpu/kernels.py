@@ -13,17 +13,21 @@ of the additions differs (tests/gemma/test_cpu_fastpath.py compares against fp32
 
 A decode step also runs ~2000 small PyTorch ops, ~5-10 us of dispatch each on 2 slow cores; the fused RMSNorm (one
 call for ~11 ops) and rotary embedding (one for ~8) compute what those ops compute (the rotary embedding to the
-bit, the norm up to the order of its mean's additions). `decode_attention` (`attention.cpp`, AVX-512F and AVX2 variants) replaces
-the engine's per-layer gather of every sequence's keys and values into a padded copy (~40 ms a step at 32
-sequences) by reading the pools where they are, in fp32, each row's keys split in chunks over the cores. `decode_layer` runs a whole decoder layer of an engine step of single-token decodes in one
-call (the same kernels and ATen ops in the same order as the module, so the same bits), and `argmax` is the
-sampler's greedy pick in one pass (~10x ATen's reduction over a 262k vocabulary).
+bit, the norm up to the order of its mean's additions). `decode_attention` (`attention.cpp`, AVX-512F and AVX2
+variants) replaces the engine's per-layer gather of every sequence's keys and values into a padded copy (~40 ms a
+step at 32 sequences) by reading the pools where they are, in fp32, each row's keys split in chunks over the cores.
+`decode_layer` runs a whole decoder layer of an engine step of single-token decodes in one call (the same kernels
+and ATen ops in the same order as the module, so the same bits), and `argmax` is the sampler's greedy pick in one
+pass (~10x ATen's reduction over a 262k vocabulary).
 
 Where the CPU has AVX-512-BF16 (`avx512_bf16`), the bf16 matmul runs a variant built on `vdpbf16ps` for bf16
 inputs (chosen at run time; the same build keeps the AVX2 code for other CPUs): the same products, summed in
 another fixed order. Measured on a 2-core Intel Xeon with AVX-512-BF16 and AMX (2026-12-05), one-row products read
 the 270M's LM head at ~21-23 GB/s against ~19-20 for the AVX2 variant, and its 72 layer matrices in ~11-12 ms
-against ~13. `set_isa("avx2")` or GEMMA_CPU_BF16_ISA=avx2 forces the AVX2 variant (tests run both on one machine).
+against ~13. Where the CPU has AVX-512F but no bf16 instructions (Intel Skylake-SP to Ice Lake), a variant widens
+and multiplies on 16 lanes (it also takes fp32 x on AVX-512-BF16 CPUs); on the same Xeon, forced, one-row products
+take ~10-25% less time than the AVX2 variant's and batches the same. `set_isa("avx2")` or GEMMA_CPU_BF16_ISA=avx2
+forces the AVX2 variant (tests run every variant the CPU has on one machine).
 
 It is compiled at first use with torch's own extension builder (a C++ compiler and ninja; ~45 s, cached under
 `TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions). Where it cannot be built or run, `available()` is
@@ -104,13 +108,14 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None 
 
 
 def set_isa(name: str) -> str:
-    """Which variant the bf16 matmul runs: "auto" (the best this CPU has), "avx2" or "avx512_bf16" (vdpbf16ps: the
-    same products, other additions; see bf16_linear.cpp); returns the one chosen. Raises where the CPU lacks it."""
+    """Which variant the bf16 matmul runs: "auto" (the best this CPU has), "avx2", "avx512" (AVX-512F) or
+    "avx512_bf16" (vdpbf16ps for bf16 x): the same products, other additions (see bf16_linear.cpp); returns the one
+    chosen. Raises where the CPU lacks it."""
     return load().bf16_set_isa(name, -1)
 
 
 def isa() -> str:
-    """The variant the bf16 matmul runs: "avx512_bf16" or "avx2"."""
+    """The variant the bf16 matmul runs: "avx512_bf16", "avx512" or "avx2"."""
     return load().bf16_isa()
 
 

@@ -37,11 +37,20 @@ def _has_avx512_bf16() -> bool:
         return False
 
 
+def _has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512f" in flags and " avx512bw" in flags and " avx512vl" in flags
+
+
 needs_kernel = pytest.mark.skipif(not cpu_kernels.cpu_supported(), reason="the bf16 kernel needs an AVX2 CPU")
 
 
 # the bf16 matmul's variants this CPU runs: AVX2 always (forced on an AVX-512 CPU, as on an AVX2-only one)
-BF16_ISAS = ["avx2"] + (["avx512_bf16"] if _has_avx512_bf16() else [])
+BF16_ISAS = ["avx2"] + (["avx512"] if _has_avx512() else []) + (["avx512_bf16"] if _has_avx512_bf16() else [])
 
 
 @pytest.fixture(params=BF16_ISAS)
@@ -115,11 +124,12 @@ def test_bf16_isa_env_forces_avx2_and_variants_differ_only_in_rounding(monkeypat
 
 
 @needs_kernel
-def test_kernel_rows_are_batch_invariant(isa):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_rows_are_batch_invariant(isa, dtype):
     """Each output row is computed in the same order whatever the batch: batched decode equals one at a time."""
     g = torch.Generator().manual_seed(1)
-    w = torch.randn(130, 64, generator=g).to(torch.bfloat16)
-    x = torch.randn(33, 64, generator=g).to(torch.bfloat16)
+    w = torch.randn(130, 72, generator=g).to(torch.bfloat16)
+    x = torch.randn(33, 72, generator=g).to(dtype)
     batched = cpu_kernels.linear_bf16(x, w)
     for i in (0, 1, 2, 15, 16, 32):
         assert torch.equal(batched[i : i + 1], cpu_kernels.linear_bf16(x[i : i + 1], w))
@@ -262,15 +272,6 @@ def reference_attention(q, k, v, slots, allowed, scale, softcap=0.0):
                 scores = softcap * torch.tanh(scores / softcap)
             out[i, h] = scores.softmax(-1) @ vv
     return out
-
-
-def _has_avx512() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return " avx512f" in flags and " avx512bw" in flags
 
 
 # decode attention's variants this CPU runs: AVX2 always, AVX-512F where the CPU has it

@@ -97,7 +97,8 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
                                torch::Tensor allowed, double scale, double softcap) {
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
               v.scalar_type() == at::kBFloat16, "decode_attention: bf16 q, k, v");
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes(), "decode_attention: q (n, H, D), k/v (B, P, Hkv, D)");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes(),
+              "decode_attention: q (n, H, D), k/v (B, P, Hkv, D)");
   const int64_t n = q.size(0), H = q.size(1), D = q.size(2), Bp = k.size(0), Hkv = k.size(2);
   TORCH_CHECK(k.size(3) == D && D % 8 == 0 && H % Hkv == 0, "decode_attention: head sizes");
   TORCH_CHECK(q.stride(2) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: D contiguous");

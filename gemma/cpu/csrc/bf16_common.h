@@ -29,6 +29,9 @@ struct Out {  // y (M, N): bf16, or fp32 (`round`: the fp32 value of the bf16 re
   uint16_t* h;
   int64_t N;
   bool round;
+  Out at_row(int64_t m) const {  // the same output from row m on
+    return {f ? f + m * N : nullptr, h ? h + m * N : nullptr, N, round};
+  }
   void put(int64_t m, int64_t n, float v) const {
     if (h) h[m * N + n] = to_bf16(v);
     else f[m * N + n] = round ? widen(to_bf16(v)) : v;

@@ -1,5 +1,6 @@
-// bf16 x bf16 -> bf16 matmul with fp32 accumulation for x86 CPUs with AVX2 and FMA, and a variant for CPUs with
-// AVX-512-BF16 (vdpbf16ps) chosen at run time, further down (gemma/cpu/kernels.py says when and why it is used).
+// bf16 x bf16 -> bf16 matmul with fp32 accumulation for x86 CPUs with AVX2 and FMA, and variants for CPUs with
+// AVX-512F and with AVX-512-BF16 (vdpbf16ps) chosen at run time, further down (gemma/cpu/kernels.py says when and
+// why it is used).
 // Built at first use by torch.utils.cpp_extension with -mavx2 -mfma -fopenmp (the AVX-512 code under
 // `#pragma GCC target`, run only where __builtin_cpu_supports says so); threads are ATen's (torch.set_num_threads).
 // The description below is the AVX2 variant's.
@@ -141,8 +142,8 @@ void rows_of_x(const float* x, const uint16_t* w, const Out& y, int64_t M, int64
 // ---- the AVX-512-BF16 variant (CPUs with `avx512_bf16`: Intel Cooper Lake / Sapphire Rapids on, AMD Zen 4 on) ----
 // vdpbf16ps multiplies 32 bf16 pairs and adds each pair's two products into 16 fp32 lanes: one instruction per
 // 64-byte line of weights, against 4 widenings and 4 FMAs per line in the AVX2 variant. It takes x in bf16, so it
-// serves bf16 x only (fp32 x keeps the AVX2 variant, whose widening of x is exact). The products are exact in fp32
-// as before; the additions run in another order (and the instruction flushes subnormal inputs and results to zero),
+// serves bf16 x only (fp32 x takes the AVX-512F variant below, whose widening of x is exact). The products are
+// exact in fp32 as before; the additions run in another order (and the instruction flushes subnormals to zero),
 // so its results are not the AVX2 variant's bits. The order, the same for every row count (so a row's result still
 // does not depend on the other rows of x): k is cut into chunks of 32; chunk j goes to partial j % 2 (one
 // vdpbf16ps chain each, in increasing j; a last partial chunk is zero-padded), then p0 + p1 and
@@ -217,29 +218,152 @@ void matmul(const uint16_t* x, int64_t ldx, const uint16_t* w, const Out& y, int
 }  // namespace bf16dp
 #pragma GCC pop_options
 
+// ---- the AVX-512F variant (CPUs with AVX-512 but no bf16 instructions: Intel Skylake-SP to Ice Lake) ----
+// w widened to fp32 exactly (a shift), x in fp32, FMAs on 16 lanes. The order: one chain of FMAs per output over
+// k in chunks of 16 (a last partial chunk zero-padded), then the two halves of the 16 lanes added and the AVX2
+// variant's tree across 8 lanes (hsum1, or hsum4 for four outputs at once: the same additions). As every output
+// is its own chain, the tile's shape does not change a result, so each row count takes the shape that suits it:
+// 8 weight rows per tile for few rows of x (8 chains in flight for one-row decode), and for many rows (M >= 16)
+// blocks of weight rows widened once into a per-thread fp32 buffer in L2, 4 rows against 6 rows of x per tile.
+// It also serves fp32 x on AVX-512-BF16 CPUs.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl")
+namespace f512 {
+
+inline __m512 wid(const uint16_t* p, __mmask16 mask) {  // 16 bf16 -> 16 fp32, exactly (masked-off lanes zero)
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+inline __m512 wid(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }  // already widened
+
+inline __m256 halves(__m512 a) {
+  return _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+}
+
+// y[m + c, yn + r] for r < R, c < C: weight rows w[n + r] (bf16, or a block already widened to fp32) against fp32
+// rows x[m + c]
+template <typename WT, int R, int C>
+inline void tile(const float* x, const WT* w, const Out& y, int64_t K, int64_t m, int64_t n, int64_t yn,
+                 int64_t ahead) {
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  const float* x0 = x + m * K;
+  const WT* w0 = w + n * K;
+  auto step = [&](int64_t k, __mmask16 mask) {
+    __m512 xv[C];
+    for (int c = 0; c < C; ++c) xv[c] = _mm512_maskz_loadu_ps(mask, x0 + c * K + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512 wv = wid(w0 + r * K + k, mask);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(wv, xv[c], acc[r][c]);
+    }
+  };
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    if (ahead > 0)  // past the end: harmless
+      for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(w0 + r * K + k + ahead), _MM_HINT_T0);
+    step(k, 0xFFFF);
+    step(k + 16, 0xFFFF);
+  }
+  for (; k < K; k += 16) step(k, K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1));
+  for (int c = 0; c < C; ++c) {
+    int r = 0;
+    for (; r + 4 <= R; r += 4) {
+      float v[4];
+      _mm_storeu_ps(v, hsum4(halves(acc[r][c]), halves(acc[r + 1][c]), halves(acc[r + 2][c]), halves(acc[r + 3][c])));
+      for (int i = 0; i < 4; ++i) y.put(m + c, yn + r + i, v[i]);
+    }
+    for (; r < R; ++r) y.put(m + c, yn + r, hsum1(halves(acc[r][c])));
+  }
+}
+
+// weight rows [n, n + R) against every row of x, C at a time
+template <typename WT, int R, int C>
+void block(const float* x, const WT* w, const Out& y, int64_t M, int64_t K, int64_t n, int64_t yn, int64_t ahead) {
+  int64_t m = 0;
+  for (; m + C <= M; m += C) tile<WT, R, C>(x, w, y, K, m, n, yn, ahead);
+  if constexpr (C > 1) {
+    if (M - m > 0) {
+      // the rest: fewer than C rows of x, one tile of exactly that many
+      if (M - m >= C - 1) block<WT, R, C - 1>(x + m * K, w, y.at_row(m), M - m, K, n, yn, ahead);
+      else block<WT, R, 1>(x + m * K, w, y.at_row(m), M - m, K, n, yn, ahead);
+    }
+  }
+}
+
+// weight rows [n0, n1) (outputs from column yn0 on), R rows per tile, then 4, 3, 2, 1
+template <typename WT, int R, int C>
+void rows(const float* x, const WT* w, const Out& y, int64_t M, int64_t K, int64_t n0, int64_t n1, int64_t yn0,
+          int64_t ahead) {
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) block<WT, R, C>(x, w, y, M, K, n, yn0 + n - n0, ahead);
+  if constexpr (R > 4) {
+    for (; n + 4 <= n1; n += 4) block<WT, 4, C>(x, w, y, M, K, n, yn0 + n - n0, ahead);
+  }
+  if (n1 - n == 3) block<WT, 3, C>(x, w, y, M, K, n, yn0 + n - n0, ahead);
+  else if (n1 - n == 2) block<WT, 2, C>(x, w, y, M, K, n, yn0 + n - n0, ahead);
+  else if (n1 - n == 1) block<WT, 1, C>(x, w, y, M, K, n, yn0 + n - n0, ahead);
+}
+
+// x (M, K) fp32, w (N, K) bf16
+void matmul(const float* x, const uint16_t* w, const Out& y, int64_t M, int64_t K, int64_t N) {
+  const int64_t threads = at::get_num_threads(), ahead = g_prefetch;
+  if (M < 16) {  // bound by reading w: each weight row read once, widened in registers
+    const int64_t chunk = (std::max<int64_t>(16, N / (8 * threads)) + 7) / 8 * 8;
+    pull_chunks(N, chunk, [&](int64_t n0, int64_t n1) { rows<uint16_t, 8, 3>(x, w, y, M, K, n0, n1, n0, ahead); });
+    return;
+  }
+  // bound by arithmetic: blocks of weight rows widened once, small enough to stay in L2
+  const int64_t nb = std::max<int64_t>(4, std::min<int64_t>(256, (256 * 1024 / (4 * K)) / 4 * 4));
+  std::vector<float> buf(threads * nb * K);
+  pull_chunks(N, nb, [&](int64_t n0, int64_t n1) {
+    float* b = buf.data() + at::get_thread_num() * nb * K;
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 mask = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+        _mm512_mask_storeu_ps(b + (n - n0) * K + k, mask, wid(w + n * K + k, mask));
+      }
+    // six rows of x stay in L1 while the block's rows pass over them, four at a time
+    for (int64_t m = 0; m < M; m += 6) {
+      const int64_t c = std::min<int64_t>(6, M - m);
+      rows<float, 4, 6>(x + m * K, b, y.at_row(m), c, K, 0, n1 - n0, n0, 0);
+    }
+  });
+}
+
+}  // namespace f512
+#pragma GCC pop_options
+
 bool has_bf16dp() { return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw"); }
-int g_isa = -1;  // 1: AVX2, 3: AVX-512-BF16; -1: not chosen yet (the best the CPU has)
+bool has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+}
+int best_isa() { return has_bf16dp() ? 3 : has_avx512() ? 2 : 1; }
+int g_isa = -1;  // 1: AVX2, 2: AVX-512F, 3: AVX-512-BF16; -1: not chosen yet (the best the CPU has)
 int isa() {
-  if (g_isa < 0) g_isa = has_bf16dp() ? 3 : 1;
+  if (g_isa < 0) g_isa = best_isa();
   return g_isa;
 }
+const char* isa_name() { return isa() == 3 ? "avx512_bf16" : isa() == 2 ? "avx512" : "avx2"; }
 
 }  // namespace
 
-// "avx2" or "avx512_bf16": which variant the bf16 matmul runs ("auto": the best this CPU has); raises where the CPU
-// lacks it. `prefetch` >= 0 sets the AVX-512-BF16 variant's prefetch distance (bf16 elements; for tuning).
+// "avx2", "avx512" or "avx512_bf16": which variant the bf16 matmul runs ("auto": the best this CPU has); raises where
+// the CPU lacks it. `prefetch` >= 0 sets the AVX-512 variants' prefetch distance (bf16 elements; for tuning).
 std::string bf16_set_isa(const std::string& name, int64_t prefetch) {
   if (prefetch >= 0) g_prefetch = prefetch;
-  if (name == "auto") g_isa = has_bf16dp() ? 3 : 1;
+  if (name == "auto") g_isa = best_isa();
   else if (name == "avx2") g_isa = 1;
-  else if (name == "avx512_bf16") {
+  else if (name == "avx512") {
+    TORCH_CHECK(has_avx512(), "this CPU has no AVX-512F/BW/VL");
+    g_isa = 2;
+  } else if (name == "avx512_bf16") {
     TORCH_CHECK(has_bf16dp(), "this CPU has no AVX-512-BF16");
     g_isa = 3;
-  } else TORCH_CHECK(false, "isa must be 'auto', 'avx2' or 'avx512_bf16', got ", name);
-  return isa() == 3 ? "avx512_bf16" : "avx2";
+  } else TORCH_CHECK(false, "isa must be 'auto', 'avx2', 'avx512' or 'avx512_bf16', got ", name);
+  return isa_name();
 }
 
-std::string bf16_isa() { return isa() == 3 ? "avx512_bf16" : "avx2"; }
+std::string bf16_isa() { return isa_name(); }
 
 // x (M, K) fp32 or bf16, w (N, K) bf16, K % 8 == 0 -> x w^T (M, N), accumulated in fp32, returned in x's dtype;
 // or written into `out` (M, N), contiguous: in x's dtype, or fp32 holding the values x's dtype would round them to
@@ -294,6 +418,10 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch:
                 fp32_out ? nullptr : reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), N,
                 fp32_out && x.scalar_type() == at::kBFloat16};
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  if (isa() >= 2) {
+    f512::matmul(xp, wp, out, M, K, N);
+    return y;
+  }
   const int64_t threads = at::get_num_threads();
   if (M < 16) {  // few rows: bound by reading the weights; chunks of consecutive rows, each one sequential stream
     pull_chunks(N, std::max<int64_t>(16, N / (8 * threads)), [&](int64_t n0, int64_t n1) {
