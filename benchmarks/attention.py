@@ -3,8 +3,8 @@
     python benchmarks/attention.py [--threads 2] [--rows 1,8,32] [--context 256,1024,4096] [--out benchmarks/results]
 
 Each case is n rows (sequences), one query token each, over `context` keys per row held in pages of 16 slots
-taken in random order from one KV pool (as the engine's paged cache holds them), on the 270M's heads (4 query heads over 1 KV head of 256) and
-gemma-2b's (8 over 1). Systems, in the same run:
+taken in random order from one KV pool (as the engine's paged cache holds them), on the 270M's heads (4 query
+heads over 1 KV head of 256) and gemma-2b's (8 over 1). Systems, in the same run:
 - ours, each variant this CPU runs (AVX-512F, AVX2): the keys and values read in place, fp32 maths;
 - PyTorch: each row's keys and values gathered into a padded batch, then `F.scaled_dot_product_attention` in bf16
   with a mask (what the engine's unfused path computes).

@@ -118,14 +118,13 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   const bool* alp = al.data_ptr<bool>();
 
   // each row's keys (its allowed slots, in order), and the work items: (row, KV head, chunk of keys)
-  std::vector<int64_t> keys(n * S), nkeys(n);
+  std::vector<int64_t> keys(n * S);
   std::vector<Item> items;
   std::vector<int64_t> first_item(n * Hkv + 1);
   for (int64_t i = 0; i < n; ++i) {
     int64_t nk = 0;
     for (int64_t j = 0; j < S; ++j)
       if (alp[i * S + j]) keys[i * S + nk++] = slp[i * S + j];
-    nkeys[i] = nk;
     for (int64_t h = 0; h < Hkv; ++h) {
       first_item[i * Hkv + h] = int64_t(items.size());
       for (int64_t c = 0; c < nk; c += kChunk) items.push_back({i, h, c, std::min(kChunk, nk - c)});
@@ -150,9 +149,9 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
         for (int64_t d = 0; d < D; ++d) qf[g * D + d] = gemma_cpu::widen(qr[d]);
       }
       float* part = partial.data() + t * stride;
-      const int64_t* ks = keys.data() + it.row * S + it.first;
-      if (wide) avx512::chunk(qf.data(), pl, ks, it.count, G, D, sc, cap, score.data(), part);
-      else avx2::chunk(qf.data(), pl, ks, it.count, G, D, sc, cap, score.data(), part);
+      const int64_t* chunk_keys = keys.data() + it.row * S + it.first;
+      if (wide) avx512::chunk(qf.data(), pl, chunk_keys, it.count, G, D, sc, cap, score.data(), part);
+      else avx2::chunk(qf.data(), pl, chunk_keys, it.count, G, D, sc, cap, score.data(), part);
     }
   });
   // merge each (row, KV head)'s chunks in order: rescale to the largest maximum, sum, divide, round to bf16
