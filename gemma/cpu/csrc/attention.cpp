@@ -118,9 +118,18 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   const bool* alp = al.data_ptr<bool>();
 
   // each row's keys (its allowed slots, in order), and the work items: (row, KV head, chunk of keys)
-  std::vector<int64_t> keys(n * S);
-  std::vector<Item> items;
-  std::vector<int64_t> first_item(n * Hkv + 1);
+  // buffers reused from call to call (a layer's partials are ~2 MB at 32 sequences: fresh ones cost their pages
+  // and a zero fill every call); every element read is written first
+  thread_local std::vector<int64_t> keys_buf, first_buf;
+  thread_local std::vector<Item> items_buf;
+  thread_local std::vector<float> partial_buf;
+  // the calling thread's (a thread_local named inside the workers' lambda would be the worker's own)
+  auto &keys = keys_buf, &first_item = first_buf;
+  auto& items = items_buf;
+  auto& partial = partial_buf;
+  keys.resize(std::max(keys.size(), size_t(n * S)));
+  first_item.resize(n * Hkv + 1);
+  items.clear();
   for (int64_t i = 0; i < n; ++i) {
     int64_t nk = 0;
     for (int64_t j = 0; j < S; ++j)
@@ -133,7 +142,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   first_item[n * Hkv] = int64_t(items.size());
   // per item: the chunk's maximum and sum per query head, and its weighted values (G, D) in fp32
   const int64_t stride = G * (D + 2);
-  std::vector<float> partial(items.size() * stride);
+  partial.resize(std::max(partial.size(), items.size() * stride));
   const bool wide = isa() == 2 && D % 16 == 0;
   const float sc = float(scale), cap = float(softcap);
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1), kb = k.stride(0), kh = k.stride(2), vb = v.stride(0),
