@@ -190,6 +190,30 @@ static torch::Tensor products(const torch::Tensor& x, const std::vector<torch::T
   return at::cat(ys, 1);
 }
 
+// pool[slots[i]] = rows[i] for rows (n, Hkv, D) into a pool (P, Hkv, D), both bf16 with D contiguous: the module's
+// indexed assignment as plain row copies (index_copy_ costs ~5 us of dispatch per call at one sequence)
+static void write_kv(torch::Tensor& pool, const torch::Tensor& slots, const torch::Tensor& rows) {
+  if (pool.dim() != 3 || rows.dim() != 3 || pool.stride(2) != 1 || rows.stride(2) != 1 ||
+      pool.scalar_type() != rows.scalar_type() ||
+      pool.element_size() != 2 || slots.scalar_type() != at::kLong) {
+    pool.index_copy_(0, slots, rows);
+    return;
+  }
+  const int64_t n = rows.size(0), Hkv = rows.size(1), D = rows.size(2), P = pool.size(0);
+  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == n && pool.size(1) == Hkv && pool.size(2) == D,
+              "decode_layer: write slots (n,) and pool (P, Hkv, D)");
+  auto sl = slots.contiguous();
+  const int64_t* s = sl.data_ptr<int64_t>();
+  auto* dst = static_cast<uint16_t*>(pool.data_ptr());
+  const auto* src = static_cast<const uint16_t*>(rows.data_ptr());
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(s[i] >= 0 && s[i] < P, "decode_layer: write slot ", s[i], " out of [0, ", P, ")");
+    for (int64_t h = 0; h < Hkv; ++h)
+      std::memcpy(dst + s[i] * pool.stride(0) + h * pool.stride(1), src + i * rows.stride(0) + h * rows.stride(1),
+                  D * 2);
+  }
+}
+
 // weights/qtypes/rows: the products of q/k/v (counts[0] of them), o, gate/up (counts[1]) and down, in that order
 torch::Tensor decode_layer(torch::Tensor x, std::vector<torch::Tensor> norms, c10::optional<torch::Tensor> q_norm,
                            c10::optional<torch::Tensor> k_norm, std::vector<torch::Tensor> weights,
@@ -205,18 +229,20 @@ torch::Tensor decode_layer(torch::Tensor x, std::vector<torch::Tensor> norms, c1
   const size_t nqkv = counts[0], ngu = counts[1];
   const int64_t n = x.size(0), D = k_pool.size(-1);
   auto qkv = products(rms_norm(x, norms[0], eps), weights, qtypes, rows, 0, nqkv);  // (n, (H + 2 Hkv) D)
-  TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * D, "decode_layer: qkv weight rows");
-  auto q = qkv.narrow(1, 0, H * D).view({1, n, H, D}).transpose(1, 2);  // (1, H, n, D), as the module's views
-  auto k = qkv.narrow(1, H * D, Hkv * D).view({1, n, Hkv, D}).transpose(1, 2);
-  auto v = qkv.narrow(1, (H + Hkv) * D, Hkv * D).view({n, Hkv, D});
+  TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * D && qkv.stride(1) == 1, "decode_layer: qkv weight rows");
+  // the module's views of q (1, H, n, D), k (1, Hkv, n, D) and v (n, Hkv, D), each one op
+  const int64_t row = qkv.stride(0), at0 = qkv.storage_offset();
+  auto q = qkv.as_strided({1, H, n, D}, {n * row, D, row, 1}, at0);
+  auto k = qkv.as_strided({1, Hkv, n, D}, {n * row, D, row, 1}, at0 + H * D);
+  auto v = qkv.as_strided({n, Hkv, D}, {row, D, 1}, at0 + (H + Hkv) * D);
   if (q_norm.has_value()) {
     q = rms_norm(q, *q_norm, eps);
     k = rms_norm(k, *k_norm, eps);
   }
   q = rope_bf16(q, cos, sin);
   k = rope_bf16(k, cos, sin);
-  k_pool.index_copy_(0, write_slots, k[0].transpose(0, 1));  // the module's pool[slots] = ...: the same copies
-  v_pool.index_copy_(0, write_slots, v);
+  write_kv(k_pool, write_slots, k[0].transpose(0, 1));  // the module's pool[slots] = ...: the same values
+  write_kv(v_pool, write_slots, v);
   auto o = decode_attention(q[0].transpose(0, 1), k_pool.unsqueeze(0), v_pool.unsqueeze(0), slots, allowed, scale,
                             softcap);  // (n, H, D)
   auto h = product(o.view({n, H * D}), weights[nqkv], qtypes[nqkv], rows[nqkv]);
