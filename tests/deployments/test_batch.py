@@ -145,6 +145,7 @@ CHATS = [
 ]
 
 
+@pytest.mark.slow  # two TP=2 engines on Ray (~25 s): CI runs it, `make test` leaves it out
 def test_chat_parquet_on_tp2_engines_matches_llm_on_templated_ids(ray_cluster, tiny_lm_dir, llm, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
