@@ -158,20 +158,6 @@ torch::Tensor rope_bf16(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   return out;
 }
 
-// Attention of one query per row over keys picked by slot, reading the (paged) KV pools in place. q (n, H, D) bf16,
-// k/v (Bp, P, Hkv, D) bf16 (pool row b = 0 when Bp == 1, else b = i for query row i; D contiguous), slots (n, S)
-// int64 and allowed (n, S) bool: row i attends keys slots[i, j] where allowed[i, j], in increasing j. Scores, the
-// softmax and the weighted sum of values are fp32, the output is rounded to bf16 once; each (row, kv head) is one
-// thread's, its additions in key order, so a row's result depends only on its own keys (batch-invariant).
-// Query head h reads kv head h / (H / Hkv). softcap > 0: scores become softcap * tanh(scores / softcap).
-// One Gemma decoder layer for n single-token decodes over the engine's paged KV cache: what
-// gemma.model.GemmaDecoderLayer.forward computes with the engine's PagedBatch when every sequence of a step decodes
-// one token, in one call instead of ~40 Python-level ops (~5 ms of a 270M decode step on 2 cores). It calls the
-// same kernels and ATen ops, in the same order, on the same values, so it is the unfused path bit for bit
-// (tests/gemma/test_cpu_fastpath.py). x (n, C) bf16; norms: {input, post_attention, pre_feedforward, post_feedforward}
-// with Gemma 2/3's sandwich norms, else {input, post_attention} (Gemma 1: post_attention is the MLP's norm);
-// q_norm/k_norm: Gemma 3's per-head norms; the pools (P, Hkv, D); write_slots (n,) where this step's keys go;
-// slots/allowed (n, S): the keys each row attends; cos/sin (1, n, D). Returns the layer's output (n, C).
 // x w^T by the product gemma.cpu.fastpath chose for w at this row count. bf16 w (qtype 0): ours below `rows`,
 // PyTorch's (oneDNN, native bf16 / AMX where the CPU has them) from there on; GGUF blocks of ggml type qtype
 // (quant.cpp): integer products below `rows`, dequantized from there on; exactly as the unfused module computes it.
@@ -214,6 +200,15 @@ static void write_kv(torch::Tensor& pool, const torch::Tensor& slots, const torc
   }
 }
 
+// One Gemma decoder layer for n single-token decodes over the engine's paged KV cache: what
+// gemma.model.GemmaDecoderLayer.forward computes with the engine's PagedBatch when every sequence of a step decodes
+// one token, in one call instead of ~40 Python-level ops (~5 ms of a 270M decode step on 2 cores). It calls the
+// same kernels and ATen ops (its KV writes plain row copies), in the same order, on the same values, so it is the
+// unfused path bit for bit (tests/gemma/test_cpu_fastpath.py). x (n, C) bf16; norms: {input, post_attention,
+// pre_feedforward, post_feedforward} with Gemma 2/3's sandwich norms, else {input, post_attention} (Gemma 1:
+// post_attention is the MLP's norm);
+// q_norm/k_norm: Gemma 3's per-head norms; the pools (P, Hkv, D); write_slots (n,) where this step's keys go;
+// slots/allowed (n, S): the keys each row attends; cos/sin (1, n, D). Returns the layer's output (n, C).
 // weights/qtypes/rows: the products of q/k/v (counts[0] of them), o, gate/up (counts[1]) and down, in that order
 torch::Tensor decode_layer(torch::Tensor x, std::vector<torch::Tensor> norms, c10::optional<torch::Tensor> q_norm,
                            c10::optional<torch::Tensor> k_norm, std::vector<torch::Tensor> weights,
