@@ -29,9 +29,9 @@ and multiplies on 16 lanes (it also takes fp32 x on AVX-512-BF16 CPUs); on the s
 take ~10-25% less time than the AVX2 variant's and batches the same. `set_isa("avx2")` or GEMMA_CPU_BF16_ISA=avx2
 forces the AVX2 variant (tests run every variant the CPU has on one machine).
 
-It is compiled at first use with torch's own extension builder (a C++ compiler and ninja; ~1 min on 2 cores, cached under
-`TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions). Where it cannot be built or run, `available()` is
-False and callers keep PyTorch's matmul.
+It is compiled at first use with torch's own extension builder (a C++ compiler and ninja; ~1 min on 2 cores,
+cached under `TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions). Where it cannot be built or run,
+`available()` is False and callers keep PyTorch's matmul.
 """
 
 from __future__ import annotations
