@@ -12,9 +12,10 @@
 // at a time, bit for bit), and one long sequence's keys still spread over every core.
 //
 // Measured on 2 cores of an Intel Xeon with AVX-512 (2026-12-05), 32 rows of 4 query heads over one KV head of 256
-// dims with 300 keys each (the 270M's shapes at 32 streams): 0.40 ms a layer, against 1.01 ms for the single-pass
-// kernel this replaced (one head and one thread per row and KV head, each key widened once per query head, scalar
-// exp); one row of 300 keys: 0.017 ms against 0.060. `python benchmarks/attention.py` compares it with PyTorch.
+// dims with 300 keys each (the 270M's shapes at 32 streams): 0.40 ms a layer for this kernel's first build, against
+// 1.01 ms for the single-pass kernel it replaced (one head and one thread per row and KV head, each key widened once
+// per query head, scalar exp); one row of 300 keys: 0.017 ms against 0.060. `python benchmarks/attention.py` gives
+// its current figures against PyTorch.
 //
 // The vector code is written once and compiled twice (namespaces avx2 and avx512, the latter under
 // `#pragma GCC target`), by including this file into itself with ATTN_PASS set, as quant.cpp does.
@@ -122,11 +123,11 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   // and a zero fill every call); every element read is written first
   thread_local std::vector<int64_t> keys_buf, first_buf;
   thread_local std::vector<Item> items_buf;
-  thread_local std::vector<float> partial_buf;
+  thread_local std::vector<float> partial_buf, qf_buf;
   // the calling thread's (a thread_local named inside the workers' lambda would be the worker's own)
   auto &keys = keys_buf, &first_item = first_buf;
   auto& items = items_buf;
-  auto& partial = partial_buf;
+  auto &partial = partial_buf, &qf = qf_buf;
   keys.resize(std::max(keys.size(), size_t(n * S)));
   first_item.resize(n * Hkv + 1);
   items.clear();
@@ -145,22 +146,26 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   partial.resize(std::max(partial.size(), items.size() * stride));
   const bool wide = isa() == 2 && D % 16 == 0;
   const float sc = float(scale), cap = float(softcap);
-  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), kb = k.stride(0), kh = k.stride(2), vb = v.stride(0),
-                vh = v.stride(2), ks = k.stride(1), vs = v.stride(1);
+  // q widened to fp32 once, (n, H, D): every chunk of a row reads its heads from here
+  qf.resize(std::max(qf.size(), size_t(n * H * D)));
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t h = 0; h < H; ++h) {
+      const uint16_t* qr = qp + i * q.stride(0) + h * q.stride(1);
+      for (int64_t d = 0; d < D; ++d) qf[(i * H + h) * D + d] = gemma_cpu::widen(qr[d]);
+    }
+  const int64_t kb = k.stride(0), kh = k.stride(2), vb = v.stride(0), vh = v.stride(2), ks = k.stride(1),
+                vs = v.stride(1);
   gemma_cpu::pull_chunks(int64_t(items.size()), 1, [&](int64_t a, int64_t b) {
-    std::vector<float> qf(G * D), score(G * kChunk);
+    std::vector<float> score(G * kChunk);
     for (int64_t t = a; t < b; ++t) {
       const Item& it = items[t];
       const int64_t pool = Bp == 1 ? 0 : it.row;
       const Pools pl{kp + pool * kb + it.head * kh, vp + pool * vb + it.head * vh, ks, vs};
-      for (int64_t g = 0; g < G; ++g) {
-        const uint16_t* qr = qp + it.row * qs0 + (it.head * G + g) * qs1;
-        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = gemma_cpu::widen(qr[d]);
-      }
+      const float* q_heads = qf.data() + (it.row * H + it.head * G) * D;
       float* part = partial.data() + t * stride;
       const int64_t* chunk_keys = keys.data() + it.row * S + it.first;
-      if (wide) avx512::chunk(qf.data(), pl, chunk_keys, it.count, G, D, sc, cap, score.data(), part);
-      else avx2::chunk(qf.data(), pl, chunk_keys, it.count, G, D, sc, cap, score.data(), part);
+      if (wide) avx512::chunk(q_heads, pl, chunk_keys, it.count, G, D, sc, cap, score.data(), part);
+      else avx2::chunk(q_heads, pl, chunk_keys, it.count, G, D, sc, cap, score.data(), part);
     }
   });
   // merge each (row, KV head)'s chunks in order: rescale to the largest maximum, sum, divide, round to bf16
