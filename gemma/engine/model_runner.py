@@ -215,15 +215,15 @@ class ModelRunner:
         all-masked row), whose results are dropped (`q_real`)."""
         counts = [batch.num_new[i] for i in members]
         q_len = max(counts)
-        ar, n = np.arange(q_len), np.array(counts)[:, None]
-        q_index = torch.from_numpy(np.where(ar < n, np.array([offsets[i] for i in members])[:, None] + ar, 0))
+        qj, n = np.arange(q_len), np.array(counts)[:, None]  # each row's query index j, and its count
+        q_index = torch.from_numpy(np.where(qj < n, np.array([offsets[i] for i in members])[:, None] + qj, 0))
         q_real = None
         if min(counts) < q_len:
-            q_real = torch.from_numpy(np.flatnonzero(ar < n))  # r * q_len + j for j < counts[r]
+            q_real = torch.from_numpy(np.flatnonzero(qj < n))  # r * q_len + j for j < counts[r]
         starts = np.array([batch.seqs[i].num_computed_tokens for i in members])[:, None]
         ends = starts + n
         # each row's query positions, padded with its last one: (n, Q)
-        qp = torch.from_numpy(np.minimum(starts + np.arange(q_len), ends - 1))
+        qp = torch.from_numpy(np.minimum(starts + qj, ends - 1))
         kv_slots, masks = [], []
         for g, window in enumerate(self.layout.windows):
             # a windowed group keeps only the keys the first query can still see
@@ -235,8 +235,8 @@ class ModelRunner:
             slots = np.zeros((len(rows), width), dtype=np.int64)
             for r, row in enumerate(rows):
                 slots[r, : len(row)] = row
-            ar = np.arange(width)
-            kp = torch.from_numpy(np.where(ar < ends - firsts, firsts + ar, -1))  # key positions, -1: padding
+            kj = np.arange(width)
+            kp = torch.from_numpy(np.where(kj < ends - firsts, firsts + kj, -1))  # key positions, -1: padding
             allowed = (kp[:, None, :] >= 0) & (kp[:, None, :] <= qp[:, :, None])  # (n, Q, K)
             if window is not None:
                 allowed &= qp[:, :, None] - kp[:, None, :] < window
