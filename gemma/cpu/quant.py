@@ -6,12 +6,13 @@ is also the tied LM head, and Q5_0 / Q4_K / Q6_K layers). Loaded with `quantizat
 `Linear` and the token embedding whose type is one of `KERNEL_TYPES` keeps those bytes: the module's `weight`
 becomes a uint8 buffer (rows, bytes per row), `qtype` names the format, and
 - a `Linear`'s product (`matmul`, the seam gemma.parallel exposes) is `QuantMatmul` (gemma/cpu/csrc/quant.cpp).
-  Below `dense_rows` rows of x (decode) the products are integer, as llama.cpp computes them: x is quantized per
-  16 values to int8 with one fp32 scale, each weight block is unpacked in registers and the codes'
-  products are summed exactly in int32 (vpdpbusd with AVX-512-VNNI, else AVX2's vpmaddubsw), the scales applied in
-  fp32; a step reads only the file's bytes. From `dense_rows` rows on (prefill, big batches) the weights are
-  dequantized in chunks and multiplied by PyTorch's matmul (oneDNN's AMX / AVX-512-BF16 kernels where the CPU has
-  them). gemma.cpu.fastpath measures `dense_rows` per weight shape at start-up (`DENSE_ROWS` until then);
+  Below `dense_rows` rows of x (decode) the products are integer, as llama.cpp computes them but for x's scales: x
+  is quantized per 16 values (llama.cpp: 32 or 256) to int8 with one fp32 scale, each weight block is unpacked in
+  registers and the codes' products are summed exactly in int32 (vpdpbusd with AVX-512-VNNI, else AVX2's
+  vpmaddubsw), the scales applied in fp32; a step reads only the file's bytes. From `dense_rows` rows on (prefill,
+  big batches) the weights are dequantized in chunks and multiplied by PyTorch's matmul (oneDNN's AMX /
+  AVX-512-BF16 kernels where the CPU has them). gemma.cpu.fastpath measures `dense_rows` per weight shape at
+  start-up (`DENSE_ROWS` until then);
 - the embedding becomes `QuantEmbedding`, whose lookup dequantizes only the rows asked for; a tied LM head shares
   the embedding's bytes and multiplies by them.
 The AVX-512 variant runs where the CPU has AVX-512F/BW/VL and VNNI, else the AVX2 one (GEMMA_CPU_QUANT_ISA=avx2
@@ -71,8 +72,8 @@ def linear(
 ) -> torch.Tensor:
     """`x @ W^T` for W in blocks `weight` (N, bytes per row) of ggml type `qtype`, x (..., K) bf16 or fp32; the
     result in x's dtype, or written into `out` (x's dtype, or fp32 holding the values x's dtype rounds them to).
-    Below `dense_rows` rows of x: integer products on x quantized per 16 values (as llama.cpp computes them); from
-    there on: W dequantized in chunks, PyTorch's matmul."""
+    Below `dense_rows` rows of x: integer products on x quantized per 16 values (llama.cpp's scheme, which takes
+    32 or 256 values per scale); from there on: W dequantized in chunks, PyTorch's matmul."""
     flat = out.view(-1, weight.shape[0]) if out is not None else None
     y = _ops().linear(x.reshape(-1, x.shape[-1]), weight, qtype, flat, dense_rows)
     return y.view(*x.shape[:-1], weight.shape[0])
