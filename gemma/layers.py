@@ -69,8 +69,11 @@ class GemmaMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        return self.down_proj(self.activate(*self.gate_up(x)))
+
+    def activate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """`gelu_tanh(gate) * up` (gemma.cpu.fastpath computes it as one kernel call)."""
+        return F.gelu(gate, approximate="tanh") * up
 
     def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The two input projections (gemma.cpu.fastpath computes them as one product)."""

@@ -246,7 +246,7 @@ class KernelAttention(GemmaAttention):
 
 
 class KernelMLP(GemmaMLP):
-    """The MLP with gate and up as one product."""
+    """The MLP with gate and up as one product and the activation as one kernel call (as the fused layer does)."""
 
     gate_up_parts: list[Part] | None = None  # gate and up as few products (join_products); their weights are views
 
@@ -255,6 +255,11 @@ class KernelMLP(GemmaMLP):
             return super().gate_up(x)
         gate, up = run_parts(self.gate_up_parts, x).chunk(2, dim=-1)
         return self.gate_proj.add_lora(x, gate), self.up_proj.add_lora(x, up)
+
+    def activate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if gate.dtype == up.dtype == torch.bfloat16 and gate.device.type == "cpu":
+            return kernels.gelu_mul(gate, up)
+        return super().activate(gate, up)
 
 
 SWAPS: dict[type[nn.Module], type[nn.Module]] = {RMSNorm: KernelRMSNorm, GemmaAttention: KernelAttention,

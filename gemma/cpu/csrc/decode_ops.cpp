@@ -5,6 +5,8 @@
 //   mean's additions run in another order than PyTorch's (a difference of fp32 rounding before the bf16 one).
 // - rope_bf16: x * cos + rotate_half(x) * sin with each product and the sum rounded to bf16, as PyTorch's three
 //   bf16 ops round them: bit-identical to gemma.layers.apply_rope.
+// - gelu_mul: Gemma's MLP activation, gelu_tanh(gate) * up, each rounded to bf16 as the two PyTorch ops round them
+//   (tanh is the SLEEF function ATen's vectorized gelu calls, the AVX2 one on every CPU so all give the same bits).
 // - decode_layer: a whole decoder layer for a step of single-token decodes, one call for ~40 Python-level ops.
 // - argmax_rows: torch.argmax over fp32 logits rows in one pass.
 #include <torch/extension.h>
@@ -15,6 +17,8 @@
 #include <cmath>
 #include <cstring>
 #include <vector>
+
+#include <sleef.h>  // ships with PyTorch, which exports its functions
 
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> out);  // bf16_linear.cpp
 std::string bf16_set_isa(const std::string& name, int64_t prefetch);  // bf16_linear.cpp
@@ -60,6 +64,54 @@ inline void store8_bf16(uint16_t* p, __m256 v) {  // to_bf16 of 8 lanes: round t
 
 }  // namespace
 
+// PyTorch's 1.0 + weight.float() for a norm's weight w (D,): the same fp32 values, made here (two ATen ops per call
+// cost more than the norm)
+static std::vector<float> norm_scale(const torch::Tensor& w) {
+  TORCH_CHECK(w.dim() == 1, "rms_norm: w must be (D,)");
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, "rms_norm: fp32 or bf16 w");
+  auto wc = w.contiguous();
+  const int64_t D = w.size(0);
+  std::vector<float> scale(D);
+  for (int64_t d = 0; d < D; ++d)
+    scale[d] = (w.scalar_type() == at::kFloat ? wc.data_ptr<float>()[d]
+                                              : from_bf16(reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>())[d])) + 1.0f;
+  return scale;
+}
+
+// Gemma's RMSNorm of one fp32 row, rounded once into oh (bf16) or of (fp32): every norm of this file computes it here
+static void norm_row(const float* row, int64_t D, const float* sp, double eps, uint16_t* oh, float* of) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    __m256 v = _mm256_loadu_ps(row + d);
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, acc);
+  float sum = 0.f;
+  for (int i = 0; i < 8; ++i) sum += lanes[i];
+  for (; d < D; ++d) sum += row[d] * row[d];
+  const float inv = 1.0f / std::sqrt(sum / float(D) + float(eps));
+  d = 0;
+  if (oh)
+    for (; d + 8 <= D; d += 8)
+      store8_bf16(oh + d, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(row + d), _mm256_set1_ps(inv)),
+                                        _mm256_loadu_ps(sp + d)));
+  for (; d < D; ++d) {
+    const float v = (row[d] * inv) * sp[d];
+    if (oh) oh[d] = to_bf16(v);
+    else of[d] = v;
+  }
+}
+
+// D values into row as fp32: bf16 ones from h, or else fp32 ones from f
+static void widen_row(const uint16_t* h, const float* f, int64_t D, float* row) {
+  int64_t d = 0;
+  if (h)
+    for (; d + 8 <= D; d += 8) _mm256_storeu_ps(row + d, widen8(h + d));
+  for (; d < D; ++d) row[d] = h ? from_bf16(h[d]) : f[d];
+}
+
 // x (..., D) fp32 or bf16 (rows may be strided, D contiguous), w (D,) zero-centred -> Gemma's RMSNorm of each
 // row, contiguous, in x's dtype. Reads and writes x's dtype directly: no conversion ops around it.
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
@@ -76,15 +128,8 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
     }
     return off;
   };
-  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, "rms_norm: fp32 or bf16 w");
-  // PyTorch's 1.0 + weight.float(): the same fp32 values, made here (two ATen ops per call cost more than the norm)
-  auto wc = w.contiguous();
-  std::vector<float> scale(D);
-  for (int64_t d = 0; d < D; ++d)
-    scale[d] = (w.scalar_type() == at::kFloat ? wc.data_ptr<float>()[d]
-                                              : from_bf16(reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>())[d])) + 1.0f;
+  const std::vector<float> scale = norm_scale(w);
   auto out = torch::empty(x.sizes(), x.options());
-  const float* sp = scale.data();
   const bool half = x.scalar_type() == at::kBFloat16;
   const uint16_t* xh = half ? reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>()) : nullptr;
   const float* xf = half ? nullptr : x2.data_ptr<float>();
@@ -94,36 +139,85 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
     std::vector<float> row(D);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t o = row_offset(r);
-      int64_t d0 = 0;
-      if (half)
-        for (; d0 + 8 <= D; d0 += 8) _mm256_storeu_ps(row.data() + d0, widen8(xh + o + d0));
-      for (int64_t d = d0; d < D; ++d) row[d] = half ? from_bf16(xh[o + d]) : xf[o + d];
-      __m256 acc = _mm256_setzero_ps();
-      int64_t d = 0;
-      for (; d + 8 <= D; d += 8) {
-        __m256 v = _mm256_loadu_ps(row.data() + d);
-        acc = _mm256_fmadd_ps(v, v, acc);
-      }
-      float lanes[8];
-      _mm256_storeu_ps(lanes, acc);
-      float sum = 0.f;
-      for (int i = 0; i < 8; ++i) sum += lanes[i];
-      for (; d < D; ++d) sum += row[d] * row[d];
-      const float inv = 1.0f / std::sqrt(sum / float(D) + float(eps));
-      d = 0;
-      if (half)
-        for (; d + 8 <= D; d += 8)
-          store8_bf16(oh + r * D + d,
-                      _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(row.data() + d), _mm256_set1_ps(inv)),
-                                    _mm256_loadu_ps(sp + d)));
-      for (; d < D; ++d) {
-        const float v = (row[d] * inv) * sp[d];
-        if (half) oh[r * D + d] = to_bf16(v);
-        else of[r * D + d] = v;
-      }
+      widen_row(half ? xh + o : nullptr, half ? nullptr : xf + o, D, row.data());
+      norm_row(row.data(), D, scale.data(), eps, half ? oh + r * D : nullptr, half ? nullptr : of + r * D);
     }
   });
   return out;
+}
+
+// The residual step of a sandwich-normed layer: x + rms_norm(h, w) for bf16 x, h (n, C), the norm rounded to bf16
+// before the addition, as `x + norm(h)` rounds it; with `next`, also rms_norm of the sum with that weight (the
+// following norm). {sum, the next norm or an undefined tensor}: what rms_norm and at::add give, in one pass.
+static std::pair<torch::Tensor, torch::Tensor> add_norm(const torch::Tensor& x, const torch::Tensor& h,
+                                                        const torch::Tensor& w, const torch::Tensor* next,
+                                                        double eps) {
+  TORCH_CHECK(x.dim() == 2 && h.sizes() == x.sizes() && x.scalar_type() == at::kBFloat16 &&
+              h.scalar_type() == at::kBFloat16, "decode_layer: the residual and the output (n, C) bf16");
+  const int64_t n = x.size(0), D = x.size(1);
+  auto xc = x.contiguous(), hc = h.contiguous();
+  const std::vector<float> s1 = norm_scale(w), s2 = next ? norm_scale(*next) : std::vector<float>();
+  TORCH_CHECK(int64_t(s1.size()) == D && (!next || int64_t(s2.size()) == D), "decode_layer: norm weights (C,)");
+  auto sum = torch::empty_like(xc);
+  auto normed = next ? torch::empty_like(xc) : torch::Tensor();
+  const auto* xp = static_cast<const uint16_t*>(xc.data_ptr());
+  const auto* hp = static_cast<const uint16_t*>(hc.data_ptr());
+  auto* sp = static_cast<uint16_t*>(sum.data_ptr());
+  std::vector<float> row(D);
+  std::vector<uint16_t> hn(D);
+  for (int64_t o = 0; o < n * D; o += D) {
+    widen_row(hp + o, nullptr, D, row.data());
+    norm_row(row.data(), D, s1.data(), eps, hn.data(), nullptr);
+    for (int64_t d = 0; d < D; ++d) sp[o + d] = to_bf16(from_bf16(xp[o + d]) + from_bf16(hn[d]));
+    if (next) {
+      widen_row(sp + o, nullptr, D, row.data());
+      norm_row(row.data(), D, s2.data(), eps, static_cast<uint16_t*>(normed.data_ptr()) + o, nullptr);
+    }
+  }
+  return {sum, normed};
+}
+
+// gate, up (..., I) bf16, the same shape (rows may be strided, I contiguous) -> gelu_tanh(gate) * up (..., I), each
+// op's result rounded to bf16 as F.gelu(gate, approximate="tanh") * up rounds it, in fp32 between: x^3, then
+// sqrt(2/pi) (x + 0.044715 x^3), then 0.5 x (1 + tanh(.)), in that order, with SLEEF's tanh (within 1 ulp).
+torch::Tensor gelu_mul(torch::Tensor gate, torch::Tensor up) {
+  TORCH_CHECK(gate.scalar_type() == at::kBFloat16 && up.scalar_type() == at::kBFloat16 && gate.sizes() == up.sizes()
+              && gate.dim() >= 1, "gelu_mul: gate and up bf16, the same shape");
+  auto g = gate.dim() == 2 && gate.stride(1) == 1 ? gate : gate.contiguous().view({-1, gate.size(-1)});
+  auto u = up.dim() == 2 && up.stride(1) == 1 ? up : up.contiguous().view({-1, up.size(-1)});
+  const int64_t R = g.size(0), I = g.size(1);
+  auto out = torch::empty({R, I}, gate.options());
+  const auto* gp = static_cast<const uint16_t*>(g.data_ptr());
+  const auto* upp = static_cast<const uint16_t*>(u.data_ptr());
+  auto* op = static_cast<uint16_t*>(out.data_ptr());
+  const int64_t gs = g.stride(0), us = u.stride(0);
+  at::parallel_for(0, R, std::max<int64_t>(1, 32768 / std::max<int64_t>(I, 1)), [&](int64_t r0, int64_t r1) {
+    const __m256 beta = _mm256_set1_ps(float(M_SQRT2 * M_2_SQRTPI * 0.5)), kappa = _mm256_set1_ps(0.044715f);
+    const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t i = 0; i < I; i += 8) {
+        uint16_t gb[8] = {}, ub[8] = {}, ob[8];
+        const int64_t m = std::min<int64_t>(8, I - i);
+        const uint16_t* gi = gp + r * gs + i;
+        const uint16_t* ui = upp + r * us + i;
+        if (m < 8) {  // the tail, zero-padded, through the same vector code
+          std::memcpy(gb, gi, m * 2);
+          std::memcpy(ub, ui, m * 2);
+          gi = gb, ui = ub;
+        }
+        const __m256 x = widen8(gi);
+        const __m256 cube = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+        const __m256 inner = _mm256_mul_ps(beta, _mm256_add_ps(x, _mm256_mul_ps(kappa, cube)));
+        const __m256 act = _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, Sleef_tanhf8_u10avx2(inner)));
+        uint16_t ab[8];
+        store8_bf16(ab, act);
+        uint16_t* o = m < 8 ? ob : op + r * I + i;
+        store8_bf16(o, _mm256_mul_ps(widen8(ab), widen8(ui)));
+        if (m < 8) std::memcpy(op + r * I + i, ob, m * 2);
+      }
+    }
+  });
+  return out.view(gate.sizes());
 }
 
 // x (B, H, T, D) bf16, cos/sin (B, T, D) bf16 -> the rotated x (B, H, T, D), contiguous.
@@ -176,27 +270,23 @@ static torch::Tensor products(const torch::Tensor& x, const std::vector<torch::T
   return at::cat(ys, 1);
 }
 
-// pool[slots[i]] = rows[i] for rows (n, Hkv, D) into a pool (P, Hkv, D), both bf16 with D contiguous: the module's
-// indexed assignment as plain row copies (index_copy_ costs ~5 us of dispatch per call at one sequence)
-static void write_kv(torch::Tensor& pool, const torch::Tensor& slots, const torch::Tensor& rows) {
-  if (pool.dim() != 3 || rows.dim() != 3 || pool.stride(2) != 1 || rows.stride(2) != 1 ||
-      pool.scalar_type() != rows.scalar_type() ||
-      pool.element_size() != 2 || slots.scalar_type() != at::kLong) {
-    pool.index_copy_(0, slots, rows);
-    return;
-  }
-  const int64_t n = rows.size(0), Hkv = rows.size(1), D = rows.size(2), P = pool.size(0);
-  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == n && pool.size(1) == Hkv && pool.size(2) == D,
-              "decode_layer: write slots (n,) and pool (P, Hkv, D)");
-  auto sl = slots.contiguous();
-  const int64_t* s = sl.data_ptr<int64_t>();
+// pool[slots[i]] = rows[i] for rows (n, Hkv, D) into a pool (P, Hkv, D), both bf16 with D contiguous, row i head h
+// of `rows` at src + i * si + h * sh: the module's indexed assignment as plain row copies (index_copy_ and the views
+// it takes cost ~5 us of dispatch per call at one sequence)
+static void write_kv(torch::Tensor& pool, const torch::Tensor& slots, const torch::Tensor& rows, int64_t si,
+                     int64_t sh) {
+  const int64_t n = slots.numel(), Hkv = pool.size(1), D = pool.size(2), P = pool.size(0);
+  TORCH_CHECK(pool.dim() == 3 && pool.stride(2) == 1 && pool.scalar_type() == rows.scalar_type() &&
+              pool.element_size() == 2, "decode_layer: KV pools (P, Hkv, D) of the activations' 16-bit dtype");
+  TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.is_contiguous(),
+              "decode_layer: write slots (n,) int64");
+  const int64_t* s = slots.data_ptr<int64_t>();
   auto* dst = static_cast<uint16_t*>(pool.data_ptr());
   const auto* src = static_cast<const uint16_t*>(rows.data_ptr());
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(s[i] >= 0 && s[i] < P, "decode_layer: write slot ", s[i], " out of [0, ", P, ")");
     for (int64_t h = 0; h < Hkv; ++h)
-      std::memcpy(dst + s[i] * pool.stride(0) + h * pool.stride(1), src + i * rows.stride(0) + h * rows.stride(1),
-                  D * 2);
+      std::memcpy(dst + s[i] * pool.stride(0) + h * pool.stride(1), src + i * si + h * sh, D * 2);
   }
 }
 
@@ -236,8 +326,10 @@ torch::Tensor decode_layer(torch::Tensor x, std::vector<torch::Tensor> norms, c1
   }
   q = rope_bf16(q, cos, sin);
   k = rope_bf16(k, cos, sin);
-  write_kv(k_pool, write_slots, k[0].transpose(0, 1));  // the module's pool[slots] = ...: the same values
-  write_kv(v_pool, write_slots, v);
+  TORCH_CHECK(write_slots.numel() == n, "decode_layer: one write slot per row");
+  // the module's pool[slots] = ...: the same values. k is (1, Hkv, n, D) contiguous; v a view into qkv
+  write_kv(k_pool, write_slots, k, D, n * D);
+  write_kv(v_pool, write_slots, v, row, D);
   auto o = decode_attention(q[0].transpose(0, 1), k_pool.unsqueeze(0), v_pool.unsqueeze(0), slots, allowed, scale,
                             softcap);  // (n, H, D)
   auto h = product(o.view({n, H * D}), weights[nqkv], qtypes[nqkv], rows[nqkv]);
@@ -245,11 +337,11 @@ torch::Tensor decode_layer(torch::Tensor x, std::vector<torch::Tensor> norms, c1
     auto gu = products(in, weights, qtypes, rows, nqkv + 1, ngu);
     const int64_t I = gu.size(1) / 2;
     const size_t d = nqkv + 1 + ngu;
-    return product(at::mul(at::gelu(gu.narrow(1, 0, I), "tanh"), gu.narrow(1, I, I)), weights[d], qtypes[d], rows[d]);
+    return product(gelu_mul(gu.narrow(1, 0, I), gu.narrow(1, I, I)), weights[d], qtypes[d], rows[d]);
   };
-  if (norms.size() == 4) {
-    x = at::add(x, rms_norm(h, norms[1], eps));
-    return at::add(x, rms_norm(mlp(rms_norm(x, norms[2], eps)), norms[3], eps));
+  if (norms.size() == 4) {  // x + norm(h), then the next norm of that, in one pass
+    auto [sum, normed] = add_norm(x, h, norms[1], &norms[2], eps);
+    return add_norm(sum, mlp(normed), norms[3], nullptr, eps).first;
   }
   x = at::add(x, h);
   return at::add(x, mlp(rms_norm(x, norms[1], eps)));
@@ -316,6 +408,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "one query per row over keys read by slot from the KV pools");
   m.def("attention_set_isa", &attention_set_isa, "decode attention's variant: 'auto', 'avx2' or 'avx512'");
   m.def("attention_isa", &attention_isa, "decode attention's variant: 'avx2' or 'avx512'");
+  m.def("gelu_mul", &gelu_mul, "gelu_tanh(gate) * up for bf16 gate and up, rounded as PyTorch's two ops round");
   m.def("decode_layer", &decode_layer, "one decoder layer for single-token decodes over the paged KV pools");
   m.def("argmax_rows", &argmax_rows, "torch.argmax(x, -1) of an fp32 (S, V) x, exactly");
   m.def("rope_bf16", &rope_bf16, "x * cos + rotate_half(x) * sin for bf16 x (B, H, T, D), cos/sin (B, T, D)");
