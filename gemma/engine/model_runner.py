@@ -145,10 +145,9 @@ class ModelRunner:
         to_dev = lambda t: t.to(dev, non_blocking=True)  # noqa: E731
         subbatches = []
         for sb in step.subbatches:
-            masks = [to_dev(t) for t in sb.masks]
             real = to_dev(sb.q_real) if sb.q_real is not None else None
             subbatches.append(replace(sb, q_index=to_dev(sb.q_index), kv_slots=[to_dev(t) for t in sb.kv_slots],
-                                      masks=masks, biases=[additive_bias(m, self.dtype) for m in masks], q_real=real))
+                                      masks=[to_dev(t) for t in sb.masks], q_real=real))
         paged = PagedBatch(self.k_pools, self.v_pools, self.layout.group_of_layer,
                            [to_dev(t) for t in step.write_slots], subbatches)
         input_ids = torch.tensor([step.input_ids], device=dev)
@@ -157,6 +156,8 @@ class ModelRunner:
         if decode is not None:
             h = fastpath.decode_step(self.model.model, input_ids, position_ids, decode)
         else:
+            for sb in subbatches:  # the masks' additive form, which the modules' attention takes
+                sb.biases = [additive_bias(m, self.dtype) for m in sb.masks]
             if step.lora is not None:
                 self.lora.apply(step.lora.slots)
                 self.lora.bank.activate(step.lora.row_slots)
@@ -236,10 +237,13 @@ class ModelRunner:
             for r, row in enumerate(rows):
                 slots[r, : len(row)] = row
             kj = np.arange(width)
-            kp = torch.from_numpy(np.where(kj < ends - firsts, firsts + kj, -1))  # key positions, -1: padding
-            allowed = (kp[:, None, :] >= 0) & (kp[:, None, :] <= qp[:, :, None])  # (n, Q, K)
-            if window is not None:
-                allowed &= qp[:, :, None] - kp[:, None, :] < window
+            if q_len == 1:  # decodes: each row's one query is at its last position and sees all of its keys
+                allowed = torch.from_numpy(kj < ends - firsts)[:, None]  # (n, 1, K)
+            else:
+                kp = torch.from_numpy(np.where(kj < ends - firsts, firsts + kj, -1))  # key positions, -1: padding
+                allowed = (kp[:, None, :] >= 0) & (kp[:, None, :] <= qp[:, :, None])  # (n, Q, K)
+                if window is not None:
+                    allowed &= qp[:, :, None] - kp[:, None, :] < window
             kv_slots.append(torch.from_numpy(slots))
             masks.append(allowed[:, None])  # bool: a quarter of the bytes to broadcast under TP
         return SubBatch(q_index, kv_slots, masks, q_real=q_real)
