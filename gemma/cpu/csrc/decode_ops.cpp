@@ -5,8 +5,7 @@
 //   mean's additions run in another order than PyTorch's (a difference of fp32 rounding before the bf16 one).
 // - rope_bf16: x * cos + rotate_half(x) * sin with each product and the sum rounded to bf16, as PyTorch's three
 //   bf16 ops round them: bit-identical to gemma.layers.apply_rope.
-// - gelu_mul: Gemma's MLP activation, gelu_tanh(gate) * up, each rounded to bf16 as the two PyTorch ops round them
-//   (tanh is the SLEEF function ATen's vectorized gelu calls, the AVX2 one on every CPU so all give the same bits).
+// - gelu_mul: Gemma's MLP activation, gelu_tanh(gate) * up, as the two PyTorch ops compute it.
 // - decode_layer: a whole decoder layer for a step of single-token decodes, one call for ~40 Python-level ops.
 // - argmax_rows: torch.argmax over fp32 logits rows in one pass.
 #include <torch/extension.h>
@@ -18,7 +17,6 @@
 #include <cstring>
 #include <vector>
 
-#include <sleef.h>  // ships with PyTorch, which exports its functions
 
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> out);  // bf16_linear.cpp
 std::string bf16_set_isa(const std::string& name, int64_t prefetch);  // bf16_linear.cpp
@@ -177,9 +175,68 @@ static std::pair<torch::Tensor, torch::Tensor> add_norm(const torch::Tensor& x, 
   return {sum, normed};
 }
 
-// gate, up (..., I) bf16, the same shape (rows may be strided, I contiguous) -> gelu_tanh(gate) * up (..., I), each
-// op's result rounded to bf16 as F.gelu(gate, approximate="tanh") * up rounds it, in fp32 between: x^3, then
-// sqrt(2/pi) (x + 0.044715 x^3), then 0.5 x (1 + tanh(.)), in that order, with SLEEF's tanh (within 1 ulp).
+extern "C" __m512 Sleef_tanhf16_u10(__m512);  // in libtorch_cpu, which ATen's vectorized tanh calls
+extern "C" __m256 Sleef_tanhf8_u10(__m256);
+
+// v rounded to bf16 (round to nearest even, NaN -> 0x7FC0, as c10::BFloat16), kept as fp32 bits
+inline __m256i round8(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_and_si256(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb),
+                                     _mm256_set1_epi32(int(0xFFFF0000u)));
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC00000), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i round16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_and_si512(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb),
+                                     _mm512_set1_epi32(int(0xFFFF0000u)));
+  return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC00000));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load16(const uint16_t* p, __mmask16 mask) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+// Gemma's activation of n bf16 values, gelu_tanh(g) * u, each op rounded to bf16 as ATen's gelu and mul round them.
+// ATen's vectorized gelu computes in fp32 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) with SLEEF's tanh (1 ulp),
+// 16 lanes where the CPU has AVX-512 and 8 where it has AVX2: these do the same, calling the same SLEEF functions
+// (PyTorch exports them), so they give ATen's values (every bf16 input checked). A partial vector at the end goes
+// through the same code.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void gelu_mul_avx512(const uint16_t* g, const uint16_t* u,
+                                                                                uint16_t* o, int64_t n) {
+  const __m512 beta = _mm512_set1_ps(float(M_SQRT2 * M_2_SQRTPI * 0.5)), kappa = _mm512_set1_ps(0.044715f);
+  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+    const __m512 x = load16(g + i, mask);
+    const __m512 inner = _mm512_mul_ps(beta, _mm512_add_ps(x, _mm512_mul_ps(kappa, _mm512_mul_ps(_mm512_mul_ps(x, x), x))));
+    const __m512 act = _mm512_castsi512_ps(
+        round16(_mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, Sleef_tanhf16_u10(inner)))));
+    const __m512i y = _mm512_srli_epi32(round16(_mm512_mul_ps(act, load16(u + i, mask))), 16);
+    _mm256_mask_storeu_epi16(o + i, mask, _mm512_cvtepi32_epi16(y));
+  }
+}
+
+static void gelu_mul_avx2(const uint16_t* g, const uint16_t* u, uint16_t* o, int64_t n) {
+  const __m256 beta = _mm256_set1_ps(float(M_SQRT2 * M_2_SQRTPI * 0.5)), kappa = _mm256_set1_ps(0.044715f);
+  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+  for (int64_t i = 0; i < n; i += 8) {
+    const int64_t m = std::min<int64_t>(8, n - i);
+    uint16_t gb[8] = {}, ub[8] = {}, ob[8];
+    std::memcpy(gb, g + i, m * 2), std::memcpy(ub, u + i, m * 2);
+    const __m256 x = widen8(gb);
+    const __m256 inner = _mm256_mul_ps(beta, _mm256_add_ps(x, _mm256_mul_ps(kappa, _mm256_mul_ps(_mm256_mul_ps(x, x), x))));
+    const __m256 act = _mm256_castsi256_ps(
+        round8(_mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, Sleef_tanhf8_u10(inner)))));
+    store8_bf16(ob, _mm256_mul_ps(act, widen8(ub)));
+    std::memcpy(o + i, ob, m * 2);
+  }
+}
+
+// gate, up (..., I) bf16, the same shape (rows may be strided, I contiguous) -> gelu_tanh(gate) * up (..., I): what
+// F.gelu(gate, approximate="tanh") * up gives
 torch::Tensor gelu_mul(torch::Tensor gate, torch::Tensor up) {
   TORCH_CHECK(gate.scalar_type() == at::kBFloat16 && up.scalar_type() == at::kBFloat16 && gate.sizes() == up.sizes()
               && gate.dim() >= 1, "gelu_mul: gate and up bf16, the same shape");
@@ -191,30 +248,18 @@ torch::Tensor gelu_mul(torch::Tensor gate, torch::Tensor up) {
   const auto* upp = static_cast<const uint16_t*>(u.data_ptr());
   auto* op = static_cast<uint16_t*>(out.data_ptr());
   const int64_t gs = g.stride(0), us = u.stride(0);
+  // ATen's own choice of vector width: AVX512 where the CPU has AVX-512 F, BW, VL and DQ, unless ATEN_CPU_CAPABILITY
+  // names another
+  static const bool wide = [] {
+    const char* env = std::getenv("ATEN_CPU_CAPABILITY");
+    if (env && *env && std::string(env) != "avx512") return false;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }();
   at::parallel_for(0, R, std::max<int64_t>(1, 32768 / std::max<int64_t>(I, 1)), [&](int64_t r0, int64_t r1) {
-    const __m256 beta = _mm256_set1_ps(float(M_SQRT2 * M_2_SQRTPI * 0.5)), kappa = _mm256_set1_ps(0.044715f);
-    const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
     for (int64_t r = r0; r < r1; ++r) {
-      for (int64_t i = 0; i < I; i += 8) {
-        uint16_t gb[8] = {}, ub[8] = {}, ob[8];
-        const int64_t m = std::min<int64_t>(8, I - i);
-        const uint16_t* gi = gp + r * gs + i;
-        const uint16_t* ui = upp + r * us + i;
-        if (m < 8) {  // the tail, zero-padded, through the same vector code
-          std::memcpy(gb, gi, m * 2);
-          std::memcpy(ub, ui, m * 2);
-          gi = gb, ui = ub;
-        }
-        const __m256 x = widen8(gi);
-        const __m256 cube = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
-        const __m256 inner = _mm256_mul_ps(beta, _mm256_add_ps(x, _mm256_mul_ps(kappa, cube)));
-        const __m256 act = _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, Sleef_tanhf8_u10avx2(inner)));
-        uint16_t ab[8];
-        store8_bf16(ab, act);
-        uint16_t* o = m < 8 ? ob : op + r * I + i;
-        store8_bf16(o, _mm256_mul_ps(widen8(ab), widen8(ui)));
-        if (m < 8) std::memcpy(op + r * I + i, ob, m * 2);
-      }
+      if (wide) gelu_mul_avx512(gp + r * gs, upp + r * us, op + r * I, I);
+      else gelu_mul_avx2(gp + r * gs, upp + r * us, op + r * I, I);
     }
   });
   return out.view(gate.sizes());
