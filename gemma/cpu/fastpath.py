@@ -305,6 +305,9 @@ def set_cpu_matmul(model: nn.Module, mode: str = "auto") -> tuple[str, int]:
         for m in linears:  # the GGUF products not joined (o, down, the LM head): each measured
             if matmul_of(m) == "gguf" and m not in joined:
                 m.matmul.dense_rows = dense_rows(m.weight, m.qtype, m.in_features, m.compute_dtype)
+        moved = kernels.huge_pages([*model.parameters(), *model.buffers()])  # after the joins: their storage
+        if moved:
+            logger.info("cpu kernels: %.0f MB of weights moved to 2 MiB pages", moved / 1e6)
     elif mode == "fp32":
         for m in half:
             m.matmul = Fp32Matmul(m)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,17 @@ def decode_attention(
     the keys at slots[i, j] where allowed[i, j], in fp32 (scores soft-capped when `softcap`); (n, H, D) bf16. A
     row's result depends only on its own query and keys (attention.cpp)."""
     return load().decode_attention(q, k, v, slots, allowed, scale, softcap)
+
+
+def huge_pages(tensors: Iterable[torch.Tensor]) -> int:
+    """Move the storage of each CPU tensor of 2 MiB or more to memory backed by 2 MiB pages (transparent huge pages,
+    `madvise`), the bytes unchanged and every tensor sharing a storage following it: weights stream ~10-20% faster
+    (decode_ops.cpp). Returns the bytes moved (0 where the OS gives no huge pages)."""
+    moved = 0
+    for t in tensors:
+        if t.device.type == "cpu" and load().huge_pages(t):
+            moved += t.untyped_storage().nbytes()
+    return moved
 
 
 def usable(weight: torch.Tensor) -> bool:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gemma.cpu import fastpath
+from gemma.cpu import fastpath, kernels
 from gemma.engine.batch import KVLayout, PagedBatch, StepInput, SubBatch, additive_bias
 from gemma.engine.block_manager import KVCacheManager
 from gemma.engine.cuda_graphs import DecodeGraphs
@@ -77,6 +77,8 @@ class ModelRunner:
             for g in layout.group_of_layer
         ]
         self.v_pools = [torch.zeros_like(p) for p in self.k_pools]
+        if self.cpu_matmul == "kernel":  # decode attention streams the pools as the products stream the weights
+            kernels.huge_pages(self.k_pools + self.v_pools)
         self._logits: torch.Tensor | None = None
         self.graphs: DecodeGraphs | None = None
         # On a GPU a step's cost is mostly kernel launches, so a step's prefill chunks attend together, padded

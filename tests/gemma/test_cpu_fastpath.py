@@ -5,6 +5,7 @@ compute what the plain modules compute."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,6 +167,28 @@ def test_fused_rope_is_bit_identical_to_apply_rope():
     positions = torch.tensor([[0, 1, 2], [7, 100, 4000]])
     cos, sin = rope_cos_sin(positions, rope_inv_freq(16, 10000.0), torch.bfloat16)
     assert torch.equal(cpu_kernels.rope(x, cos, sin), apply_rope(x, cos, sin))
+
+
+@needs_kernel
+def test_huge_pages_move_a_storage_with_its_views_and_values():
+    w = torch.randn(4096, 640).to(torch.bfloat16)  # 5 MiB
+    view, want, before = w[10:20], w.clone(), w.data_ptr()
+    assert cpu_kernels.huge_pages([w, view]) == w.untyped_storage().nbytes() or not huge_pages_offered()
+    if huge_pages_offered():
+        assert w.data_ptr() != before and w.data_ptr() % (2 << 20) == 0
+    assert torch.equal(w, want) and view.data_ptr() == w.data_ptr() + 10 * 640 * 2
+    view[0, 0] = 5.0  # still one storage
+    assert w[10, 0] == 5.0
+    assert cpu_kernels.huge_pages([w]) == 0  # moved once
+    assert cpu_kernels.huge_pages([torch.ones(10)]) == 0  # smaller than a huge page
+
+
+def huge_pages_offered() -> bool:
+    """Whether this kernel gives transparent huge pages on request (its mode "always" or "madvise")."""
+    try:
+        return "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
 
 
 @needs_kernel

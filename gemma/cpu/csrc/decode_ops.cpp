@@ -8,9 +8,11 @@
 // - gelu_mul: Gemma's MLP activation, gelu_tanh(gate) * up, as the two PyTorch ops compute it.
 // - decode_layer: a whole decoder layer for a step of single-token decodes, one call for ~40 Python-level ops.
 // - argmax_rows: torch.argmax over fp32 logits rows in one pass.
+// - huge_pages: a tensor's memory moved to 2 MiB pages, where weights stream faster.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <cmath>
@@ -444,6 +446,31 @@ torch::Tensor argmax_rows(torch::Tensor x) {
   return out;
 }
 
+// The storage of CPU tensor t moved, bytes unchanged, to memory the kernel is asked to back with 2 MiB pages
+// (transparent huge pages, madvise): every tensor sharing the storage then reads the new memory. A decode step
+// streams every weight once, and through 4 KiB pages each 4 KiB costs a TLB miss: on 2 cores of an Intel Xeon
+// (THP "madvise", 2026-12-05) the bf16 kernel read a 1 GiB matrix at 24-27 GB/s from 4 KiB pages and 29-31 GB/s
+// from 2 MiB ones. Returns false, changing nothing, for storage smaller than a huge page, storage already moved, or
+// where the OS refuses the advice (THP "never", or a kernel without THP).
+static void free_huge(void* p) { std::free(p); }
+
+bool huge_pages(torch::Tensor t) {
+  TORCH_CHECK(t.device().is_cpu(), "huge_pages: a CPU tensor");
+  auto* impl = t.storage().unsafeGetStorageImpl();
+  const size_t n = impl->nbytes(), page = size_t(2) << 20;
+  if (n < page || impl->data_ptr().get_deleter() == &free_huge) return false;
+  const size_t len = (n + page - 1) / page * page;
+  void* p = nullptr;
+  if (posix_memalign(&p, page, len) != 0) return false;
+  if (madvise(p, len, MADV_HUGEPAGE) != 0) {
+    std::free(p);
+    return false;
+  }
+  std::memcpy(p, impl->data(), n);  // first touch: the pages are faulted in as huge ones
+  impl->set_data_ptr_noswap(at::DataPtr(p, p, &free_huge, at::Device(at::kCPU)));
+  return true;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "x (M, K) @ w (N, K)^T for a bf16 w, fp32 accumulation, in x's dtype",
         py::arg("x"), py::arg("w"), py::arg("out") = py::none());
@@ -455,6 +482,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_isa", &attention_isa, "decode attention's variant: 'avx2' or 'avx512'");
   m.def("gelu_mul", &gelu_mul, "gelu_tanh(gate) * up for bf16 gate and up, rounded as PyTorch's two ops round");
   m.def("decode_layer", &decode_layer, "one decoder layer for single-token decodes over the paged KV pools");
+  m.def("huge_pages", &huge_pages, "move a CPU tensor's storage to memory backed by 2 MiB pages (THP madvise)");
   m.def("argmax_rows", &argmax_rows, "torch.argmax(x, -1) of an fp32 (S, V) x, exactly");
   m.def("rope_bf16", &rope_bf16, "x * cos + rotate_half(x) * sin for bf16 x (B, H, T, D), cos/sin (B, T, D)");
 }
