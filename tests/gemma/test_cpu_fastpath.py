@@ -170,17 +170,22 @@ def test_fused_rope_is_bit_identical_to_apply_rope():
 
 
 @needs_kernel
-def test_huge_pages_move_a_storage_with_its_views_and_values():
-    w = torch.randn(4096, 640).to(torch.bfloat16)  # 5 MiB
-    view, want, before = w[10:20], w.clone(), w.data_ptr()
-    assert cpu_kernels.huge_pages([w, view]) == w.untyped_storage().nbytes() or not huge_pages_offered()
+def test_huge_pages_move_storages_with_their_views_and_values():
+    w = torch.randn(1536, 640).to(torch.bfloat16)  # 1.9 MiB: together with the next, more than a huge page
+    o = torch.randn(640, 1024).to(torch.bfloat16)
+    tiny = torch.ones(10)
+    view, want, before = w[10:20], (w.clone(), o.clone()), w.data_ptr()
+    moved = cpu_kernels.huge_pages([w, view, o, tiny])
     if huge_pages_offered():
-        assert w.data_ptr() != before and w.data_ptr() % (2 << 20) == 0
-    assert torch.equal(w, want) and view.data_ptr() == w.data_ptr() + 10 * 640 * 2
+        assert moved == w.nbytes + o.nbytes
+        assert w.data_ptr() != before and w.data_ptr() % (2 << 20) == 0 and o.data_ptr() == w.data_ptr() + w.nbytes
+    assert torch.equal(w, want[0]) and torch.equal(o, want[1]) and view.data_ptr() == w.data_ptr() + 10 * 640 * 2
     view[0, 0] = 5.0  # still one storage
     assert w[10, 0] == 5.0
-    assert cpu_kernels.huge_pages([w]) == 0  # moved once
-    assert cpu_kernels.huge_pages([torch.ones(10)]) == 0  # smaller than a huge page
+    del w, view  # the region lives on with o
+    assert torch.equal(o, want[1])
+    assert cpu_kernels.huge_pages([o]) == 0  # moved once
+    assert cpu_kernels.huge_pages([torch.ones(1000)]) == 0  # less than a huge page in all
 
 
 def huge_pages_offered() -> bool:

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 
@@ -446,29 +447,55 @@ torch::Tensor argmax_rows(torch::Tensor x) {
   return out;
 }
 
-// The storage of CPU tensor t moved, bytes unchanged, to memory the kernel is asked to back with 2 MiB pages
-// (transparent huge pages, madvise): every tensor sharing the storage then reads the new memory. A decode step
-// streams every weight once, and through 4 KiB pages each 4 KiB costs a TLB miss: on 2 cores of an Intel Xeon
-// (THP "madvise", 2026-12-05) the bf16 kernel read a 1 GiB matrix at 24-27 GB/s from 4 KiB pages and 29-31 GB/s
-// from 2 MiB ones. Returns false, changing nothing, for storage smaller than a huge page, storage already moved, or
-// where the OS refuses the advice (THP "never", or a kernel without THP).
-static void free_huge(void* p) { std::free(p); }
+// The storages of CPU tensors ts (of 64 KiB or more, each once) moved, bytes unchanged, side by side into one region
+// the kernel is asked to back with 2 MiB pages (transparent huge pages, madvise): every tensor sharing a storage
+// then reads the new memory, and the region is freed with the last of them. A decode step streams every weight
+// once, and through 4 KiB pages each 4 KiB costs a TLB miss: on 2 cores of an Intel Xeon (THP "madvise",
+// 2026-12-05) the bf16 kernel read a 1 GiB matrix at 24-27 GB/s from 4 KiB pages and 29-31 GB/s from 2 MiB ones.
+// One region for all, rather than one per storage, so that matrices of 1-2 MiB (the 270M's q/k/v and o) need no
+// padding to a page each. Returns the bytes moved: 0, changing nothing, where the storages come to less than a huge
+// page or the OS refuses the advice (THP "never", or a kernel without THP). Storage moved before stays where it is.
+namespace {
+struct Region {  // owns p; never copied
+  void* p;
+  explicit Region(void* q) : p(q) {}
+  Region(const Region&) = delete;
+  Region& operator=(const Region&) = delete;
+  ~Region() { std::free(p); }
+};
+void release(void* ctx) { delete static_cast<std::shared_ptr<Region>*>(ctx); }
+}  // namespace
 
-bool huge_pages(torch::Tensor t) {
-  TORCH_CHECK(t.device().is_cpu(), "huge_pages: a CPU tensor");
-  auto* impl = t.storage().unsafeGetStorageImpl();
-  const size_t n = impl->nbytes(), page = size_t(2) << 20;
-  if (n < page || impl->data_ptr().get_deleter() == &free_huge) return false;
-  const size_t len = (n + page - 1) / page * page;
+int64_t huge_pages(std::vector<torch::Tensor> ts) {
+  const size_t page = size_t(2) << 20, align = 64, least = size_t(64) << 10;
+  std::vector<c10::StorageImpl*> todo;
+  size_t total = 0;
+  for (const auto& t : ts) {
+    TORCH_CHECK(t.device().is_cpu(), "huge_pages: CPU tensors");
+    auto* impl = t.storage().unsafeGetStorageImpl();
+    if (impl->nbytes() < least || impl->data_ptr().get_deleter() == &release ||
+        std::find(todo.begin(), todo.end(), impl) != todo.end())
+      continue;
+    todo.push_back(impl);
+    total += (impl->nbytes() + align - 1) / align * align;
+  }
+  if (total < page) return 0;
+  const size_t len = (total + page - 1) / page * page;
   void* p = nullptr;
-  if (posix_memalign(&p, page, len) != 0) return false;
+  if (posix_memalign(&p, page, len) != 0) return 0;
   if (madvise(p, len, MADV_HUGEPAGE) != 0) {
     std::free(p);
-    return false;
+    return 0;
   }
-  std::memcpy(p, impl->data(), n);  // first touch: the pages are faulted in as huge ones
-  impl->set_data_ptr_noswap(at::DataPtr(p, p, &free_huge, at::Device(at::kCPU)));
-  return true;
+  auto region = std::make_shared<Region>(p);
+  size_t off = 0;
+  for (auto* impl : todo) {
+    char* dst = static_cast<char*>(p) + off;
+    std::memcpy(dst, impl->data(), impl->nbytes());  // first touch: the pages are faulted in as huge ones
+    impl->set_data_ptr_noswap(at::DataPtr(dst, new std::shared_ptr<Region>(region), &release, at::Device(at::kCPU)));
+    off += (impl->nbytes() + align - 1) / align * align;
+  }
+  return int64_t(total);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -482,7 +509,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_isa", &attention_isa, "decode attention's variant: 'avx2' or 'avx512'");
   m.def("gelu_mul", &gelu_mul, "gelu_tanh(gate) * up for bf16 gate and up, rounded as PyTorch's two ops round");
   m.def("decode_layer", &decode_layer, "one decoder layer for single-token decodes over the paged KV pools");
-  m.def("huge_pages", &huge_pages, "move a CPU tensor's storage to memory backed by 2 MiB pages (THP madvise)");
+  m.def("huge_pages", &huge_pages, "move CPU tensors' storages into one region backed by 2 MiB pages (THP madvise)");
   m.def("argmax_rows", &argmax_rows, "torch.argmax(x, -1) of an fp32 (S, V) x, exactly");
   m.def("rope_bf16", &rope_bf16, "x * cos + rotate_half(x) * sin for bf16 x (B, H, T, D), cos/sin (B, T, D)");
 }
