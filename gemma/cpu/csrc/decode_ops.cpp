@@ -447,14 +447,15 @@ torch::Tensor argmax_rows(torch::Tensor x) {
   return out;
 }
 
-// The storages of CPU tensors ts (of 64 KiB or more, each once) moved, bytes unchanged, side by side into one region
+// The storages of CPU tensors ts (of 64 KiB or more, each once) moved, bytes unchanged, side by side into regions
 // the kernel is asked to back with 2 MiB pages (transparent huge pages, madvise): every tensor sharing a storage
-// then reads the new memory, and the region is freed with the last of them. A decode step streams every weight
+// then reads the new memory, and a region is freed with the last of them. A decode step streams every weight
 // once, and through 4 KiB pages each 4 KiB costs a TLB miss: on 2 cores of an Intel Xeon (THP "madvise",
 // 2026-12-05) the bf16 kernel read a 1 GiB matrix at 24-27 GB/s from 4 KiB pages and 29-31 GB/s from 2 MiB ones.
-// One region for all, rather than one per storage, so that matrices of 1-2 MiB (the 270M's q/k/v and o) need no
-// padding to a page each. Returns the bytes moved: 0, changing nothing, where the storages come to less than a huge
-// page or the OS refuses the advice (THP "never", or a kernel without THP). Storage moved before stays where it is.
+// Storages share regions of up to 256 MiB, so that matrices of 1-2 MiB (the 270M's q/k/v and o) need no padding to
+// a page each, while moving needs at most 256 MiB (or the largest storage) beside the tensors. Returns the bytes
+// moved: 0 where the storages come to less than a huge page or the OS refuses the advice (THP "never", or a kernel
+// without THP). Storage moved before stays where it is.
 namespace {
 struct Region {  // owns p; never copied
   void* p;
@@ -466,36 +467,48 @@ struct Region {  // owns p; never copied
 void release(void* ctx) { delete static_cast<std::shared_ptr<Region>*>(ctx); }
 }  // namespace
 
-int64_t huge_pages(std::vector<torch::Tensor> ts) {
-  const size_t page = size_t(2) << 20, align = 64, least = size_t(64) << 10;
-  std::vector<c10::StorageImpl*> todo;
-  size_t total = 0;
-  for (const auto& t : ts) {
-    TORCH_CHECK(t.device().is_cpu(), "huge_pages: CPU tensors");
-    auto* impl = t.storage().unsafeGetStorageImpl();
-    if (impl->nbytes() < least || impl->data_ptr().get_deleter() == &release ||
-        std::find(todo.begin(), todo.end(), impl) != todo.end())
-      continue;
-    todo.push_back(impl);
-    total += (impl->nbytes() + align - 1) / align * align;
-  }
-  if (total < page) return 0;
-  const size_t len = (total + page - 1) / page * page;
+// storages moved into one region (sizes rounded up to `align`), or none where the OS gives no huge pages
+static bool move_to_region(const std::vector<c10::StorageImpl*>& group, size_t total, size_t align) {
+  const size_t page = size_t(2) << 20, len = (total + page - 1) / page * page;
   void* p = nullptr;
-  if (posix_memalign(&p, page, len) != 0) return 0;
+  if (posix_memalign(&p, page, len) != 0) return false;
   if (madvise(p, len, MADV_HUGEPAGE) != 0) {
     std::free(p);
-    return 0;
+    return false;
   }
   auto region = std::make_shared<Region>(p);
   size_t off = 0;
-  for (auto* impl : todo) {
+  for (auto* impl : group) {
     char* dst = static_cast<char*>(p) + off;
     std::memcpy(dst, impl->data(), impl->nbytes());  // first touch: the pages are faulted in as huge ones
     impl->set_data_ptr_noswap(at::DataPtr(dst, new std::shared_ptr<Region>(region), &release, at::Device(at::kCPU)));
     off += (impl->nbytes() + align - 1) / align * align;
   }
-  return int64_t(total);
+  return true;
+}
+
+int64_t huge_pages(std::vector<torch::Tensor> ts) {
+  // regions of up to 256 MiB (or one storage), so that moving needs at most that much memory beside the tensors
+  const size_t page = size_t(2) << 20, align = 64, least = size_t(64) << 10, cap = size_t(256) << 20;
+  std::vector<c10::StorageImpl*> seen, group;
+  size_t total = 0, moved = 0;
+  auto flush = [&] {
+    if (total >= page && move_to_region(group, total, align)) moved += total;
+    group.clear(), total = 0;
+  };
+  for (const auto& t : ts) {
+    TORCH_CHECK(t.device().is_cpu(), "huge_pages: CPU tensors");
+    auto* impl = t.storage().unsafeGetStorageImpl();
+    if (impl->nbytes() < least || impl->data_ptr().get_deleter() == &release ||
+        std::find(seen.begin(), seen.end(), impl) != seen.end())
+      continue;
+    seen.push_back(impl);
+    const size_t size = (impl->nbytes() + align - 1) / align * align;
+    if (total && total + size > cap) flush();
+    group.push_back(impl), total += size;
+  }
+  flush();
+  return int64_t(moved);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
