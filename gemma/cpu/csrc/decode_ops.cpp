@@ -319,13 +319,14 @@ static torch::Tensor products(const torch::Tensor& x, const std::vector<torch::T
 }
 
 // pool[slots[i]] = rows[i] for rows (n, Hkv, D) into a pool (P, Hkv, D), both bf16 with D contiguous, row i head h
-// of `rows` at src + i * si + h * sh: the module's indexed assignment as plain row copies (index_copy_ and the views
-// it takes cost ~5 us of dispatch per call at one sequence)
-static void write_kv(torch::Tensor& pool, const torch::Tensor& slots, const torch::Tensor& rows, int64_t si,
-                     int64_t sh) {
-  const int64_t n = slots.numel(), Hkv = pool.size(1), D = pool.size(2), P = pool.size(0);
-  TORCH_CHECK(pool.dim() == 3 && pool.stride(2) == 1 && pool.scalar_type() == rows.scalar_type() &&
-              pool.element_size() == 2, "decode_layer: KV pools (P, Hkv, D) of the activations' 16-bit dtype");
+// of `rows` at its data + i * si + h * sh: the module's indexed assignment as plain row copies (index_copy_ and the
+// views it takes cost ~5 us of dispatch per call at one sequence)
+static void write_kv(torch::Tensor& pool, const torch::Tensor& slots, const torch::Tensor& rows, int64_t Hkv,
+                     int64_t D, int64_t si, int64_t sh) {
+  TORCH_CHECK(pool.dim() == 3 && pool.size(1) == Hkv && pool.size(2) == D && pool.stride(2) == 1 &&
+              pool.scalar_type() == rows.scalar_type() && pool.element_size() == 2,
+              "decode_layer: KV pools (P, Hkv, D) of the layer's heads, in the activations' 16-bit dtype");
+  const int64_t n = slots.numel(), P = pool.size(0);
   TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.is_contiguous(),
               "decode_layer: write slots (n,) int64");
   const int64_t* s = slots.data_ptr<int64_t>();
@@ -376,8 +377,8 @@ torch::Tensor decode_layer(torch::Tensor x, std::vector<torch::Tensor> norms, c1
   k = rope_bf16(k, cos, sin);
   TORCH_CHECK(write_slots.numel() == n, "decode_layer: one write slot per row");
   // the module's pool[slots] = ...: the same values. k is (1, Hkv, n, D) contiguous; v a view into qkv
-  write_kv(k_pool, write_slots, k, D, n * D);
-  write_kv(v_pool, write_slots, v, row, D);
+  write_kv(k_pool, write_slots, k, Hkv, D, D, n * D);
+  write_kv(v_pool, write_slots, v, Hkv, D, row, D);
   auto o = decode_attention(q[0].transpose(0, 1), k_pool.unsqueeze(0), v_pool.unsqueeze(0), slots, allowed, scale,
                             softcap);  // (n, H, D)
   auto h = product(o.view({n, H * D}), weights[nqkv], qtypes[nqkv], rows[nqkv]);
