@@ -11,14 +11,14 @@ Why: on a CPU without native bf16 / fp16 matrix instructions (no AVX-512-BF16 or
 before Zen 4), PyTorch's half-precision matmul is slow: on 2 AVX2 cores it computes ~17 GFLOP/s against ~40-100 for
 fp32, and reads a bf16 weight for one row at ~11-16 GB/s of the memory's ~25-29. The modes:
 - "kernel": gemma.cpu.kernels' bf16 matmul (fp32 accumulation, no extra memory) for bf16 weights, and its fused
-  RMSNorm, rotary embedding, MLP activation and decode attention; q/k/v and gate/up weights are joined into one matrix each (the
-  modules' weights become views into it), so a layer makes 4 matmul calls instead of 7. Each product is ours below
-  a row count and PyTorch's (oneDNN) from there on (`torch_rows`, per weight shape): on a CPU with native bf16
-  (AVX-512-BF16, AMX) oneDNN wins batches while ours wins decode-sized inputs, so the crossover is measured at
-  start-up; without native bf16 ours wins at every size and no measuring is needed. GGUF blocks kept quantized
-  (gemma.cpu.quant) take part alike: q/k/v and gate/up joined per run of one type, their integer products below a
-  row count measured per weight shape (`dense_rows`), the dequantized product from there on. The weights are then
-  moved to 2 MiB pages (`kernels.huge_pages`), where they stream faster;
+  RMSNorm, rotary embedding, MLP activation and decode attention; q/k/v and gate/up weights are joined into one
+  matrix each (the modules' weights become views into it), so a layer makes 4 matmul calls instead of 7. Each
+  product is ours below a row count and PyTorch's (oneDNN) from there on (`torch_rows`, per weight shape): on a CPU
+  with native bf16 (AVX-512-BF16, AMX) oneDNN wins batches while ours wins decode-sized inputs, so the crossover is
+  measured at start-up; without native bf16 ours wins at every size and no measuring is needed. GGUF blocks kept
+  quantized (gemma.cpu.quant) take part alike: q/k/v and gate/up joined per run of one type, their integer products
+  below a row count measured per weight shape (`dense_rows`), the dequantized product from there on. The weights are
+  then moved to 2 MiB pages (`kernels.huge_pages`), where they stream faster;
 - "fp32": an fp32 copy of each half-precision weight for inputs of `FP32_MATMUL_MIN_ROWS` rows or more (the
   products of bf16 values computed in fp32 and rounded back, as a bf16 GEMM with fp32 accumulation does, at 2x
   the weights' bytes in memory); fewer rows keep the half-precision weight, being bound by reading it;

@@ -15,12 +15,12 @@ A decode step also runs ~2000 small PyTorch ops, ~5-10 us of dispatch each on 2 
 call for ~11 ops), rotary embedding (one for ~8) and MLP activation (`gelu_mul`: gelu_tanh(gate) * up) compute what
 those ops compute (the rotary embedding and the activation to the bit, the norm up to the order of its mean's
 additions). `huge_pages` moves weights and KV pools to 2 MiB pages (transparent huge pages): a decode step streams
-every weight once, and through 4 KiB pages a TLB miss every 4 KiB held the bf16 kernel ~10-20% below that. `decode_attention` (`attention.cpp`, AVX-512F and AVX2
-variants) replaces the engine's per-layer gather of every sequence's keys and values into a padded copy (~40 ms a
-step at 32 sequences) by reading the pools where they are, in fp32, each row's keys split in chunks over the cores.
-`decode_layer` runs a whole decoder layer of an engine step of single-token decodes in one call (the same kernels
-and ATen ops in the same order as the module, so the same bits), and `argmax` is the sampler's greedy pick in one
-pass (~10x ATen's reduction over a 262k vocabulary).
+every weight once, and through 4 KiB pages a TLB miss every 4 KiB kept the bf16 kernel's reads ~10-20% slower.
+`decode_attention` (`attention.cpp`, AVX-512F and AVX2 variants) replaces the engine's per-layer gather of every
+sequence's keys and values into a padded copy (~40 ms a step at 32 sequences) by reading the pools where they are,
+in fp32, each row's keys split in chunks over the cores. `decode_layer` runs a whole decoder layer of an engine step
+of single-token decodes in one call (the same kernels and ATen ops in the same order as the module, so the same
+bits), and `argmax` is the sampler's greedy pick in one pass (~10x ATen's reduction over a 262k vocabulary).
 
 Where the CPU has AVX-512-BF16 (`avx512_bf16`), the bf16 matmul runs a variant built on `vdpbf16ps` for bf16
 inputs (chosen at run time; the same build keeps the AVX2 code for other CPUs): the same products, summed in
