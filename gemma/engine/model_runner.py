@@ -225,8 +225,8 @@ class ModelRunner:
             q_real = torch.from_numpy(np.flatnonzero(qj < n))  # r * q_len + j for j < counts[r]
         starts = np.array([batch.seqs[i].num_computed_tokens for i in members])[:, None]
         ends = starts + n
-        # each row's query positions, padded with its last one: (n, Q)
-        qp = torch.from_numpy(np.minimum(starts + qj, ends - 1))
+        # each row's query positions, padded with its last one: (n, Q); decodes' masks need none
+        qp = torch.from_numpy(np.minimum(starts + qj, ends - 1)) if q_len > 1 else None
         kv_slots, masks = [], []
         for g, window in enumerate(self.layout.windows):
             # a windowed group keeps only the keys the first query can still see

@@ -8,7 +8,7 @@
 // - gelu_mul: Gemma's MLP activation, gelu_tanh(gate) * up, as the two PyTorch ops compute it.
 // - decode_layer: a whole decoder layer for a step of single-token decodes, one call for ~40 Python-level ops.
 // - argmax_rows: torch.argmax over fp32 logits rows in one pass.
-// - huge_pages: a tensor's memory moved to 2 MiB pages, where weights stream faster.
+// - huge_pages: tensors' storages moved to 2 MiB pages, where weights stream faster.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -19,7 +19,6 @@
 #include <cstring>
 #include <memory>
 #include <vector>
-
 
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> out);  // bf16_linear.cpp
 std::string bf16_set_isa(const std::string& name, int64_t prefetch);  // bf16_linear.cpp
@@ -53,14 +52,18 @@ inline __m256 widen8(const uint16_t* p) {  // 8 bf16 -> 8 fp32
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
 
-inline void store8_bf16(uint16_t* p, __m256 v) {  // to_bf16 of 8 lanes: round to nearest even, NaN -> 0x7FC0
+// 8 lanes rounded to bf16 (round to nearest even, NaN -> 0x7FC0, as c10::BFloat16), kept as fp32 bits
+inline __m256i round8(__m256 v) {
   const __m256i u = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
-  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-  _mm_storeu_si128((__m128i*)p, packed);
+  const __m256i r = _mm256_and_si256(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb),
+                                     _mm256_set1_epi32(int(0xFFFF0000u)));
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC00000), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+}
+
+inline void store8_bf16(uint16_t* p, __m256 v) {  // to_bf16 of 8 lanes
+  const __m256i r = _mm256_srli_epi32(round8(v), 16);
+  _mm_storeu_si128((__m128i*)p, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
 }
 
 }  // namespace
@@ -180,15 +183,6 @@ static std::pair<torch::Tensor, torch::Tensor> add_norm(const torch::Tensor& x, 
 
 extern "C" __m512 Sleef_tanhf16_u10(__m512);  // in libtorch_cpu, which ATen's vectorized tanh calls
 extern "C" __m256 Sleef_tanhf8_u10(__m256);
-
-// v rounded to bf16 (round to nearest even, NaN -> 0x7FC0, as c10::BFloat16), kept as fp32 bits
-inline __m256i round8(__m256 v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  const __m256i r = _mm256_and_si256(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb),
-                                     _mm256_set1_epi32(int(0xFFFF0000u)));
-  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC00000), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-}
 
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i round16(__m512 v) {
   const __m512i u = _mm512_castps_si512(v);
@@ -492,9 +486,10 @@ int64_t huge_pages(std::vector<torch::Tensor> ts) {
   // regions of up to 256 MiB (or one storage), so that moving needs at most that much memory beside the tensors
   const size_t page = size_t(2) << 20, align = 64, least = size_t(64) << 10, cap = size_t(256) << 20;
   std::vector<c10::StorageImpl*> seen, group;
-  size_t total = 0, moved = 0;
+  size_t total = 0, moved = 0;  // total: the group's bytes with each storage's padding to `align`
   auto flush = [&] {
-    if (total >= page && move_to_region(group, total, align)) moved += total;
+    if (total >= page && move_to_region(group, total, align))
+      for (auto* impl : group) moved += impl->nbytes();
     group.clear(), total = 0;
   };
   for (const auto& t : ts) {
