@@ -147,6 +147,27 @@ def test_kernel_rows_are_batch_invariant(isa, dtype):
 
 
 @needs_kernel
+def test_kernel_rows_are_independent_of_threads_and_their_shares(isa):
+    """Threads own contiguous shares of the weight rows and take the rest of a slower one's share: every row is
+    computed once, in its own order, whoever computes it. More threads than cores make shares run unevenly."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(1037, 96, generator=g).to(torch.bfloat16)
+    x = torch.randn(3, 96, generator=g).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [cpu_kernels.linear_bf16(x[:m], w) for m in (1, 3)]
+        for n in (2, 3, 5, 8):
+            torch.set_num_threads(n)
+            for _ in range(20):
+                assert torch.equal(cpu_kernels.linear_bf16(x[:1], w), one[0])
+                assert torch.equal(cpu_kernels.linear_bf16(x, w), one[1])
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(one[1].float(), fp32_reference(x, w), rtol=2**-7, atol=1e-2)
+
+
+@needs_kernel
 def test_kernel_mode_routes_bf16_linears_and_keeps_shapes():
     torch.manual_seed(0)
     layer = ColumnParallelLinear(64, 48).to(torch.bfloat16)

@@ -88,6 +88,28 @@ def test_kernels_match_gguf_dequantize(isa, qtype):
         assert torch.equal(out, quant.linear(xb, w, int(qtype), dense_rows=M).float())
 
 
+def test_integer_products_are_independent_of_threads_and_their_shares(isa):
+    """Threads own contiguous shares of the weight rows and take the rest of a slower one's share (more threads
+    than cores make shares run unevenly): each row is computed once, the same whoever computes it."""
+    from gemma.cpu import quant
+
+    raw = torch.from_numpy(blocks(1037, 256, Q.Q4_K, seed=4))
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(4)).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [quant.linear(x[:m], raw, int(Q.Q4_K)) for m in (1, 3)]
+        for n in (2, 3, 5, 8):
+            torch.set_num_threads(n)
+            for _ in range(20):
+                assert torch.equal(quant.linear(x[:1], raw, int(Q.Q4_K)), one[0])
+                assert torch.equal(quant.linear(x, raw, int(Q.Q4_K)), one[1])
+    finally:
+        torch.set_num_threads(threads)
+    ref = quantized_rows(x) @ dequantize(raw.numpy(), Q.Q4_K).astype(np.float64).T
+    np.testing.assert_allclose(one[1].float().numpy(), ref, rtol=1 / 128, atol=1e-5 * np.abs(ref).max())
+
+
 def test_integer_products_quantize_x_per_block():
     """An outlier in one block of x leaves another block's precision alone (a scale per 16 values, not per row): the
     small block's share of the product survives next to a value 10^6 times larger."""

@@ -51,4 +51,56 @@ void pull_chunks(int64_t n, int64_t chunk, const F& f) {
   });
 }
 
+// f(b0, b1) over [0, n) for kernels bound by streaming memory: each thread owns one contiguous share and walks it
+// in chunks of `chunk` from its start (one sequential stream, which the prefetchers follow from chunk to chunk);
+// a thread done with its share takes the back half (at least a chunk) of what is left of the fullest share.
+// Pulling every chunk from one counter (pull_chunks) starts a new stream at each chunk: on 2 cores of an Intel Xeon
+// (2026-12-05) the 270M's 72 layer matrices took ~7% longer one after another, and a single-stream decode step
+// ~0.8 ms longer (bf16 and GGUF alike). Taking from the others keeps pull_chunks' tolerance of a preempted thread.
+// Which thread computes a row never changes the row.
+template <typename F>
+void stream_chunks(int64_t n, int64_t chunk, const F& f) {
+  if (n <= 0) return;
+  const int64_t tasks = std::min<int64_t>(std::min<int64_t>(at::get_num_threads(), 64), (n + chunk - 1) / chunk);
+  if (n >= (int64_t(1) << 31)) return pull_chunks(n, chunk, f);  // beyond the packed ranges' 32 bits
+  if (tasks <= 1) {
+    for (int64_t b = 0; b < n; b += chunk) f(b, std::min(n, b + chunk));
+    return;
+  }
+  struct alignas(64) Share {
+    std::atomic<uint64_t> range;  // lo << 32 | hi: what is left of the share
+  };
+  Share shares[64];
+  for (int64_t t = 0; t < tasks; ++t) {
+    const uint64_t lo = uint64_t(n * t / tasks), hi = uint64_t(n * (t + 1) / tasks);
+    shares[t].range.store(lo << 32 | hi, std::memory_order_relaxed);
+  }
+  auto take = [&](int64_t t, bool from_end, int64_t& b0, int64_t& b1) {
+    uint64_t r = shares[t].range.load(std::memory_order_relaxed);
+    for (;;) {
+      const int64_t lo = int64_t(r >> 32), hi = int64_t(r & 0xFFFFFFFFu);
+      if (lo >= hi) return false;
+      b0 = from_end ? std::max(lo, hi - std::max(chunk, (hi - lo) / 2 / 4 * 4)) : lo;
+      b1 = from_end ? hi : std::min(hi, lo + chunk);
+      const uint64_t left = from_end ? uint64_t(lo) << 32 | uint64_t(b0) : uint64_t(b1) << 32 | uint64_t(hi);
+      if (shares[t].range.compare_exchange_weak(r, left, std::memory_order_relaxed)) return true;
+    }
+  };
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    int64_t b0, b1;
+    for (int64_t t = t0; t < t1; ++t)
+      while (take(t, false, b0, b1)) f(b0, b1);
+    for (;;) {  // the others' shares, from their ends, the fullest first
+      int64_t victim = -1, most = 0;
+      for (int64_t t = 0; t < tasks; ++t) {
+        const uint64_t r = shares[t].range.load(std::memory_order_relaxed);
+        const int64_t left = int64_t(r & 0xFFFFFFFFu) - int64_t(r >> 32);
+        if (left > most) most = left, victim = t;
+      }
+      if (victim < 0) return;
+      if (take(victim, true, b0, b1)) f(b0, b1);
+    }
+  });
+}
+
 }  // namespace gemma_cpu

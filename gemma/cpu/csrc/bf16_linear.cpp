@@ -31,6 +31,7 @@ namespace {
 
 using gemma_cpu::Out;
 using gemma_cpu::pull_chunks;
+using gemma_cpu::stream_chunks;
 using gemma_cpu::to_bf16;
 using gemma_cpu::widen;
 
@@ -206,7 +207,7 @@ void block(const uint16_t* x, int64_t ldx, const uint16_t* w, const Out& y, int6
 void matmul(const uint16_t* x, int64_t ldx, const uint16_t* w, const Out& y, int64_t M, int64_t K, int64_t N) {
   const int64_t threads = at::get_num_threads(), ahead = g_prefetch;
   const int64_t chunk = (std::max<int64_t>(16, N / (8 * threads)) + 3) / 4 * 4;
-  pull_chunks(N, chunk, [&](int64_t n0, int64_t n1) {
+  stream_chunks(N, chunk, [&](int64_t n0, int64_t n1) {
     int64_t n = n0;
     for (; n + 4 <= n1; n += 4) block<4>(x, ldx, w, y, M, K, n, ahead);
     if (n1 - n == 3) block<3>(x, ldx, w, y, M, K, n, ahead);
@@ -309,7 +310,7 @@ void matmul(const float* x, const uint16_t* w, const Out& y, int64_t M, int64_t 
   const int64_t threads = at::get_num_threads(), ahead = g_prefetch;
   if (M < 16) {  // bound by reading w: each weight row read once, widened in registers
     const int64_t chunk = (std::max<int64_t>(16, N / (8 * threads)) + 7) / 8 * 8;
-    pull_chunks(N, chunk, [&](int64_t n0, int64_t n1) { rows<uint16_t, 8, 3>(x, w, y, M, K, n0, n1, n0, ahead); });
+    stream_chunks(N, chunk, [&](int64_t n0, int64_t n1) { rows<uint16_t, 8, 3>(x, w, y, M, K, n0, n1, n0, ahead); });
     return;
   }
   // bound by arithmetic: blocks of weight rows widened once, small enough to stay in L2
@@ -424,7 +425,7 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch:
   }
   const int64_t threads = at::get_num_threads();
   if (M < 16) {  // few rows: bound by reading the weights; chunks of consecutive rows, each one sequential stream
-    pull_chunks(N, std::max<int64_t>(16, N / (8 * threads)), [&](int64_t n0, int64_t n1) {
+    stream_chunks(N, std::max<int64_t>(16, N / (8 * threads)), [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) rows_of_x(xp, wp, out, M, K, n);
     });
     return y;

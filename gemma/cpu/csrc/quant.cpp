@@ -474,7 +474,7 @@ inline void row_dot(const QuantX& qx, const uint8_t* row, const Out& y, int64_t 
 template <int64_t QT>
 inline void matmul_t(const QuantX& qx, const uint8_t* w, int64_t ws, const Out& y, int64_t M, int64_t N) {
   const int64_t threads = at::get_num_threads();
-  pull_chunks(N, std::max<int64_t>(16, N / (8 * threads)), [&](int64_t n0, int64_t n1) {
+  gemma_cpu::stream_chunks(N, std::max<int64_t>(16, N / (8 * threads)), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {  // each weight row read once from memory, again from L1 for more rows of x
       const uint8_t* row = w + n * ws;
       int64_t m = 0;
