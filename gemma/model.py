@@ -279,10 +279,14 @@ class GemmaModel(GemmaPreTrainedModel):
         )
         return out if return_dict is not False else out.to_tuple()
 
+    def rope_types(self) -> list[str]:
+        """The layer types that have their own rope tables, in the order `rope_tables` gives them."""
+        return list(dict.fromkeys(self.config.layer_types or ["full_attention"]))
+
     def rope_tables(self, position_ids: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """cos and sin (B, T, D) for `position_ids` (B, T), per layer type (Gemma 3: a RoPE base and scaling each)."""
         ropes = {}
-        for layer_type in dict.fromkeys(self.config.layer_types or ["full_attention"]):
+        for layer_type in self.rope_types():
             inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_base(layer_type), position_ids.device)
             ropes[layer_type] = rope_cos_sin(position_ids, inv_freq / self.config.rope_factor(layer_type), dtype)
         return ropes

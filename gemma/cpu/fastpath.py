@@ -26,8 +26,8 @@ fp32, and reads a bf16 weight for one row at ~11-16 GB/s of the memory's ~25-29.
 - "auto": "kernel" for bf16 weights or GGUF blocks on the CPU where the kernels build, else "fp32" where
   `slow_half_matmul`, else "torch".
 
-`decode_step` runs an engine step in which every sequence decodes one token as one C++ call per layer
-(`kernels.decode_layer`: the same kernels and ATen ops in the same order as the modules, so the same bits), where
+`decode_step` runs an engine step in which every sequence decodes one token as one C++ call for all layers
+(`kernels.decode_layers`: the same kernels and ATen ops in the same order as the modules, so the same bits), where
 `can_fuse_decode(model)` holds.
 """
 
@@ -37,7 +37,7 @@ import itertools
 import logging
 import os
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -392,14 +392,16 @@ def join_products(linears: list[Linear]) -> list[Part] | None:
 # ---- the fused decode layer ------------------------------------------------------------------------------------
 
 
-class DecodeInputs(NamedTuple):
-    """One layer's paged KV cache for a step of n single-token decodes."""
+class DecodeBatch(NamedTuple):
+    """A step of n single-token decodes over the paged KV cache: every layer's pools, and per KV group where this
+    step's keys go and which keys each row attends."""
 
-    k_pool: torch.Tensor  # (P, Hkv, D)
-    v_pool: torch.Tensor
-    write_slots: torch.Tensor  # (n,) int64: where this step's keys and values go
-    slots: torch.Tensor  # (n, S) int64: the keys row i attends (padding: any slot, not allowed)
-    allowed: torch.Tensor  # (n, S) bool
+    k_pools: list[torch.Tensor]  # per layer (P, Hkv, D)
+    v_pools: list[torch.Tensor]
+    layer_group: list[int]  # per layer: its KV group
+    write_slots: list[torch.Tensor]  # per group (n,) int64: where this step's keys and values go
+    slots: list[torch.Tensor]  # per group (n, S) int64: the keys row i attends (padding: any slot, not allowed)
+    allowed: list[torch.Tensor]  # per group (n, S) bool
 
 
 def can_fuse_decode(model: GemmaModel) -> bool:
@@ -418,7 +420,7 @@ def can_fuse_decode(model: GemmaModel) -> bool:
 
 
 def _norms(layer: GemmaDecoderLayer) -> list[RMSNorm]:
-    """The layer's norms in the order `kernels.decode_layer` takes them: the layer's, then Gemma 3's q/k norms."""
+    """The layer's norms in the order `kernels.decode_layers` takes them: the layer's, then Gemma 3's q/k norms."""
     attn = layer.self_attn
     norms = [layer.input_layernorm, layer.post_attention_layernorm]
     if layer.sandwich:
@@ -427,29 +429,34 @@ def _norms(layer: GemmaDecoderLayer) -> list[RMSNorm]:
 
 
 def decode_step(
-    model: GemmaModel, input_ids: torch.Tensor, position_ids: torch.Tensor, layer_inputs: list[DecodeInputs]
+    model: GemmaModel, input_ids: torch.Tensor, position_ids: torch.Tensor, batch: DecodeBatch
 ) -> torch.Tensor:
     """`model(input_ids, position_ids=..., paged=...).last_hidden_state` (1, n, C) for a step of n single-token
-    decodes (input_ids, position_ids (1, n)), each layer one `kernels.decode_layer` call over its `layer_inputs`."""
+    decodes (input_ids, position_ids (1, n)): every layer in one `kernels.decode_layers` call."""
     x = model.embed_tokens(input_ids)[0]  # (n, C)
-    ropes = model.rope_tables(position_ids, x.dtype)
-    for (weights, products, settings, layer_type), inputs in zip(_decode_plan(model), layer_inputs):
-        x = kernels.decode_layer(x, *weights, products, *inputs, *ropes[layer_type], *settings)
+    cos, sin = zip(*model.rope_tables(position_ids, x.dtype).values())
+    x = kernels.decode_layers(_decode_plan(model, batch.layer_group), x, batch.k_pools, batch.v_pools,
+                              batch.write_slots, batch.slots, batch.allowed, list(cos), list(sin))
     return model.norm(x[None])
 
 
-def _decode_plan(model: GemmaModel) -> list[tuple]:
-    """Per layer what `decode_layer` takes besides the step's inputs, gathered once (set_cpu_matmul drops it)."""
-    plan = model.__dict__.get("decode_plan")
-    if plan is None:
-        plan = []
-        for i, layer in enumerate(model.layers):
-            attn = layer.self_attn
-            norms = [m.weight for m in _norms(layer)]
-            qk = norms[-2:] if hasattr(attn, "q_norm") else [None, None]
-            products = kernels.layer_products(attn.qkv_parts, part_of(attn.o_proj), layer.mlp.gate_up_parts,
-                                              part_of(layer.mlp.down_proj))
-            settings = (attn.num_heads, attn.num_kv_heads, layer.input_layernorm.eps, attn.scaling, attn.softcap or 0.0)
-            plan.append(((norms[: 4 if layer.sandwich else 2], *qk), products, settings, model.config.layer_type(i)))
-        model.__dict__["decode_plan"] = plan
+def _decode_plan(model: GemmaModel, layer_group: list[int]) -> Any:
+    """Per layer what `decode_layers` takes besides the step's inputs, gathered once per KV layout (set_cpu_matmul
+    drops it)."""
+    key = tuple(layer_group)
+    cached = model.__dict__.get("decode_plan")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    rope_index = {t: i for i, t in enumerate(model.rope_types())}
+    plan = kernels.decode_plan()
+    for i, layer in enumerate(model.layers):
+        attn = layer.self_attn
+        norms = [m.weight for m in _norms(layer)]
+        q_norm, k_norm = norms[-2:] if hasattr(attn, "q_norm") else (None, None)
+        parts = [*attn.qkv_parts, part_of(attn.o_proj), *layer.mlp.gate_up_parts, part_of(layer.mlp.down_proj)]
+        plan.add(norms[: 4 if layer.sandwich else 2], q_norm, k_norm, [p.weight for p in parts],
+                 [p.qtype for p in parts], [p.rows for p in parts], [len(attn.qkv_parts), len(layer.mlp.gate_up_parts)],
+                 attn.num_heads, attn.num_kv_heads, layer.input_layernorm.eps, attn.scaling, attn.softcap or 0.0,
+                 layer_group[i], rope_index[model.config.layer_type(i)])
+    model.__dict__["decode_plan"] = (key, plan)
     return plan

@@ -18,7 +18,7 @@ additions). `huge_pages` moves weights and KV pools to 2 MiB pages (transparent 
 every weight once, and through 4 KiB pages a TLB miss every 4 KiB kept the bf16 kernel's reads ~10-20% slower.
 `decode_attention` (`attention.cpp`, AVX-512F and AVX2 variants) replaces the engine's per-layer gather of every
 sequence's keys and values into a padded copy (~40 ms a step at 32 sequences) by reading the pools where they are,
-in fp32, each row's keys split in chunks over the cores. `decode_layer` runs a whole decoder layer of an engine step
+in fp32, each row's keys split in chunks over the cores. `decode_layers` runs every decoder layer of an engine step
 of single-token decodes in one call (the same kernels and ATen ops in the same order as the module, so the same
 bits), and `argmax` is the sampler's greedy pick in one pass (~10x ATen's reduction over a 262k vocabulary).
 
@@ -185,23 +185,21 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     return load().argmax_rows(x)
 
 
-def layer_products(qkv: list[Any], o: Any, gate_up: list[Any], down: Any) -> tuple[list, list, list, list]:
-    """A decoder layer's products for `decode_layer`: q/k/v, o, gate/up and down as gemma.cpu.fastpath.Part
-    (weight, qtype, rows), q/k/v and gate/up each one or more parts whose outputs lie side by side."""
-    parts = [*qkv, o, *gate_up, down]
-    return [p.weight for p in parts], [p.qtype for p in parts], [p.rows for p in parts], [len(qkv), len(gate_up)]
+def decode_plan() -> Any:
+    """An empty plan of decoder layers for `decode_layers`; gemma.cpu.fastpath fills it once per model with
+    `plan.add(norms, q_norm, k_norm, weights, qtypes, rows, counts, num_heads, num_kv_heads, eps, scale, softcap,
+    kv_group, rope_table)`: q/k/v, o, gate/up and down as weights (q/k/v and gate/up each one or more, `counts`),
+    their ggml types (0: bf16) and the row counts from which each takes the batched product."""
+    return load().DecodePlan()
 
 
-def decode_layer(
-    x: torch.Tensor, norms: list[torch.Tensor], q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
-    products: tuple[list, list, list, list], k_pool: torch.Tensor, v_pool: torch.Tensor, write_slots: torch.Tensor,
-    slots: torch.Tensor, allowed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
-    num_kv_heads: int, eps: float, scale: float, softcap: float = 0.0,
+def decode_layers(
+    plan: Any, x: torch.Tensor, k_pools: list[torch.Tensor], v_pools: list[torch.Tensor],
+    write_slots: list[torch.Tensor], slots: list[torch.Tensor], allowed: list[torch.Tensor], cos: list[torch.Tensor],
+    sin: list[torch.Tensor],
 ) -> torch.Tensor:
-    """One decoder layer for n single-token decodes x (n, C) over paged KV pools (P, Hkv, D), in one call: the
-    unfused layer's kernels and ATen ops in its order, so the same bits (see gemma.cpu.fastpath.decode_step).
-    `products`: the layer's, from `layer_products`."""
-    return load().decode_layer(
-        x, norms, q_norm, k_norm, *products, k_pool, v_pool, write_slots, slots, allowed, cos, sin, num_heads,
-        num_kv_heads, eps, scale, softcap,
-    )
+    """Every decoder layer of `plan` for n single-token decodes x (n, C) over paged KV pools (P, Hkv, D), one per
+    layer, in one call: the unfused layers' kernels and ATen ops in their order, so the same bits (see
+    gemma.cpu.fastpath.decode_step). write_slots (n,), slots and allowed (n, S): per KV group; cos/sin (1, n, D):
+    per rope table."""
+    return load().decode_layers(plan, x, k_pools, v_pools, write_slots, slots, allowed, cos, sin)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from gemma.cpu.fastpath import DecodeInputs
+from gemma.cpu.fastpath import DecodeBatch
 
 
 @dataclass
@@ -57,22 +57,18 @@ class PagedBatch:
     ) -> None:
         self.k_pools, self.v_pools, self.layer_group = k_pools, v_pools, layer_group
         self.write_slots, self.subbatches = write_slots, subbatches
-        # every token a single decode query, token i row i (decodes come first, in order): per group, what a
-        # fused decode layer reads
+        # every token a single decode query, token i row i (decodes come first, in order): per group, what the
+        # fused decode layers read
         sb = subbatches[0] if len(subbatches) == 1 else None
         decode_only = sb is not None and sb.q_index.shape == (len(write_slots[0]), 1)
-        self._decode = [(sb.kv_slots[g], sb.masks[g][:, 0, 0].contiguous()) for g in range(len(write_slots))] \
-            if decode_only else None
+        self._decode = DecodeBatch(
+            k_pools, v_pools, layer_group, write_slots, sb.kv_slots,
+            [m[:, 0, 0].contiguous() for m in sb.masks]) if decode_only else None
 
-    def decode_inputs(self) -> list[DecodeInputs] | None:
-        """Where every token of the step is its own sequence's single decode query (token i is row i): each layer's
-        pools and this step's slots, for the fused CPU decode layer (gemma.cpu.fastpath.decode_step); else None."""
-        if self._decode is None:
-            return None
-        return [
-            DecodeInputs(self.k_pools[i], self.v_pools[i], self.write_slots[g], *self._decode[g])
-            for i, g in enumerate(self.layer_group)
-        ]
+    def decode_batch(self) -> DecodeBatch | None:
+        """Where every token of the step is its own sequence's single decode query (token i is row i): the pools and
+        this step's slots, for the fused CPU decode layers (gemma.cpu.fastpath.decode_step); else None."""
+        return self._decode
 
     def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: Any) -> torch.Tensor:
         g = self.layer_group[layer_idx]

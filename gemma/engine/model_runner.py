@@ -12,8 +12,8 @@ stalled 1.4-1.9 s on an H100; none did with only those three. Logits are compute
 sampled, into an fp32 buffer reused from step to step.
 
 The runner decides what the device gets: on a CPU it applies the CPU fast path to the model (gemma.cpu.fastpath:
-the kernels per `cpu_matmul`, and a step of single-token decodes as one fused call per layer, fed by
-`PagedBatch.decode_inputs`); on a GPU at TP=1 it replays decode steps as recorded CUDA graphs (gemma.engine.
+the kernels per `cpu_matmul`, and a step of single-token decodes as one fused call for all layers, fed by
+`PagedBatch.decode_batch`); on a GPU at TP=1 it replays decode steps as recorded CUDA graphs (gemma.engine.
 cuda_graphs, unless `enforce_eager`) and asks for a warm-up before the first request (`needs_warm_up`).
 
 With LoRA (`lora` settings; gemma.engine.lora_manager) rank 0 plans each step's adapter slots and every rank loads
@@ -154,7 +154,7 @@ class ModelRunner:
                            [to_dev(t) for t in step.write_slots], subbatches)
         input_ids = torch.tensor([step.input_ids], device=dev)
         position_ids = torch.tensor([step.positions], device=dev)
-        decode = paged.decode_inputs() if self.fused_decode and step.lora is None else None
+        decode = paged.decode_batch() if self.fused_decode and step.lora is None else None
         if decode is not None:
             h = fastpath.decode_step(self.model.model, input_ids, position_ids, decode)
         else:

@@ -488,7 +488,7 @@ def test_without_native_bf16_our_kernel_takes_every_size(monkeypatch):
 @pytest.mark.parametrize("torch_rows", [None, "2"], ids=["measured", "pytorch-from-2-rows"])
 @pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text", "gemma3-gguf"])
 def test_fused_decode_layer_equals_the_unfused_layer_bit_for_bit(tmp_path, family, torch_rows, monkeypatch, isa_ends):
-    """The engine's single-token decode steps run each layer as one `cpu_kernels.decode_layer` call: with and
+    """The engine's single-token decode steps run every layer in one `cpu_kernels.decode_layers` call: with and
     without it, the same tokens and the same logprobs to the bit (Gemma 1's norms, Gemma 2's soft-capping and
     windows, Gemma 3's qk-norms and two rope tables, GGUF blocks of six types beside a bf16 matrix), mixed
     prefill + decode steps included."""
@@ -507,8 +507,8 @@ def test_fused_decode_layer_equals_the_unfused_layer_bit_for_bit(tmp_path, famil
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=3)
     prompts = {str(i): list(range(10, 20 + 4 * i)) for i in range(5)}
     calls = []
-    real = cpu_kernels.decode_layer
-    monkeypatch.setattr(cpu_kernels, "decode_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = cpu_kernels.decode_layers
+    monkeypatch.setattr(cpu_kernels, "decode_layers", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     def run(fuse: bool) -> dict:
         engine = LLMEngine(model, None, EngineConfig(kv_cache_memory="4MiB", cpu_matmul="kernel", max_num_seqs=4,

@@ -6,7 +6,7 @@
 // - rope_bf16: x * cos + rotate_half(x) * sin with each product and the sum rounded to bf16, as PyTorch's three
 //   bf16 ops round them: bit-identical to gemma.layers.apply_rope.
 // - gelu_mul: Gemma's MLP activation, gelu_tanh(gate) * up, as the two PyTorch ops compute it.
-// - decode_layer: a whole decoder layer for a step of single-token decodes, one call for ~40 Python-level ops.
+// - decode_layers: every decoder layer of a step of single-token decodes, one call for ~40 Python-level ops a layer.
 // - argmax_rows: torch.argmax over fp32 logits rows in one pass.
 // - huge_pages: tensors' storages moved to 2 MiB pages, where weights stream faster.
 #include <torch/extension.h>
@@ -333,27 +333,54 @@ static void write_kv(torch::Tensor& pool, const torch::Tensor& slots, const torc
   }
 }
 
+// One decoder layer's constants for decode_layer: its norms ({input, post_attention, pre_feedforward,
+// post_feedforward} with Gemma 2/3's sandwich norms, else {input, post_attention}: Gemma 1's post_attention is the
+// MLP's norm), Gemma 3's per-head q/k norms, its products (q/k/v: counts[0] of them, o, gate/up: counts[1], and
+// down, in that order, each with its ggml type (0: bf16) and the row count from which it takes the batched product),
+// its head counts and attention settings, and which of a step's slot tables (its KV group) and rope tables it reads.
+struct DecodeLayerPlan {
+  std::vector<torch::Tensor> norms;
+  c10::optional<torch::Tensor> q_norm, k_norm;
+  std::vector<torch::Tensor> weights;
+  std::vector<int64_t> qtypes, rows, counts;
+  int64_t H, Hkv;
+  double eps, scale, softcap;
+  int64_t group, rope;
+};
+
+// A model's layers for decode_layers, gathered once (gemma.cpu.fastpath): one call runs every layer of a step, where
+// a Python loop of one call per layer spent ~25 us a layer between the layers' kernels.
+struct DecodePlan {
+  std::vector<DecodeLayerPlan> layers;
+  void add(std::vector<torch::Tensor> norms, c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm,
+           std::vector<torch::Tensor> weights, std::vector<int64_t> qtypes, std::vector<int64_t> rows,
+           std::vector<int64_t> counts, int64_t H, int64_t Hkv, double eps, double scale, double softcap,
+           int64_t group, int64_t rope) {
+    TORCH_CHECK(norms.size() == 2 || norms.size() == 4, "decode plan: 2 or 4 norms");
+    TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "decode plan: both qk norms or neither");
+    TORCH_CHECK(counts.size() == 2 && counts[0] >= 1 && counts[1] >= 1 &&
+                weights.size() == size_t(counts[0] + counts[1] + 2) && qtypes.size() == weights.size() &&
+                rows.size() == weights.size(), "decode plan: the products of qkv, o, gate_up and down");
+    TORCH_CHECK(group >= 0 && rope >= 0, "decode plan: group and rope table indices");
+    layers.push_back({std::move(norms), std::move(q_norm), std::move(k_norm), std::move(weights), std::move(qtypes),
+                      std::move(rows), std::move(counts), H, Hkv, eps, scale, softcap, group, rope});
+  }
+};
+
 // One Gemma decoder layer for n single-token decodes over the engine's paged KV cache: what
 // gemma.model.GemmaDecoderLayer.forward computes with the engine's PagedBatch when every sequence of a step decodes
-// one token, in one call instead of ~40 Python-level ops (~5 ms of a 270M decode step on 2 cores). It calls the
-// same kernels and ATen ops (its KV writes plain row copies), in the same order, on the same values, so it is the
-// unfused path bit for bit (tests/gemma/test_cpu_fastpath.py). x (n, C) bf16; norms: {input, post_attention,
-// pre_feedforward, post_feedforward} with Gemma 2/3's sandwich norms, else {input, post_attention} (Gemma 1:
-// post_attention is the MLP's norm);
-// q_norm/k_norm: Gemma 3's per-head norms; the pools (P, Hkv, D); write_slots (n,) where this step's keys go;
-// slots/allowed (n, S): the keys each row attends; cos/sin (1, n, D). Returns the layer's output (n, C).
-// weights/qtypes/rows: the products of q/k/v (counts[0] of them), o, gate/up (counts[1]) and down, in that order
-torch::Tensor decode_layer(torch::Tensor x, std::vector<torch::Tensor> norms, c10::optional<torch::Tensor> q_norm,
-                           c10::optional<torch::Tensor> k_norm, std::vector<torch::Tensor> weights,
-                           std::vector<int64_t> qtypes, std::vector<int64_t> rows, std::vector<int64_t> counts,
-                           torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor write_slots, torch::Tensor slots,
-                           torch::Tensor allowed, torch::Tensor cos, torch::Tensor sin, int64_t H, int64_t Hkv,
-                           double eps, double scale, double softcap) {
-  TORCH_CHECK(x.dim() == 2 && (norms.size() == 2 || norms.size() == 4), "decode_layer: x (n, C), 2 or 4 norms");
-  TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "decode_layer: both qk norms or neither");
-  TORCH_CHECK(counts.size() == 2 && counts[0] >= 1 && counts[1] >= 1 &&
-              weights.size() == size_t(counts[0] + counts[1] + 2) && qtypes.size() == weights.size() &&
-              rows.size() == weights.size(), "decode_layer: the products of qkv, o, gate_up and down");
+// one token, without ~40 Python-level ops (~5 ms of a 270M decode step on 2 cores). It calls the same kernels and
+// ATen ops (its KV writes plain row copies), in the same order, on the same values, so it is the unfused path bit
+// for bit (tests/gemma/test_cpu_fastpath.py). x (n, C) bf16; the pools (P, Hkv, D); write_slots (n,) where this
+// step's keys go; slots/allowed (n, S): the keys each row attends; cos/sin (1, n, D). Returns the layer's output.
+static torch::Tensor decode_layer(torch::Tensor x, const DecodeLayerPlan& L, torch::Tensor k_pool,
+                                  torch::Tensor v_pool, const torch::Tensor& write_slots, const torch::Tensor& slots,
+                                  const torch::Tensor& allowed, const torch::Tensor& cos, const torch::Tensor& sin) {
+  const auto &norms = L.norms, &weights = L.weights;
+  const auto &qtypes = L.qtypes, &rows = L.rows, &counts = L.counts;
+  const int64_t H = L.H, Hkv = L.Hkv;
+  const double eps = L.eps;
+  TORCH_CHECK(x.dim() == 2, "decode_layer: x (n, C)");
   const size_t nqkv = counts[0], ngu = counts[1];
   const int64_t n = x.size(0), D = k_pool.size(-1);
   auto qkv = products(rms_norm(x, norms[0], eps), weights, qtypes, rows, 0, nqkv);  // (n, (H + 2 Hkv) D)
@@ -363,9 +390,9 @@ torch::Tensor decode_layer(torch::Tensor x, std::vector<torch::Tensor> norms, c1
   auto q = qkv.as_strided({1, H, n, D}, {n * row, D, row, 1}, at0);
   auto k = qkv.as_strided({1, Hkv, n, D}, {n * row, D, row, 1}, at0 + H * D);
   auto v = qkv.as_strided({n, Hkv, D}, {row, D, 1}, at0 + (H + Hkv) * D);
-  if (q_norm.has_value()) {
-    q = rms_norm(q, *q_norm, eps);
-    k = rms_norm(k, *k_norm, eps);
+  if (L.q_norm.has_value()) {
+    q = rms_norm(q, *L.q_norm, eps);
+    k = rms_norm(k, *L.k_norm, eps);
   }
   q = rope_bf16(q, cos, sin);
   k = rope_bf16(k, cos, sin);
@@ -373,8 +400,8 @@ torch::Tensor decode_layer(torch::Tensor x, std::vector<torch::Tensor> norms, c1
   // the module's pool[slots] = ...: the same values. k is (1, Hkv, n, D) contiguous; v a view into qkv
   write_kv(k_pool, write_slots, k, Hkv, D, D, n * D);
   write_kv(v_pool, write_slots, v, Hkv, D, row, D);
-  auto o = decode_attention(q[0].transpose(0, 1), k_pool.unsqueeze(0), v_pool.unsqueeze(0), slots, allowed, scale,
-                            softcap);  // (n, H, D)
+  auto o = decode_attention(q[0].transpose(0, 1), k_pool.unsqueeze(0), v_pool.unsqueeze(0), slots, allowed, L.scale,
+                            L.softcap);  // (n, H, D)
   auto h = product(o.view({n, H * D}), weights[nqkv], qtypes[nqkv], rows[nqkv]);
   auto mlp = [&](const torch::Tensor& in) {
     auto gu = products(in, weights, qtypes, rows, nqkv + 1, ngu);
@@ -388,6 +415,26 @@ torch::Tensor decode_layer(torch::Tensor x, std::vector<torch::Tensor> norms, c1
   }
   x = at::add(x, h);
   return at::add(x, mlp(rms_norm(x, norms[1], eps)));
+}
+
+// Every layer of `plan` for a step of n single-token decodes x (n, C): layer i reads the pools k_pools[i] and
+// v_pools[i], its KV group's write_slots, slots and allowed, and its rope type's cos and sin.
+torch::Tensor decode_layers(const DecodePlan& plan, torch::Tensor x, const std::vector<torch::Tensor>& k_pools,
+                            const std::vector<torch::Tensor>& v_pools, const std::vector<torch::Tensor>& write_slots,
+                            const std::vector<torch::Tensor>& slots, const std::vector<torch::Tensor>& allowed,
+                            const std::vector<torch::Tensor>& cos, const std::vector<torch::Tensor>& sin) {
+  const size_t n = plan.layers.size();
+  TORCH_CHECK(k_pools.size() == n && v_pools.size() == n, "decode_layers: one k and one v pool per layer");
+  TORCH_CHECK(slots.size() == write_slots.size() && allowed.size() == write_slots.size() && sin.size() == cos.size(),
+              "decode_layers: write_slots, slots and allowed per KV group; cos and sin per rope type");
+  for (size_t i = 0; i < n; ++i) {
+    const DecodeLayerPlan& L = plan.layers[i];
+    TORCH_CHECK(size_t(L.group) < write_slots.size() && size_t(L.rope) < cos.size(),
+                "decode_layers: layer ", i, " reads KV group ", L.group, " and rope table ", L.rope);
+    x = decode_layer(x, L, k_pools[i], v_pools[i], write_slots[L.group], slots[L.group], allowed[L.group],
+                     cos[L.rope], sin[L.rope]);
+  }
+  return x;
 }
 
 // x (S, V) fp32 -> (S,) int64: torch.argmax(x, -1) exactly (the first index of the largest value; a row with NaN
@@ -517,7 +564,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_set_isa", &attention_set_isa, "decode attention's variant: 'auto', 'avx2' or 'avx512'");
   m.def("attention_isa", &attention_isa, "decode attention's variant: 'avx2' or 'avx512'");
   m.def("gelu_mul", &gelu_mul, "gelu_tanh(gate) * up for bf16 gate and up, rounded as PyTorch's two ops round");
-  m.def("decode_layer", &decode_layer, "one decoder layer for single-token decodes over the paged KV pools");
+  py::class_<DecodePlan>(m, "DecodePlan", "a model's layers for decode_layers")
+      .def(py::init<>())
+      .def("add", &DecodePlan::add, "append a layer: norms, q_norm, k_norm, weights, qtypes, rows, counts, H, Hkv, "
+           "eps, scale, softcap, KV group, rope table")
+      .def("__len__", [](const DecodePlan& p) { return p.layers.size(); });
+  m.def("decode_layers", &decode_layers, "every decoder layer for single-token decodes over the paged KV pools");
   m.def("huge_pages", &huge_pages, "move CPU tensors' storages into one region backed by 2 MiB pages (THP madvise)");
   m.def("argmax_rows", &argmax_rows, "torch.argmax(x, -1) of an fp32 (S, V) x, exactly");
   m.def("rope_bf16", &rope_bf16, "x * cos + rotate_half(x) * sin for bf16 x (B, H, T, D), cos/sin (B, T, D)");
