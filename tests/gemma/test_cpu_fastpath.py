@@ -525,3 +525,37 @@ def test_fused_decode_layer_equals_the_unfused_layer_bit_for_bit(tmp_path, famil
     calls.clear()
     assert run(False) == fused
     assert not calls
+
+
+@needs_kernel
+def test_fused_decode_layers_name_what_is_wrong_with_their_inputs(tmp_path):
+    path = write_hf_checkpoint(tmp_path, family="gemma3_text", **FAMILIES["gemma3_text"])
+    model = GemmaForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    engine = LLMEngine(model, None, EngineConfig(kv_cache_memory="4MiB", cpu_matmul="kernel", max_num_seqs=2,
+                                                 max_model_len=64))
+    runner = engine.runner
+    layers = len(model.model.layers)
+    groups = runner.layout.group_of_layer
+    from gemma.cpu.fastpath import _decode_plan
+
+    plan = _decode_plan(model.model, groups)
+    assert len(plan) == layers
+    x = torch.zeros(1, model.config.hidden_size, dtype=torch.bfloat16)
+    head = model.config.head_dim
+    ropes = [torch.ones(1, 1, head, dtype=torch.bfloat16)] * len(model.model.rope_types())
+    per_group = [torch.zeros(1, dtype=torch.long) for _ in runner.layout.windows]
+    slots = [torch.zeros(1, 1, dtype=torch.long) for _ in runner.layout.windows]
+    allowed = [torch.ones(1, 1, dtype=torch.bool) for _ in runner.layout.windows]
+    args = dict(plan=plan, x=x, k_pools=runner.k_pools, v_pools=runner.v_pools, write_slots=per_group, slots=slots,
+                allowed=allowed, cos=ropes, sin=ropes)
+    assert cpu_kernels.decode_layers(**args).shape == x.shape  # well-formed: runs
+    with pytest.raises(RuntimeError, match="one k and one v pool per layer"):
+        cpu_kernels.decode_layers(**{**args, "k_pools": runner.k_pools[:-1]})
+    with pytest.raises(RuntimeError, match=r"x \(n, C\) bf16"):
+        cpu_kernels.decode_layers(**{**args, "x": x.float()})
+    with pytest.raises(RuntimeError, match=r"slots/allowed \(n, S\)"):
+        cpu_kernels.decode_layers(**{**args, "allowed": [a.long() for a in allowed]})
+    with pytest.raises(RuntimeError, match=r"cos/sin \(1, n, D\)"):
+        cpu_kernels.decode_layers(**{**args, "cos": [r[0] for r in ropes]})
+    with pytest.raises(RuntimeError, match="write slot 99999999 out of"):
+        cpu_kernels.decode_layers(**{**args, "write_slots": [torch.full((1,), 99999999) for _ in per_group]})

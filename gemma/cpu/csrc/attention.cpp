@@ -76,6 +76,9 @@ int isa() {
 }  // namespace gemma_attn
 
 using namespace gemma_attn;
+using gemma_cpu::AttentionArgs;
+
+void attention_rows(const AttentionArgs& a);
 
 // "avx2" or "avx512": which variant decode attention runs ("auto": the best this CPU has). Raises where the CPU
 // lacks it. The two differ only in the order of fp32 additions.
@@ -108,15 +111,26 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
               slots.size(0) == n && allowed.sizes() == slots.sizes(), "decode_attention: slots/allowed (n, S)");
   auto sl = slots.contiguous();
   auto al = allowed.contiguous();
-  const int64_t S = sl.size(1), G = H / Hkv;
   auto out = torch::empty({n, H, D}, q.options());
   if (n == 0 || H == 0) return out;
-  const uint16_t* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
-  const uint16_t* kp = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
-  const uint16_t* vp = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
-  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const int64_t* slp = sl.data_ptr<int64_t>();
-  const bool* alp = al.data_ptr<bool>();
+  const auto* kp = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
+  const auto* vp = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
+  attention_rows({reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>()), q.stride(0), q.stride(1), kp, vp,
+                  Bp, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), n, H, Hkv, D,
+                  sl.data_ptr<int64_t>(), al.data_ptr<bool>(), sl.size(1), scale, softcap,
+                  reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>())});
+  return out;
+}
+
+// decode_attention on raw pointers, its arguments checked by the caller (decode_attention, or decode_layers, which
+// runs it for every layer of a step without making a tensor); the result into a.out (n, H, D), contiguous
+void attention_rows(const AttentionArgs& a) {
+  const int64_t n = a.n, H = a.H, Hkv = a.Hkv, D = a.D, S = a.S, G = H / Hkv, Bp = a.Bp;
+  const int64_t* slp = a.slots;
+  const bool* alp = a.allowed;
+  const uint16_t *kp = a.k, *vp = a.v;
+  uint16_t* op = a.out;
+  const double scale = a.scale, softcap = a.softcap;
 
   // each row's keys (its allowed slots, in order), and the work items: (row, KV head, chunk of keys)
   // buffers reused from call to call (a layer's partials are ~2 MB at 32 sequences: fresh ones cost their pages
@@ -150,14 +164,13 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   qf.resize(std::max(qf.size(), size_t(n * H * D)));
   for (int64_t i = 0; i < n; ++i)
     for (int64_t h = 0; h < H; ++h) {
-      const uint16_t* qr = qp + i * q.stride(0) + h * q.stride(1);
+      const uint16_t* qr = a.q + i * a.qs0 + h * a.qs1;
       for (int64_t d = 0; d < D; ++d) qf[(i * H + h) * D + d] = gemma_cpu::widen(qr[d]);
     }
-  const int64_t kb = k.stride(0), kh = k.stride(2), vb = v.stride(0), vh = v.stride(2), ks = k.stride(1),
-                vs = v.stride(1);
-  gemma_cpu::pull_chunks(int64_t(items.size()), 1, [&](int64_t a, int64_t b) {
+  const int64_t kb = a.kb, kh = a.kh, vb = a.vb, vh = a.vh, ks = a.ks, vs = a.vs;
+  gemma_cpu::pull_chunks(int64_t(items.size()), 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> score(G * kChunk);
-    for (int64_t t = a; t < b; ++t) {
+    for (int64_t t = t0; t < t1; ++t) {
       const Item& it = items[t];
       const int64_t pool = Bp == 1 ? 0 : it.row;
       const Pools pl{kp + pool * kb + it.head * kh, vp + pool * vb + it.head * vh, ks, vs};
@@ -169,9 +182,9 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     }
   });
   // merge each (row, KV head)'s chunks in order: rescale to the largest maximum, sum, divide, round to bf16
-  at::parallel_for(0, n * Hkv, 1, [&](int64_t a, int64_t b) {
+  at::parallel_for(0, n * Hkv, 1, [&](int64_t w0, int64_t w1) {
     std::vector<float> acc(D);
-    for (int64_t w = a; w < b; ++w) {
+    for (int64_t w = w0; w < w1; ++w) {
       const int64_t i = w / Hkv, h = w % Hkv, i0 = first_item[w], i1 = first_item[w + 1];
       for (int64_t g = 0; g < G; ++g) {
         uint16_t* o = op + (i * H + h * G + g) * D;
@@ -194,7 +207,6 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
       }
     }
   });
-  return out;
 }
 
 #else  // ATTN_PASS: the vector code of one instruction set

@@ -103,4 +103,19 @@ void stream_chunks(int64_t n, int64_t chunk, const F& f) {
   });
 }
 
+// decode attention's inputs as pointers and strides (attention.cpp: attention_rows): q (n, H, D) at q + i * qs0 +
+// h * qs1; the KV pools (Bp, P, Hkv, D), Bp 1 or n; slots/allowed (n, S) contiguous; out (n, H, D) contiguous
+struct AttentionArgs {
+  const uint16_t* q;
+  int64_t qs0, qs1;
+  const uint16_t *k, *v;
+  int64_t Bp, kb, ks, kh, vb, vs, vh;
+  int64_t n, H, Hkv, D;
+  const int64_t* slots;
+  const bool* allowed;
+  int64_t S;
+  double scale, softcap;
+  uint16_t* out;
+};
+
 }  // namespace gemma_cpu

@@ -18,7 +18,10 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <vector>
+
+#include "bf16_common.h"
 
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> out);  // bf16_linear.cpp
 std::string bf16_set_isa(const std::string& name, int64_t prefetch);  // bf16_linear.cpp
@@ -27,6 +30,7 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, c10:
                            int64_t dense_rows);  // quant.cpp
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor slots,
                                torch::Tensor allowed, double scale, double softcap);  // attention.cpp
+void attention_rows(const gemma_cpu::AttentionArgs& a);
 std::string attention_set_isa(const std::string& name);
 std::string attention_isa();
 
@@ -68,18 +72,17 @@ inline void store8_bf16(uint16_t* p, __m256 v) {  // to_bf16 of 8 lanes
 
 }  // namespace
 
-// PyTorch's 1.0 + weight.float() for a norm's weight w (D,): the same fp32 values, made here (two ATen ops per call
-// cost more than the norm)
-static std::vector<float> norm_scale(const torch::Tensor& w) {
+// PyTorch's 1.0 + weight.float() for a norm's weight w (D,), into scale: the same fp32 values, made here (two ATen ops
+// per call cost more than the norm)
+static void norm_scale_into(const torch::Tensor& w, std::vector<float>& scale) {
   TORCH_CHECK(w.dim() == 1, "rms_norm: w must be (D,)");
   TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, "rms_norm: fp32 or bf16 w");
-  auto wc = w.contiguous();
-  const int64_t D = w.size(0);
-  std::vector<float> scale(D);
-  for (int64_t d = 0; d < D; ++d)
-    scale[d] = (w.scalar_type() == at::kFloat ? wc.data_ptr<float>()[d]
-                                              : from_bf16(reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>())[d])) + 1.0f;
-  return scale;
+  const int64_t D = w.size(0), st = w.stride(0);
+  scale.resize(D);
+  const bool f32 = w.scalar_type() == at::kFloat;
+  const float* wf = f32 ? w.data_ptr<float>() : nullptr;
+  const uint16_t* wh = f32 ? nullptr : reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  for (int64_t d = 0; d < D; ++d) scale[d] = (f32 ? wf[d * st] : from_bf16(wh[d * st])) + 1.0f;
 }
 
 // Gemma's RMSNorm of one fp32 row, rounded once into oh (bf16) or of (fp32): every norm of this file computes it here
@@ -132,7 +135,8 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
     }
     return off;
   };
-  const std::vector<float> scale = norm_scale(w);
+  std::vector<float> scale;
+  norm_scale_into(w, scale);
   auto out = torch::empty(x.sizes(), x.options());
   const bool half = x.scalar_type() == at::kBFloat16;
   const uint16_t* xh = half ? reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>()) : nullptr;
@@ -150,35 +154,25 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   return out;
 }
 
-// The residual step of a sandwich-normed layer: x + rms_norm(h, w) for bf16 x, h (n, C), the norm rounded to bf16
-// before the addition, as `x + norm(h)` rounds it; with `next`, also rms_norm of the sum with that weight (the
-// following norm). {sum, the next norm or an undefined tensor}: what rms_norm and at::add give, in one pass.
-static std::pair<torch::Tensor, torch::Tensor> add_norm(const torch::Tensor& x, const torch::Tensor& h,
-                                                        const torch::Tensor& w, const torch::Tensor* next,
-                                                        double eps) {
-  TORCH_CHECK(x.dim() == 2 && h.sizes() == x.sizes() && x.scalar_type() == at::kBFloat16 &&
-              h.scalar_type() == at::kBFloat16, "decode_layer: the residual and the output (n, C) bf16");
-  const int64_t n = x.size(0), D = x.size(1);
-  auto xc = x.contiguous(), hc = h.contiguous();
-  const std::vector<float> s1 = norm_scale(w), s2 = next ? norm_scale(*next) : std::vector<float>();
-  TORCH_CHECK(int64_t(s1.size()) == D && (!next || int64_t(s2.size()) == D), "decode_layer: norm weights (C,)");
-  auto sum = torch::empty_like(xc);
-  auto normed = next ? torch::empty_like(xc) : torch::Tensor();
-  const auto* xp = static_cast<const uint16_t*>(xc.data_ptr());
-  const auto* hp = static_cast<const uint16_t*>(hc.data_ptr());
-  auto* sp = static_cast<uint16_t*>(sum.data_ptr());
-  std::vector<float> row(D);
-  std::vector<uint16_t> hn(D);
+// The residual step of a sandwich-normed layer over n rows of D: sum = x + rms_norm(h, s1) for bf16 x, h, the norm
+// rounded to bf16 before the addition, as `x + norm(h)` rounds it; with s2, also normed = rms_norm(sum, s2) (the
+// following norm): what rms_norm and at::add give, in one pass. Without s1: sum = x + h, as at::add gives it.
+// row, hn: D floats and D bf16 values of scratch.
+static void add_norm_rows(const uint16_t* x, const uint16_t* h, int64_t n, int64_t D, const float* s1, const float* s2,
+                          double eps, uint16_t* sum, uint16_t* normed, float* row, uint16_t* hn) {
   for (int64_t o = 0; o < n * D; o += D) {
-    widen_row(hp + o, nullptr, D, row.data());
-    norm_row(row.data(), D, s1.data(), eps, hn.data(), nullptr);
-    for (int64_t d = 0; d < D; ++d) sp[o + d] = to_bf16(from_bf16(xp[o + d]) + from_bf16(hn[d]));
-    if (next) {
-      widen_row(sp + o, nullptr, D, row.data());
-      norm_row(row.data(), D, s2.data(), eps, static_cast<uint16_t*>(normed.data_ptr()) + o, nullptr);
+    const uint16_t* add = h + o;
+    if (s1) {
+      widen_row(h + o, nullptr, D, row);
+      norm_row(row, D, s1, eps, hn, nullptr);
+      add = hn;
+    }
+    for (int64_t d = 0; d < D; ++d) sum[o + d] = to_bf16(from_bf16(x[o + d]) + from_bf16(add[d]));
+    if (s2) {
+      widen_row(sum + o, nullptr, D, row);
+      norm_row(row, D, s2, eps, normed + o, nullptr);
     }
   }
-  return {sum, normed};
 }
 
 extern "C" __m512 Sleef_tanhf16_u10(__m512);  // in libtorch_cpu, which ATen's vectorized tanh calls
@@ -232,6 +226,19 @@ static void gelu_mul_avx2(const uint16_t* g, const uint16_t* u, uint16_t* o, int
   }
 }
 
+// One row of gelu_mul at ATen's own choice of vector width: AVX512 where the CPU has AVX-512 F, BW, VL and DQ, unless
+// ATEN_CPU_CAPABILITY names another
+static void gelu_row(const uint16_t* g, const uint16_t* u, uint16_t* o, int64_t n) {
+  static const bool wide = [] {
+    const char* env = std::getenv("ATEN_CPU_CAPABILITY");
+    if (env && *env && std::string(env) != "avx512") return false;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }();
+  if (wide) gelu_mul_avx512(g, u, o, n);
+  else gelu_mul_avx2(g, u, o, n);
+}
+
 // gate, up (..., I) bf16, the same shape (rows may be strided, I contiguous) -> gelu_tanh(gate) * up (..., I): what
 // F.gelu(gate, approximate="tanh") * up gives
 torch::Tensor gelu_mul(torch::Tensor gate, torch::Tensor up) {
@@ -245,21 +252,21 @@ torch::Tensor gelu_mul(torch::Tensor gate, torch::Tensor up) {
   const auto* upp = static_cast<const uint16_t*>(u.data_ptr());
   auto* op = static_cast<uint16_t*>(out.data_ptr());
   const int64_t gs = g.stride(0), us = u.stride(0);
-  // ATen's own choice of vector width: AVX512 where the CPU has AVX-512 F, BW, VL and DQ, unless ATEN_CPU_CAPABILITY
-  // names another
-  static const bool wide = [] {
-    const char* env = std::getenv("ATEN_CPU_CAPABILITY");
-    if (env && *env && std::string(env) != "avx512") return false;
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  }();
   at::parallel_for(0, R, std::max<int64_t>(1, 32768 / std::max<int64_t>(I, 1)), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      if (wide) gelu_mul_avx512(gp + r * gs, upp + r * us, op + r * I, I);
-      else gelu_mul_avx2(gp + r * gs, upp + r * us, op + r * I, I);
-    }
+    for (int64_t r = r0; r < r1; ++r) gelu_row(gp + r * gs, upp + r * us, op + r * I, I);
   });
   return out.view(gate.sizes());
+}
+
+// One row of D values rotated: x * cos + rotate_half(x) * sin, each product and the sum rounded to bf16
+static void rope_row(const uint16_t* row, const uint16_t* c, const uint16_t* s, uint16_t* o, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t d = 0; d < D; ++d) {
+    const float rot = d < half ? -from_bf16(row[d + half]) : from_bf16(row[d - half]);
+    const float a = round_bf16(from_bf16(row[d]) * from_bf16(c[d]));
+    const float bb = round_bf16(rot * from_bf16(s[d]));
+    o[d] = to_bf16(a + bb);
+  }
 }
 
 // x (B, H, T, D) bf16, cos/sin (B, T, D) bf16 -> the rotated x (B, H, T, D), contiguous.
@@ -270,7 +277,7 @@ torch::Tensor rope_bf16(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
               cos.size(1) == x.size(2) && cos.size(2) == x.size(3) && x.size(3) % 2 == 0, "rope_bf16: shapes");
   auto xc = x.contiguous();
   auto cc = cos.contiguous(), sc = sin.contiguous();
-  const int64_t B = xc.size(0), H = xc.size(1), T = xc.size(2), D = xc.size(3), half = D / 2;
+  const int64_t B = xc.size(0), H = xc.size(1), T = xc.size(2), D = xc.size(3);
   auto out = torch::empty_like(xc);
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
   const uint16_t* cp = reinterpret_cast<const uint16_t*>(cc.data_ptr<at::BFloat16>());
@@ -283,61 +290,44 @@ torch::Tensor rope_bf16(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
       const uint16_t* c = cp + (b * T + t) * D;
       const uint16_t* s = sp + (b * T + t) * D;
       uint16_t* o = op + r * D;
-      for (int64_t d = 0; d < D; ++d) {
-        const float rot = d < half ? -from_bf16(row[d + half]) : from_bf16(row[d - half]);
-        const float a = round_bf16(from_bf16(row[d]) * from_bf16(c[d]));
-        const float bb = round_bf16(rot * from_bf16(s[d]));
-        o[d] = to_bf16(a + bb);
-      }
+      rope_row(row, c, s, o, D);
     }
   });
   return out;
 }
 
-// x w^T by the product gemma.cpu.fastpath chose for w at this row count. bf16 w (qtype 0): ours below `rows`,
-// PyTorch's (oneDNN, native bf16 / AMX where the CPU has them) from there on; GGUF blocks of ggml type qtype
-// (quant.cpp): integer products below `rows`, dequantized from there on; exactly as the unfused module computes it.
-static torch::Tensor product(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype, int64_t rows) {
-  if (qtype) return quant_linear(x, w, qtype, c10::nullopt, rows);
-  return x.size(0) >= rows ? at::linear(x, w) : linear_bf16(x, w, c10::nullopt);
-}
-
-// weights[first, first + count): one projection's products, their outputs side by side (fastpath.run_parts)
-static torch::Tensor products(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
-                              const std::vector<int64_t>& qtypes, const std::vector<int64_t>& rows, size_t first,
-                              size_t count) {
-  if (count == 1) return product(x, weights[first], qtypes[first], rows[first]);
-  std::vector<torch::Tensor> ys;
-  for (size_t i = first; i < first + count; ++i) ys.push_back(product(x, weights[i], qtypes[i], rows[i]));
-  return at::cat(ys, 1);
+// x w^T into out (n, N), contiguous, by the product gemma.cpu.fastpath chose for w at this row count: bf16 w (qtype
+// 0): ours below `rows`, PyTorch's (oneDNN, native bf16 / AMX where the CPU has them) from there on; GGUF blocks of
+// ggml type qtype (quant.cpp): integer products below `rows`, dequantized from there on; exactly as the unfused
+// module computes it.
+static void product_into(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype, int64_t rows,
+                         torch::Tensor& out) {
+  if (qtype) quant_linear(x, w, qtype, out, rows);
+  else if (x.size(0) >= rows) out.copy_(at::linear(x, w));
+  else linear_bf16(x, w, out);
 }
 
 // pool[slots[i]] = rows[i] for rows (n, Hkv, D) into a pool (P, Hkv, D), both bf16 with D contiguous, row i head h
-// of `rows` at its data + i * si + h * sh: the module's indexed assignment as plain row copies (index_copy_ and the
-// views it takes cost ~5 us of dispatch per call at one sequence)
-static void write_kv(torch::Tensor& pool, const torch::Tensor& slots, const torch::Tensor& rows, int64_t Hkv,
-                     int64_t D, int64_t si, int64_t sh) {
+// of `rows` at src + i * si + h * sh: the module's indexed assignment as plain row copies
+static void write_kv(torch::Tensor& pool, const torch::Tensor& slots, const uint16_t* src, int64_t Hkv, int64_t D,
+                     int64_t si, int64_t sh) {
   TORCH_CHECK(pool.dim() == 3 && pool.size(1) == Hkv && pool.size(2) == D && pool.stride(2) == 1 &&
-              pool.scalar_type() == rows.scalar_type() && pool.element_size() == 2,
-              "decode_layer: KV pools (P, Hkv, D) of the layer's heads, in the activations' 16-bit dtype");
+              pool.scalar_type() == at::kBFloat16, "decode_layers: KV pools (P, Hkv, D) bf16 of the layer's heads");
   const int64_t n = slots.numel(), P = pool.size(0);
-  TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.is_contiguous(),
-              "decode_layer: write slots (n,) int64");
   const int64_t* s = slots.data_ptr<int64_t>();
   auto* dst = static_cast<uint16_t*>(pool.data_ptr());
-  const auto* src = static_cast<const uint16_t*>(rows.data_ptr());
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(s[i] >= 0 && s[i] < P, "decode_layer: write slot ", s[i], " out of [0, ", P, ")");
+    TORCH_CHECK(s[i] >= 0 && s[i] < P, "decode_layers: write slot ", s[i], " out of [0, ", P, ")");
     for (int64_t h = 0; h < Hkv; ++h)
       std::memcpy(dst + s[i] * pool.stride(0) + h * pool.stride(1), src + i * si + h * sh, D * 2);
   }
 }
 
-// One decoder layer's constants for decode_layer: its norms ({input, post_attention, pre_feedforward,
-// post_feedforward} with Gemma 2/3's sandwich norms, else {input, post_attention}: Gemma 1's post_attention is the
-// MLP's norm), Gemma 3's per-head q/k norms, its products (q/k/v: counts[0] of them, o, gate/up: counts[1], and
-// down, in that order, each with its ggml type (0: bf16) and the row count from which it takes the batched product),
-// its head counts and attention settings, and which of a step's slot tables (its KV group) and rope tables it reads.
+// One decoder layer's constants: its norms ({input, post_attention, pre_feedforward, post_feedforward} with Gemma
+// 2/3's sandwich norms, else {input, post_attention}: Gemma 1's post_attention is the MLP's norm), Gemma 3's
+// per-head q/k norms, its products (q/k/v: counts[0] of them, o, gate/up: counts[1], and down, in that order, each
+// with its ggml type (0: bf16) and the row count from which it takes the batched product), its head counts and
+// attention settings, and which of a step's slot tables (its KV group) and rope tables it reads.
 struct DecodeLayerPlan {
   std::vector<torch::Tensor> norms;
   c10::optional<torch::Tensor> q_norm, k_norm;
@@ -348,10 +338,149 @@ struct DecodeLayerPlan {
   int64_t group, rope;
 };
 
-// A model's layers for decode_layers, gathered once (gemma.cpu.fastpath): one call runs every layer of a step, where
-// a Python loop of one call per layer spent ~25 us a layer between the layers' kernels.
+// A step's activations, reused from step to step while the row count stays. Making ~20 tensors a layer (outputs and
+// views), each cold after the products have streamed megabytes of weights through the caches, cost ~0.7 ms of a
+// ~22 ms single-stream 270M step on 2 cores of an Intel Xeon (2026-12-05, alternating processes).
+struct DecodeWorkspace {
+  enum { XN, QKV, Q, K, ATT, H, SUM, NORMED, GU, ACT, Y, XA, XB, kBuffers };
+  torch::Tensor buf[kBuffers];
+  std::vector<torch::Tensor> parts;  // a projection's parts' own outputs, by the part's index in the layer
+  std::vector<float> scale[6], row;  // the layer's norms as 1 + w (input, post_attention, ..., q, k); one fp32 row
+  std::vector<uint16_t> hn, qk;      // a normed row; a normed q or k head
+  static torch::Tensor& sized(torch::Tensor& t, int64_t r, int64_t c, const torch::TensorOptions& o) {
+    if (!t.defined() || t.size(0) != r || t.size(1) != c) t = torch::empty({r, c}, o);
+    return t;
+  }
+  torch::Tensor& get(int which, int64_t r, int64_t c, const torch::TensorOptions& o) {
+    return sized(buf[which], r, c, o);
+  }
+  torch::Tensor& part(size_t i, int64_t r, int64_t c, const torch::TensorOptions& o) {
+    if (parts.size() <= i) parts.resize(i + 1);
+    return sized(parts[i], r, c, o);
+  }
+};
+
+inline uint16_t* bf16_ptr(const torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
+
+// weights[first, first + count) of layer L applied to x into out (n, sum of their rows): each part into its own
+// buffer, then copied into its columns (at::cat's values)
+static void products_into(const torch::Tensor& x, const DecodeLayerPlan& L, size_t first, size_t count,
+                          torch::Tensor& out, DecodeWorkspace& ws) {
+  if (count == 1) return product_into(x, L.weights[first], L.qtypes[first], L.rows[first], out);
+  const int64_t n = x.size(0), width = out.size(1);
+  int64_t col = 0;
+  for (size_t i = first; i < first + count; ++i) {
+    const int64_t N = L.weights[i].size(0);
+    TORCH_CHECK(col + N <= width, "decode_layers: a projection's parts wider than its output");
+    auto& part = ws.part(i, n, N, x.options());
+    product_into(x, L.weights[i], L.qtypes[i], L.rows[i], part);
+    const uint16_t* src = bf16_ptr(part);
+    uint16_t* dst = bf16_ptr(out);
+    for (int64_t r = 0; r < n; ++r) std::memcpy(dst + r * width + col, src + r * N, N * 2);
+    col += N;
+  }
+  TORCH_CHECK(col == width, "decode_layers: a projection's parts narrower than its output");
+}
+
+// One Gemma decoder layer for n single-token decodes over the engine's paged KV cache: what
+// gemma.model.GemmaDecoderLayer.forward computes with the engine's PagedBatch when every sequence of a step decodes
+// one token, without ~40 Python-level ops (~5 ms of a 270M decode step on 2 cores) and without making a tensor.
+// It runs the same kernels (PyTorch's own product where gemma.cpu.fastpath chose it) on the same values, with the
+// same roundings in the same order (its KV writes plain row copies), so it is the unfused path bit for bit
+// (tests/gemma/test_cpu_fastpath.py). x, out (n, C) bf16, contiguous; the pools (P, Hkv, D); write_slots (n,)
+// where this step's keys go; slots/allowed (n, S), contiguous: the keys each row attends; cos/sin (n, D).
+static void decode_layer(const DecodeLayerPlan& L, DecodeWorkspace& ws, const torch::Tensor& x, torch::Tensor& out,
+                         torch::Tensor& k_pool, torch::Tensor& v_pool, const torch::Tensor& write_slots,
+                         const torch::Tensor& slots, const torch::Tensor& allowed, const uint16_t* cos,
+                         const uint16_t* sin) {
+  const int64_t n = x.size(0), C = x.size(1), H = L.H, Hkv = L.Hkv, D = k_pool.size(-1);
+  const size_t nqkv = L.counts[0], ngu = L.counts[1];
+  const double eps = L.eps;
+  const auto opt = x.options();
+  TORCH_CHECK(v_pool.sizes() == k_pool.sizes() && D % 8 == 0 && Hkv > 0 && H % Hkv == 0,
+              "decode_layers: k and v pools (P, Hkv, D) alike, D % 8 == 0, H a multiple of Hkv");
+  const bool sandwich = L.norms.size() == 4, qk_norms = L.q_norm.has_value();
+  for (size_t j = 0; j < L.norms.size(); ++j) norm_scale_into(L.norms[j], ws.scale[j]);
+  if (qk_norms) norm_scale_into(*L.q_norm, ws.scale[4]), norm_scale_into(*L.k_norm, ws.scale[5]);
+  for (size_t j = 0; j < L.norms.size(); ++j)
+    TORCH_CHECK(int64_t(ws.scale[j].size()) == C, "decode_layers: norm weights (C,)");
+  TORCH_CHECK(!qk_norms || (int64_t(ws.scale[4].size()) == D && int64_t(ws.scale[5].size()) == D),
+              "decode_layers: q/k norm weights (D,)");
+  ws.row.resize(std::max(C, D)), ws.hn.resize(C), ws.qk.resize(D);
+  const uint16_t* xp = bf16_ptr(x);
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
+
+  // input norm, then q/k/v
+  auto& xn = ws.get(DecodeWorkspace::XN, n, C, opt);
+  uint16_t* xnp = bf16_ptr(xn);
+  at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(C);
+    for (int64_t r = r0; r < r1; ++r) {
+      widen_row(xp + r * C, nullptr, C, row.data());
+      norm_row(row.data(), C, ws.scale[0].data(), eps, xnp + r * C, nullptr);
+    }
+  });
+  const int64_t width = (H + 2 * Hkv) * D;
+  auto& qkv = ws.get(DecodeWorkspace::QKV, n, width, opt);
+  products_into(xn, L, 0, nqkv, qkv, ws);
+  const uint16_t* qkvp = bf16_ptr(qkv);
+
+  // q and k: each head normed (Gemma 3) and rotated, q into (n, H, D), k into (n, Hkv, D); v stays in qkv
+  uint16_t* qp = bf16_ptr(ws.get(DecodeWorkspace::Q, n, H * D, opt));
+  uint16_t* kp = bf16_ptr(ws.get(DecodeWorkspace::K, n, Hkv * D, opt));
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t h = 0; h < H + Hkv; ++h) {
+      const uint16_t* src = qkvp + i * width + h * D;
+      if (qk_norms) {
+        widen_row(src, nullptr, D, ws.row.data());
+        norm_row(ws.row.data(), D, ws.scale[h < H ? 4 : 5].data(), eps, ws.qk.data(), nullptr);
+        src = ws.qk.data();
+      }
+      rope_row(src, cos + i * D, sin + i * D, h < H ? qp + (i * H + h) * D : kp + (i * Hkv + h - H) * D, D);
+    }
+  TORCH_CHECK(write_slots.numel() == n, "decode_layers: one write slot per row");
+  write_kv(k_pool, write_slots, kp, Hkv, D, Hkv * D, D);
+  write_kv(v_pool, write_slots, qkvp + (H + Hkv) * D, Hkv, D, width, D);
+
+  // attention over the pools, then o
+  auto& att = ws.get(DecodeWorkspace::ATT, n, H * D, opt);
+  attention_rows({qp, H * D, D, bf16_ptr(k_pool), bf16_ptr(v_pool), 1, 0, k_pool.stride(0), k_pool.stride(1), 0,
+                  v_pool.stride(0), v_pool.stride(1), n, H, Hkv, D, slots.data_ptr<int64_t>(),
+                  allowed.data_ptr<bool>(), slots.size(1), L.scale, L.softcap, bf16_ptr(att)});
+  auto& h = ws.get(DecodeWorkspace::H, n, C, opt);
+  product_into(att, L.weights[nqkv], L.qtypes[nqkv], L.rows[nqkv], h);
+
+  // the residual, the MLP's norm, the MLP, the residual
+  auto& sum = ws.get(DecodeWorkspace::SUM, n, C, opt);
+  auto& normed = ws.get(DecodeWorkspace::NORMED, n, C, opt);
+  uint16_t *sp = bf16_ptr(sum), *np = bf16_ptr(normed);
+  add_norm_rows(xp, bf16_ptr(h), n, C, sandwich ? ws.scale[1].data() : nullptr, ws.scale[sandwich ? 2 : 1].data(),
+                eps, sp, np, ws.row.data(), ws.hn.data());
+  const size_t d = nqkv + 1 + ngu;
+  int64_t gu_width = 0;
+  for (size_t i = nqkv + 1; i < d; ++i) gu_width += L.weights[i].size(0);
+  auto& gu = ws.get(DecodeWorkspace::GU, n, gu_width, opt);
+  products_into(normed, L, nqkv + 1, ngu, gu, ws);
+  const int64_t inter = gu_width / 2;
+  auto& act = ws.get(DecodeWorkspace::ACT, n, inter, opt);
+  const uint16_t* gup = bf16_ptr(gu);
+  uint16_t* ap = bf16_ptr(act);
+  at::parallel_for(0, n, std::max<int64_t>(1, 32768 / std::max<int64_t>(inter, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) gelu_row(gup + r * gu_width, gup + r * gu_width + inter, ap + r * inter, inter);
+  });
+  auto& y = ws.get(DecodeWorkspace::Y, n, C, opt);
+  product_into(act, L.weights[d], L.qtypes[d], L.rows[d], y);
+  add_norm_rows(sp, bf16_ptr(y), n, C, sandwich ? ws.scale[3].data() : nullptr, nullptr, eps, bf16_ptr(out), nullptr,
+                ws.row.data(), ws.hn.data());
+}
+
+// A model's layers for decode_layers, gathered once (gemma.cpu.fastpath), with the activations' buffers: one call
+// runs every layer of a step, where a Python loop of one call per layer spent ~25 us a layer between the layers'
+// kernels.
 struct DecodePlan {
   std::vector<DecodeLayerPlan> layers;
+  DecodeWorkspace ws;
+  std::mutex lock;  // one step at a time through the buffers
   void add(std::vector<torch::Tensor> norms, c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm,
            std::vector<torch::Tensor> weights, std::vector<int64_t> qtypes, std::vector<int64_t> rows,
            std::vector<int64_t> counts, int64_t H, int64_t Hkv, double eps, double scale, double softcap,
@@ -361,80 +490,55 @@ struct DecodePlan {
     TORCH_CHECK(counts.size() == 2 && counts[0] >= 1 && counts[1] >= 1 &&
                 weights.size() == size_t(counts[0] + counts[1] + 2) && qtypes.size() == weights.size() &&
                 rows.size() == weights.size(), "decode plan: the products of qkv, o, gate_up and down");
-    TORCH_CHECK(group >= 0 && rope >= 0, "decode plan: group and rope table indices");
+    TORCH_CHECK(group >= 0 && rope >= 0 && H > 0 && Hkv > 0, "decode plan: group and rope indices, head counts");
     layers.push_back({std::move(norms), std::move(q_norm), std::move(k_norm), std::move(weights), std::move(qtypes),
                       std::move(rows), std::move(counts), H, Hkv, eps, scale, softcap, group, rope});
   }
 };
 
-// One Gemma decoder layer for n single-token decodes over the engine's paged KV cache: what
-// gemma.model.GemmaDecoderLayer.forward computes with the engine's PagedBatch when every sequence of a step decodes
-// one token, without ~40 Python-level ops (~5 ms of a 270M decode step on 2 cores). It calls the same kernels and
-// ATen ops (its KV writes plain row copies), in the same order, on the same values, so it is the unfused path bit
-// for bit (tests/gemma/test_cpu_fastpath.py). x (n, C) bf16; the pools (P, Hkv, D); write_slots (n,) where this
-// step's keys go; slots/allowed (n, S): the keys each row attends; cos/sin (1, n, D). Returns the layer's output.
-static torch::Tensor decode_layer(torch::Tensor x, const DecodeLayerPlan& L, torch::Tensor k_pool,
-                                  torch::Tensor v_pool, const torch::Tensor& write_slots, const torch::Tensor& slots,
-                                  const torch::Tensor& allowed, const torch::Tensor& cos, const torch::Tensor& sin) {
-  const auto &norms = L.norms, &weights = L.weights;
-  const auto &qtypes = L.qtypes, &rows = L.rows, &counts = L.counts;
-  const int64_t H = L.H, Hkv = L.Hkv;
-  const double eps = L.eps;
-  TORCH_CHECK(x.dim() == 2, "decode_layer: x (n, C)");
-  const size_t nqkv = counts[0], ngu = counts[1];
-  const int64_t n = x.size(0), D = k_pool.size(-1);
-  auto qkv = products(rms_norm(x, norms[0], eps), weights, qtypes, rows, 0, nqkv);  // (n, (H + 2 Hkv) D)
-  TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * D && qkv.stride(1) == 1, "decode_layer: qkv weight rows");
-  // the module's views of q (1, H, n, D), k (1, Hkv, n, D) and v (n, Hkv, D), each one op
-  const int64_t row = qkv.stride(0), at0 = qkv.storage_offset();
-  auto q = qkv.as_strided({1, H, n, D}, {n * row, D, row, 1}, at0);
-  auto k = qkv.as_strided({1, Hkv, n, D}, {n * row, D, row, 1}, at0 + H * D);
-  auto v = qkv.as_strided({n, Hkv, D}, {row, D, 1}, at0 + (H + Hkv) * D);
-  if (L.q_norm.has_value()) {
-    q = rms_norm(q, *L.q_norm, eps);
-    k = rms_norm(k, *L.k_norm, eps);
-  }
-  q = rope_bf16(q, cos, sin);
-  k = rope_bf16(k, cos, sin);
-  TORCH_CHECK(write_slots.numel() == n, "decode_layer: one write slot per row");
-  // the module's pool[slots] = ...: the same values. k is (1, Hkv, n, D) contiguous; v a view into qkv
-  write_kv(k_pool, write_slots, k, Hkv, D, D, n * D);
-  write_kv(v_pool, write_slots, v, Hkv, D, row, D);
-  auto o = decode_attention(q[0].transpose(0, 1), k_pool.unsqueeze(0), v_pool.unsqueeze(0), slots, allowed, L.scale,
-                            L.softcap);  // (n, H, D)
-  auto h = product(o.view({n, H * D}), weights[nqkv], qtypes[nqkv], rows[nqkv]);
-  auto mlp = [&](const torch::Tensor& in) {
-    auto gu = products(in, weights, qtypes, rows, nqkv + 1, ngu);
-    const int64_t I = gu.size(1) / 2;
-    const size_t d = nqkv + 1 + ngu;
-    return product(gelu_mul(gu.narrow(1, 0, I), gu.narrow(1, I, I)), weights[d], qtypes[d], rows[d]);
-  };
-  if (norms.size() == 4) {  // x + norm(h), then the next norm of that, in one pass
-    auto [sum, normed] = add_norm(x, h, norms[1], &norms[2], eps);
-    return add_norm(sum, mlp(normed), norms[3], nullptr, eps).first;
-  }
-  x = at::add(x, h);
-  return at::add(x, mlp(rms_norm(x, norms[1], eps)));
-}
-
-// Every layer of `plan` for a step of n single-token decodes x (n, C): layer i reads the pools k_pools[i] and
-// v_pools[i], its KV group's write_slots, slots and allowed, and its rope type's cos and sin.
-torch::Tensor decode_layers(const DecodePlan& plan, torch::Tensor x, const std::vector<torch::Tensor>& k_pools,
-                            const std::vector<torch::Tensor>& v_pools, const std::vector<torch::Tensor>& write_slots,
-                            const std::vector<torch::Tensor>& slots, const std::vector<torch::Tensor>& allowed,
-                            const std::vector<torch::Tensor>& cos, const std::vector<torch::Tensor>& sin) {
-  const size_t n = plan.layers.size();
-  TORCH_CHECK(k_pools.size() == n && v_pools.size() == n, "decode_layers: one k and one v pool per layer");
+// Every layer of `plan` for a step of n single-token decodes x (n, C) bf16: layer i reads the pools k_pools[i] and
+// v_pools[i], its KV group's write_slots (n,), slots and allowed (n, S), and its rope type's cos and sin (1, n, D).
+// Returns the last layer's output (n, C), a new tensor.
+torch::Tensor decode_layers(DecodePlan& plan, torch::Tensor x, std::vector<torch::Tensor> k_pools,
+                            std::vector<torch::Tensor> v_pools, std::vector<torch::Tensor> write_slots,
+                            std::vector<torch::Tensor> slots, std::vector<torch::Tensor> allowed,
+                            std::vector<torch::Tensor> cos, std::vector<torch::Tensor> sin) {
+  const size_t L = plan.layers.size();
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "decode_layers: x (n, C) bf16");
+  TORCH_CHECK(k_pools.size() == L && v_pools.size() == L, "decode_layers: one k and one v pool per layer");
   TORCH_CHECK(slots.size() == write_slots.size() && allowed.size() == write_slots.size() && sin.size() == cos.size(),
               "decode_layers: write_slots, slots and allowed per KV group; cos and sin per rope type");
-  for (size_t i = 0; i < n; ++i) {
-    const DecodeLayerPlan& L = plan.layers[i];
-    TORCH_CHECK(size_t(L.group) < write_slots.size() && size_t(L.rope) < cos.size(),
-                "decode_layers: layer ", i, " reads KV group ", L.group, " and rope table ", L.rope);
-    x = decode_layer(x, L, k_pools[i], v_pools[i], write_slots[L.group], slots[L.group], allowed[L.group],
-                     cos[L.rope], sin[L.rope]);
+  const int64_t n = x.size(0), C = x.size(1);
+  for (size_t g = 0; g < write_slots.size(); ++g) {
+    TORCH_CHECK(write_slots[g].dim() == 1 && write_slots[g].scalar_type() == at::kLong, "decode_layers: write "
+                "slots (n,) int64");
+    TORCH_CHECK(slots[g].scalar_type() == at::kLong && allowed[g].scalar_type() == at::kBool && slots[g].dim() == 2 &&
+                slots[g].size(0) == n && allowed[g].sizes() == slots[g].sizes(), "decode_layers: slots/allowed (n, S)");
+    write_slots[g] = write_slots[g].contiguous(), slots[g] = slots[g].contiguous();
+    allowed[g] = allowed[g].contiguous();
   }
-  return x;
+  for (size_t r = 0; r < cos.size(); ++r) {
+    TORCH_CHECK(cos[r].scalar_type() == at::kBFloat16 && sin[r].scalar_type() == at::kBFloat16 && cos[r].dim() == 3 &&
+                cos[r].size(0) == 1 && cos[r].size(1) == n && sin[r].sizes() == cos[r].sizes(),
+                "decode_layers: cos/sin (1, n, D) bf16");
+    cos[r] = cos[r].contiguous(), sin[r] = sin[r].contiguous();
+  }
+  std::lock_guard<std::mutex> guard(plan.lock);
+  DecodeWorkspace& ws = plan.ws;
+  torch::Tensor in = x.contiguous();
+  auto result = torch::empty({n, C}, x.options());
+  for (size_t i = 0; i < L; ++i) {
+    const DecodeLayerPlan& layer = plan.layers[i];
+    TORCH_CHECK(size_t(layer.group) < write_slots.size() && size_t(layer.rope) < cos.size(),
+                "decode_layers: layer ", i, " reads KV group ", layer.group, " and rope table ", layer.rope);
+    TORCH_CHECK(cos[layer.rope].size(2) == k_pools[i].size(-1), "decode_layers: rope tables of the head size");
+    torch::Tensor& out = i + 1 == L ? result : ws.get(i % 2 ? DecodeWorkspace::XB : DecodeWorkspace::XA, n, C,
+                                                      x.options());
+    decode_layer(layer, ws, in, out, k_pools[i], v_pools[i], write_slots[layer.group], slots[layer.group],
+                 allowed[layer.group], bf16_ptr(cos[layer.rope]), bf16_ptr(sin[layer.rope]));
+    in = out;
+  }
+  return L ? result : in.clone();
 }
 
 // x (S, V) fp32 -> (S,) int64: torch.argmax(x, -1) exactly (the first index of the largest value; a row with NaN
