@@ -27,7 +27,7 @@ fp32, and reads a bf16 weight for one row at ~11-16 GB/s of the memory's ~25-29.
   `slow_half_matmul`, else "torch".
 
 `decode_step` runs an engine step in which every sequence decodes one token as one C++ call for all layers
-(`kernels.decode_layers`: the same kernels and ATen ops in the same order as the modules, so the same bits), where
+(`kernels.decode_layers`: the modules' computations with the same roundings in the same order, so the same bits), where
 `can_fuse_decode(model)` holds.
 """
 

@@ -19,7 +19,7 @@ every weight once, and through 4 KiB pages a TLB miss every 4 KiB kept the bf16 
 `decode_attention` (`attention.cpp`, AVX-512F and AVX2 variants) replaces the engine's per-layer gather of every
 sequence's keys and values into a padded copy (~40 ms a step at 32 sequences) by reading the pools where they are,
 in fp32, each row's keys split in chunks over the cores. `decode_layers` runs every decoder layer of an engine step
-of single-token decodes in one call (the same kernels and ATen ops in the same order as the module, so the same
+of single-token decodes in one call (the modules' computations with the same roundings in the same order, so the same
 bits), and `argmax` is the sampler's greedy pick in one pass (~10x ATen's reduction over a 262k vocabulary).
 
 Where the CPU has AVX-512-BF16 (`avx512_bf16`), the bf16 matmul runs a variant built on `vdpbf16ps` for bf16
@@ -199,7 +199,7 @@ def decode_layers(
     sin: list[torch.Tensor],
 ) -> torch.Tensor:
     """Every decoder layer of `plan` for n single-token decodes x (n, C) over paged KV pools (P, Hkv, D), one per
-    layer, in one call: the unfused layers' kernels and ATen ops in their order, so the same bits (see
+    layer, in one call: the unfused layers' computations with the same roundings in their order, so the same bits (see
     gemma.cpu.fastpath.decode_step). write_slots (n,), slots and allowed (n, S): per KV group; cos/sin (1, n, D):
     per rope table."""
     return load().decode_layers(plan, x, k_pools, v_pools, write_slots, slots, allowed, cos, sin)
